@@ -1,0 +1,3 @@
+//! kvmbuild: boot a Linux kernel straight into KVM.
+
+pub mod layout;
