@@ -3,8 +3,12 @@
 //! Nothing here touches KVM: devices see reads and writes on a [`bus::Bus`], raise interrupts
 //! through `EventFd`s that the VMM registers as irqfds, and end the VM through [`exit::VmExit`].
 
+pub mod acpi_pm;
 pub mod bus;
 pub mod exit;
+pub mod exit_port;
+pub mod i8042;
+pub mod serial;
 
 /// The I/O ports and MMIO addresses of kvmbuild's fixed devices: the one place they are defined,
 /// shared by the devices, the ACPI tables and the documentation.
