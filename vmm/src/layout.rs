@@ -17,6 +17,7 @@ pub const PDPT: u64 = 0xa000;
 pub const PD: u64 = 0xb000;
 /// Initial stack pointer for the boot vCPU (grows down, below the page tables).
 pub const BOOT_STACK: u64 = 0x8ff0;
+const _: () = assert!(BOOT_STACK < PML4 && BOOT_STACK > ZERO_PAGE + 0x1000);
 /// The kernel command line.
 pub const CMDLINE: u64 = 0x20000;
 /// Room reserved for the command line (the kernel's own limit may be lower).
@@ -55,7 +56,10 @@ pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {
     if size <= MMIO_HOLE_START {
         vec![(0, size)]
     } else {
-        vec![(0, MMIO_HOLE_START), (HIGH_RAM_START, size - MMIO_HOLE_START)]
+        vec![
+            (0, MMIO_HOLE_START),
+            (HIGH_RAM_START, size - MMIO_HOLE_START),
+        ]
     }
 }
 
@@ -87,9 +91,11 @@ mod tests {
         for (i, a) in areas.iter().enumerate() {
             assert!(a.0 + a.1 <= LOW_RAM_END);
             for b in &areas[i + 1..] {
-                assert!(a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0, "{a:x?} overlaps {b:x?}");
+                assert!(
+                    a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0,
+                    "{a:x?} overlaps {b:x?}"
+                );
             }
         }
-        assert!(BOOT_STACK < PML4 && BOOT_STACK > ZERO_PAGE + 0x1000);
     }
 }

@@ -1,3 +1,17 @@
-//! kvmbuild: boot a Linux kernel straight into KVM.
+//! kvmbuild's virtual machine monitor: a KVM VM, guest memory, vCPUs and the boot path that
+//! takes a Linux kernel from a file to its first instruction, and the VM to a clean exit.
+//!
+//! The boot sequence reads top to bottom in [`vm::run`].
 
+pub mod acpi;
+pub mod boot_params;
+pub mod cpuid;
+pub mod kvm;
 pub mod layout;
+pub mod loader;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+
+/// Why a VM ended, shared with the devices that end it.
+pub use devices::exit;

@@ -1,0 +1,144 @@
+//! Shaping KVM's supported CPUID into what one vCPU of this VM should report.
+//!
+//! KVM reports what it can virtualise; it does not know our topology. Each vCPU gets its own
+//! APIC ID and a flat topology: one socket, `vcpus` cores, one thread per core. Linux reads
+//! this to number its CPUs and size its per-CPU data, so it must agree with the MADT.
+
+use kvm_bindings::kvm_cpuid_entry2;
+
+/// Leaf 1 ECX: running under a hypervisor.
+const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// Leaf 1 EDX: more than one logical processor per package.
+const LEAF1_EDX_HTT: u32 = 1 << 28;
+/// Leaf 1 EBX[15:8]: CLFLUSH line size in 8-byte units (64-byte lines).
+const CLFLUSH_LINE_8_BYTE_UNITS: u32 = 8;
+/// Extended topology level types (leaves 0xb and 0x1f, ECX[15:8]).
+const LEVEL_TYPE_SMT: u32 = 1;
+const LEVEL_TYPE_CORE: u32 = 2;
+
+/// The number of APIC ID bits needed to number `count` cores (ceil(log2(count))).
+fn id_bits(count: u32) -> u32 {
+    count.next_power_of_two().trailing_zeros()
+}
+
+/// Rewrites `entries` (from `KVM_GET_SUPPORTED_CPUID`) for vCPU `index` of `count`.
+pub fn shape(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8) {
+    let (apic_id, count) = (u32::from(index), u32::from(count));
+    for entry in entries.iter_mut() {
+        match entry.function {
+            0x1 => {
+                entry.ebx = (apic_id << 24) | (count << 16) | (CLFLUSH_LINE_8_BYTE_UNITS << 8);
+                entry.ecx |= LEAF1_ECX_HYPERVISOR;
+                if count > 1 {
+                    entry.edx |= LEAF1_EDX_HTT;
+                } else {
+                    entry.edx &= !LEAF1_EDX_HTT;
+                }
+            }
+            0x4 => {
+                // EAX[31:26]: cores per package - 1. EAX[25:14]: threads sharing this cache -
+                // 1; the last-level cache (level 3) is shared by every core.
+                let level = (entry.eax >> 5) & 0x7;
+                let sharing = if level >= 3 { count - 1 } else { 0 };
+                entry.eax = (entry.eax & 0x3fff) | ((count - 1) << 26) | (sharing << 14);
+            }
+            0xb | 0x1f => {
+                entry.edx = apic_id;
+                (entry.eax, entry.ebx, entry.ecx) = match entry.index {
+                    0 => (0, 1, (LEVEL_TYPE_SMT << 8)),
+                    1 => (id_bits(count), count, (LEVEL_TYPE_CORE << 8) | 1),
+                    i => (0, 0, i),
+                };
+            }
+            0x8000_0008 => {
+                // ECX[7:0]: cores - 1; ECX[15:12]: APIC ID bits that number the cores.
+                entry.ecx = (entry.ecx & !0xf0ff) | (id_bits(count) << 12) | (count - 1);
+            }
+            0x8000_001e => {
+                entry.eax = apic_id;
+                entry.ebx = apic_id & 0xff; // core id; threads per core - 1 = 0
+                entry.ecx = 0; // node 0, one node
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            ..Default::default()
+        }
+    }
+
+    fn find(entries: &[kvm_cpuid_entry2], function: u32, index: u32) -> kvm_cpuid_entry2 {
+        *entries
+            .iter()
+            .find(|e| e.function == function && e.index == index)
+            .unwrap()
+    }
+
+    fn shaped(index: u8, count: u8) -> Vec<kvm_cpuid_entry2> {
+        let mut leaf4_l3 = entry(0x4, 3);
+        leaf4_l3.eax = 3 << 5 | 0x3; // level 3, unified cache
+        let mut leaf1 = entry(0x1, 0);
+        leaf1.edx = LEAF1_EDX_HTT | 1;
+        let mut entries = vec![
+            entry(0x0, 0),
+            leaf1,
+            leaf4_l3,
+            entry(0xb, 0),
+            entry(0xb, 1),
+            entry(0xb, 2),
+            entry(0x8000_0008, 0),
+            entry(0x8000_001e, 0),
+        ];
+        shape(&mut entries, index, count);
+        entries
+    }
+
+    #[test]
+    fn leaf1_carries_apic_id_count_and_hypervisor_bit() {
+        let e = find(&shaped(3, 4), 0x1, 0);
+        assert_eq!(e.ebx >> 24, 3);
+        assert_eq!((e.ebx >> 16) & 0xff, 4);
+        assert_ne!(e.ecx & LEAF1_ECX_HYPERVISOR, 0);
+        assert_ne!(e.edx & LEAF1_EDX_HTT, 0);
+        assert_eq!(e.edx & 1, 1, "other feature bits are kept");
+        let single = find(&shaped(0, 1), 0x1, 0);
+        assert_eq!(single.edx & LEAF1_EDX_HTT, 0);
+    }
+
+    #[test]
+    fn extended_topology_numbers_cores() {
+        let entries = shaped(2, 3);
+        let smt = find(&entries, 0xb, 0);
+        let core = find(&entries, 0xb, 1);
+        let end = find(&entries, 0xb, 2);
+        assert_eq!((smt.eax, smt.ebx, smt.ecx, smt.edx), (0, 1, 0x100, 2));
+        assert_eq!((core.eax, core.ebx, core.ecx, core.edx), (2, 3, 0x201, 2));
+        assert_eq!((end.ebx, end.ecx & 0xff00), (0, 0));
+    }
+
+    #[test]
+    fn amd_leaves_agree_with_the_count() {
+        let entries = shaped(1, 2);
+        assert_eq!(find(&entries, 0x8000_0008, 0).ecx, (1 << 12) | 1);
+        assert_eq!(find(&entries, 0x8000_001e, 0).eax, 1);
+        let l3 = find(&entries, 0x4, 3);
+        assert_eq!(
+            (l3.eax >> 26, (l3.eax >> 14) & 0xfff, l3.eax & 0x3fff),
+            (1, 1, 3 << 5 | 3)
+        );
+    }
+
+    #[test]
+    fn id_bits_is_ceil_log2() {
+        assert_eq!([1, 2, 3, 4, 5, 8, 9].map(id_bits), [0, 1, 2, 2, 3, 3, 4]);
+    }
+}

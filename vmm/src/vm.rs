@@ -1,0 +1,396 @@
+//! The boot sequence, as one list, and the wait for the VM to end.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devices::acpi_pm::{AcpiPm, ACPI_PM_BASE, ACPI_PM_LEN};
+use devices::bus::{Bus, BusError};
+use devices::exit::{BootPhase, ExitReason, VmExit};
+use devices::exit_port::{ExitPort, EXIT_PORT_BASE, EXIT_PORT_LEN};
+use devices::i8042::{I8042, I8042_BASE, I8042_LEN};
+use devices::ports;
+use devices::serial::{Serial, SERIAL_LEN};
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::acpi::{self, AcpiError};
+use crate::boot_params::{self, BootInfo, BootParamsError};
+use crate::kvm::{self, KvmError};
+use crate::layout;
+use crate::loader::{self, LoaderError};
+use crate::memory::{self, MemoryError};
+use crate::vcpu::{self, VcpuContext, VcpuError};
+
+/// The most vCPUs kvmbuild gives a guest: xAPIC IDs and the MADT's entries are 8 bits wide.
+pub const MAX_VCPUS: u8 = 254;
+
+/// What to boot and how.
+pub struct VmConfig {
+    /// The kernel: a bzImage or an ELF vmlinux.
+    pub kernel: PathBuf,
+    /// An initrd, copied into guest memory.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line, passed as given.
+    pub cmdline: String,
+    /// Guest RAM in MiB.
+    pub mem_mib: u64,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Where the serial console's output goes.
+    pub console: Box<dyn Write + Send>,
+    /// End the VM after this long.
+    pub timeout: Option<Duration>,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct RunReport {
+    /// Why the VM ended.
+    pub reason: ExitReason,
+    /// When set-up began (before KVM was opened).
+    pub started: Instant,
+    /// When the first vCPU was started.
+    pub guest_started: Instant,
+    /// When the exit was noticed.
+    pub ended: Instant,
+    /// Boot phases the guest marked, with host timestamps.
+    pub markers: Vec<(BootPhase, Instant)>,
+    /// A problem writing the console, noticed at exit.
+    pub console_error: Option<String>,
+}
+
+/// Errors that stop a VM from being built or run.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// KVM is missing or unusable.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// The kernel, initrd or command line cannot be used.
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    /// `--mem` is out of range.
+    #[error("--mem {0} MiB: {1}")]
+    BadMemorySize(u64, String),
+    /// `--cpus` is out of range.
+    #[error("--cpus {0}: {1}")]
+    BadVcpuCount(u64, String),
+    /// Guest memory could not be set up.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// A KVM VM-level ioctl failed.
+    #[error("cannot {what}: {source}")]
+    KvmIoctl {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    /// A vCPU could not be configured or started.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// A device could not be created or attached.
+    #[error("cannot attach the {what}: {reason}")]
+    Device { what: &'static str, reason: String },
+    /// The ACPI tables could not be built.
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
+    /// The zero page could not be built.
+    #[error(transparent)]
+    BootParams(#[from] BootParamsError),
+    /// Writing boot structures into guest memory failed.
+    #[error("cannot write the zero page: {0}")]
+    ZeroPage(vm_memory::GuestMemoryError),
+}
+
+/// The class of a [`VmError`], which decides the process exit status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// KVM is absent or unusable.
+    KvmUnavailable,
+    /// The user's arguments or input files are wrong.
+    BadInput,
+    /// Anything else: a bug or a host failure.
+    Internal,
+}
+
+impl VmError {
+    /// Which exit status this error deserves.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            VmError::Kvm(_) => ErrorClass::KvmUnavailable,
+            VmError::Loader(LoaderError::GuestWrite { .. }) => ErrorClass::Internal,
+            VmError::Loader(_) | VmError::BadMemorySize(..) | VmError::BadVcpuCount(..) => {
+                ErrorClass::BadInput
+            }
+            _ => ErrorClass::Internal,
+        }
+    }
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::KvmIoctl { what, source }
+}
+
+fn device_err<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> VmError {
+    move |e| VmError::Device {
+        what,
+        reason: e.to_string(),
+    }
+}
+
+/// Checks `--mem` before anything is allocated: at least enough for the boot structures and
+/// a kernel, at most the host's RAM.
+fn check_memory_size(mem_mib: u64) -> Result<u64, VmError> {
+    const MIN_MIB: u64 = 4;
+    let bad = |why: String| VmError::BadMemorySize(mem_mib, why);
+    if mem_mib < MIN_MIB {
+        return Err(bad(format!("a guest needs at least {MIN_MIB} MiB")));
+    }
+    let host_mib = host_ram_bytes() >> 20;
+    if mem_mib > host_mib {
+        return Err(bad(format!("more than the host's {host_mib} MiB of RAM")));
+    }
+    Ok(mem_mib << 20)
+}
+
+fn host_ram_bytes() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let (pages, page_size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    (pages.max(0) as u64).saturating_mul(page_size.max(0) as u64)
+}
+
+fn check_vcpu_count(kvm: &Kvm, vcpus: u8) -> Result<(), VmError> {
+    let bad = |why: String| VmError::BadVcpuCount(u64::from(vcpus), why);
+    if vcpus == 0 {
+        return Err(bad("a guest needs at least one vCPU".into()));
+    }
+    let limit = kvm.get_max_vcpus().min(usize::from(MAX_VCPUS));
+    if usize::from(vcpus) > limit {
+        return Err(bad(format!("more than the {limit} vCPUs KVM allows here")));
+    }
+    Ok(())
+}
+
+/// Validates a `--cpus` value that may not fit a `u8`.
+pub fn vcpu_count(requested: u64) -> Result<u8, VmError> {
+    u8::try_from(requested)
+        .ok()
+        .filter(|&n| n <= MAX_VCPUS)
+        .ok_or_else(|| {
+            VmError::BadVcpuCount(
+                requested,
+                format!("kvmbuild supports at most {MAX_VCPUS} vCPUs"),
+            )
+        })
+}
+
+/// A VM whose devices and memory are set up, ready to start its vCPUs.
+struct Vm {
+    // Field order matters: the VM (and its memory slots) is dropped before the memory.
+    fd: VmFd,
+    mem: GuestMemoryMmap,
+    pio: Bus,
+    serial: Arc<Mutex<Serial>>,
+    exit: Arc<VmExit>,
+}
+
+fn create_vm(kvm: &Kvm, mem_size: u64) -> Result<(VmFd, GuestMemoryMmap), VmError> {
+    let fd = kvm.create_vm().map_err(kvm_err("create the VM"))?;
+    fd.set_tss_address(layout::KVM_TSS_ADDR as usize)
+        .map_err(kvm_err("set the TSS address"))?;
+    fd.create_irq_chip()
+        .map_err(kvm_err("create the in-kernel irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    fd.create_pit2(pit)
+        .map_err(kvm_err("create the in-kernel PIT"))?;
+    let mem = memory::create(mem_size)?;
+    memory::register(&fd, &mem)?;
+    Ok((fd, mem))
+}
+
+fn attach_legacy_devices(
+    fd: &VmFd,
+    console: Box<dyn Write + Send>,
+    exit: &Arc<VmExit>,
+) -> Result<(Bus, Arc<Mutex<Serial>>), VmError> {
+    let mut pio = Bus::new();
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("serial port"))?;
+    fd.register_irqfd(&irq, ports::SERIAL_COM1_IRQ)
+        .map_err(kvm_err("route the serial interrupt"))?;
+    let serial = Arc::new(Mutex::new(Serial::new(irq, console)));
+    let attach = |pio: &mut Bus, dev, base, len, what| {
+        pio.insert(dev, base, len)
+            .map_err(|e: BusError| VmError::Device {
+                what,
+                reason: e.to_string(),
+            })
+    };
+    attach(
+        &mut pio,
+        serial.clone(),
+        u64::from(ports::SERIAL_COM1),
+        SERIAL_LEN,
+        "serial port",
+    )?;
+    attach(
+        &mut pio,
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        I8042_BASE,
+        I8042_LEN,
+        "i8042",
+    )?;
+    attach(
+        &mut pio,
+        Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
+        ACPI_PM_BASE,
+        ACPI_PM_LEN,
+        "ACPI registers",
+    )?;
+    attach(
+        &mut pio,
+        Arc::new(Mutex::new(ExitPort::new(exit.clone()))),
+        EXIT_PORT_BASE,
+        EXIT_PORT_LEN,
+        "exit port",
+    )?;
+    Ok((pio, serial))
+}
+
+fn load_guest(vm: &Vm, config: &VmConfig, mem_size: u64) -> Result<loader::LoadedKernel, VmError> {
+    let kernel = loader::load_kernel(&vm.mem, &config.kernel)?;
+    let cmdline_len = loader::load_cmdline(&vm.mem, &kernel, &config.cmdline)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(loader::load_initrd(&vm.mem, mem_size, &kernel, path)?),
+        None => None,
+    };
+    let rsdp = acpi::write_acpi_tables(&vm.mem, config.vcpus, &[])?;
+    let params = boot_params::build(&BootInfo {
+        mem_size,
+        setup_header: kernel.setup_header,
+        cmdline_len,
+        initrd: initrd.map(|p| (p.addr, p.size)),
+        rsdp_addr: rsdp.0,
+    })?;
+    vm.mem
+        .write_obj(params, GuestAddress(layout::ZERO_PAGE))
+        .map_err(VmError::ZeroPage)?;
+    vcpu::write_boot_tables(&vm.mem)?;
+    Ok(kernel)
+}
+
+fn start_vcpus(
+    kvm: &Kvm,
+    vm: &Vm,
+    count: u8,
+    entry: GuestAddress,
+) -> Result<Vec<std::thread::JoinHandle<()>>, VmError> {
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("read the supported CPUID"))?;
+    let ctx = VcpuContext {
+        pio: Arc::new(vm.pio.clone()),
+        mmio: Arc::new(Bus::new()),
+        exit: vm.exit.clone(),
+        mem: vm.mem.clone(),
+    };
+    // Create and configure every vCPU before starting any, so a failure leaves nothing running.
+    let mut fds = Vec::with_capacity(usize::from(count));
+    for index in 0..count {
+        let fd = vm
+            .fd
+            .create_vcpu(u64::from(index))
+            .map_err(kvm_err("create a vCPU"))?;
+        vcpu::configure(&fd, index, count, &cpuid, entry)?;
+        fds.push(fd);
+    }
+    let mut threads = Vec::with_capacity(fds.len());
+    for (index, fd) in (0..).zip(fds) {
+        threads.push(vcpu::spawn(fd, index, ctx.clone())?);
+    }
+    Ok(threads)
+}
+
+/// Waits until something requests an exit, or the timeout passes.
+fn wait_for_exit(exit: &VmExit, timeout: Option<Duration>) -> ExitReason {
+    let deadline = timeout.map(|t| Instant::now() + t);
+    loop {
+        if let Some(reason) = exit.reason() {
+            return reason;
+        }
+        let wait_ms = match deadline {
+            None => -1,
+            Some(d) => match d.checked_duration_since(Instant::now()) {
+                Some(left) => left.as_millis().min(i32::MAX as u128) as i32,
+                None => {
+                    exit.request(ExitReason::Timeout);
+                    continue;
+                }
+            },
+        };
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(exit.event()),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: `pfd` is one valid pollfd that outlives the call.
+        unsafe { libc::poll(&mut pfd, 1, wait_ms) };
+        let _ = exit.event().read();
+    }
+}
+
+/// Boots the guest and runs it until it ends.
+pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
+    let started = Instant::now();
+    let kvm = kvm::open()?;
+    check_vcpu_count(&kvm, config.vcpus)?;
+    let mem_size = check_memory_size(config.mem_mib)?;
+    let (fd, mem) = create_vm(&kvm, mem_size)?;
+    let exit = Arc::new(VmExit::new().map_err(device_err("exit channel"))?);
+    let mut config = config;
+    let console = std::mem::replace(&mut config.console, Box::new(std::io::sink()));
+    let (pio, serial) = attach_legacy_devices(&fd, console, &exit)?;
+    let vm = Vm {
+        fd,
+        mem,
+        pio,
+        serial,
+        exit,
+    };
+    let kernel = load_guest(&vm, &config, mem_size)?;
+    let threads = start_vcpus(&kvm, &vm, config.vcpus, kernel.entry)?;
+    let guest_started = Instant::now();
+
+    let reason = wait_for_exit(&vm.exit, config.timeout);
+    let ended = Instant::now();
+    for thread in &threads {
+        vcpu::kick(thread);
+    }
+    for thread in threads {
+        let _ = thread.join();
+    }
+    let console_error = vm
+        .serial
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .flush()
+        .err()
+        .map(|e| e.to_string());
+    Ok(RunReport {
+        reason,
+        started,
+        guest_started,
+        ended,
+        markers: vm.exit.markers(),
+        console_error,
+    })
+}
