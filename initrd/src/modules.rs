@@ -1,0 +1,588 @@
+//! The closure of a set of kernel modules and the order to load it in.
+//!
+//! A [`ModuleTree`] reads the index files that `depmod` writes into `lib/modules/VERSION`:
+//!
+//! - `modules.dep`: `kernel/fs/ext4/ext4.ko: kernel/lib/crc16.ko kernel/fs/jbd2/jbd2.ko` — every
+//!   module (paths relative to the directory) and all of its hard dependencies, transitively,
+//!   listed so that loading them last-to-first works;
+//! - `modules.softdep`: `softdep ext4 pre: crypto-crc32c` — modules (or aliases) to load before
+//!   (`pre:`) or after (`post:`) a module although no symbol links them;
+//! - `modules.alias`: `alias fs-ext4 ext4` — alternative names, possibly `fnmatch` patterns;
+//! - `modules.builtin` (and the aliases in `modules.builtin.modinfo`): what the kernel has built
+//!   in and so never needs loading.
+//!
+//! Names are compared as the kernel does, with `-` and `_` the same. A name is looked up as
+//! `modprobe` does: a module of that name, else every module an alias matches, else a built-in.
+//! The load order puts dependencies first and lists each module once; it depends only on the
+//! tree and the order of the roots.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Errors reading a module tree or resolving modules in it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An index file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A line of `modules.dep` has no `:`.
+    #[error("{path}:{line}: malformed modules.dep line")]
+    Malformed {
+        /// The file.
+        path: PathBuf,
+        /// One-based line number.
+        line: usize,
+    },
+    /// The name is neither a module, an alias nor built in.
+    #[error("module {module:?} not found for kernel {version}")]
+    NotFound {
+        /// The name that was asked for.
+        module: String,
+        /// The kernel version, the name of the modules directory.
+        version: String,
+    },
+    /// `modules.dep` names a dependency that it does not list as a module.
+    #[error("module {module:?} depends on {dependency}, which modules.dep does not list (kernel {version})")]
+    MissingDependency {
+        /// The module with the dangling dependency.
+        module: String,
+        /// The dependency's path.
+        dependency: String,
+        /// The kernel version.
+        version: String,
+    },
+}
+
+/// The names of the modules kvmbuild's devices need: the virtio-mmio transport and the block,
+/// console, entropy and virtio-fs drivers. Their dependencies are added by the closure.
+pub const DEFAULT_MODULES: &[&str] = &["virtio_mmio", "virtio_blk", "virtio_console", "virtio_rng", "virtiofs"];
+
+/// One module to load.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Module {
+    /// The normalised name (`virtio_rng` for `virtio-rng.ko`).
+    pub name: String,
+    /// The file, relative to the modules directory (`kernel/drivers/char/hw_random/virtio-rng.ko`).
+    pub path: String,
+}
+
+/// Soft dependencies of one module.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct SoftDep {
+    pre: Vec<String>,
+    post: Vec<String>,
+}
+
+/// How a name resolves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Resolved {
+    /// These modules (sorted, so the result is deterministic).
+    Modules(Vec<String>),
+    /// Built into the kernel: nothing to load.
+    Builtin,
+    /// Nothing by that name.
+    Missing,
+}
+
+/// The dependency indexes of one kernel's module directory.
+#[derive(Clone, Debug, Default)]
+pub struct ModuleTree {
+    dir: PathBuf,
+    version: String,
+    /// Module name → (path, hard dependencies by name, in modules.dep order).
+    modules: BTreeMap<String, (String, Vec<String>)>,
+    softdeps: BTreeMap<String, SoftDep>,
+    /// (normalised pattern, module) in file order.
+    aliases: Vec<(String, String)>,
+    builtin: BTreeSet<String>,
+    builtin_aliases: Vec<(String, String)>,
+}
+
+impl ModuleTree {
+    /// Reads the indexes of `dir`, a `lib/modules/VERSION` directory on which `depmod` has run.
+    /// `modules.dep` is required; the other files are optional.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, Error> {
+        let dir = dir.as_ref().to_path_buf();
+        let version = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let dep_path = dir.join("modules.dep");
+        let dep = read(&dep_path)?.ok_or_else(|| Error::Read {
+            path: dep_path.clone(),
+            source: io::Error::new(io::ErrorKind::NotFound, "no modules.dep (run depmod -b ROOT VERSION)"),
+        })?;
+        let mut tree = Self { version, ..Self::default() };
+        tree.modules = parse_dep(&dep, &dep_path)?;
+        tree.softdeps = parse_softdep(&read(&dir.join("modules.softdep"))?.unwrap_or_default());
+        tree.aliases = parse_alias(&read(&dir.join("modules.alias"))?.unwrap_or_default());
+        tree.builtin = parse_builtin(&read(&dir.join("modules.builtin"))?.unwrap_or_default());
+        tree.builtin_aliases = parse_builtin_modinfo(&read_bytes(&dir.join("modules.builtin.modinfo"))?);
+        tree.dir = dir;
+        Ok(tree)
+    }
+
+    /// The kernel version: the name of the modules directory.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The modules directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The modules to load, in order, so that `roots` (module or alias names) work. Built-in
+    /// modules are left out. A root that cannot be found is an error; a soft dependency that
+    /// cannot be found is skipped, as `modprobe` does.
+    pub fn closure<S: AsRef<str>>(&self, roots: &[S]) -> Result<Vec<Module>, Error> {
+        let mut walk = Walk { tree: self, order: Vec::new(), done: BTreeSet::new(), active: BTreeSet::new() };
+        for root in roots {
+            match self.resolve(root.as_ref()) {
+                Resolved::Modules(names) => {
+                    for name in names {
+                        walk.visit(&name)?;
+                    }
+                }
+                Resolved::Builtin => {}
+                Resolved::Missing => {
+                    return Err(Error::NotFound { module: root.as_ref().to_owned(), version: self.version.clone() });
+                }
+            }
+        }
+        Ok(walk.order)
+    }
+
+    /// Looks a name up the way modprobe does: module, alias, built-in.
+    fn resolve(&self, name: &str) -> Resolved {
+        let name = normalise(name);
+        if self.modules.contains_key(&name) {
+            return Resolved::Modules(vec![name]);
+        }
+        let matches = match_aliases(&self.aliases, &normalise_alias(&name));
+        if !matches.is_empty() {
+            // An alias may name a built-in module too; only loadable ones are kept.
+            let loadable: Vec<String> = matches.into_iter().filter(|m| self.modules.contains_key(m)).collect();
+            return if loadable.is_empty() { Resolved::Builtin } else { Resolved::Modules(loadable) };
+        }
+        if self.builtin.contains(&name) || !match_aliases(&self.builtin_aliases, &normalise_alias(&name)).is_empty() {
+            return Resolved::Builtin;
+        }
+        Resolved::Missing
+    }
+}
+
+/// A depth-first walk that emits each module after everything it needs.
+struct Walk<'a> {
+    tree: &'a ModuleTree,
+    order: Vec<Module>,
+    done: BTreeSet<String>,
+    /// Modules on the current path, so soft-dependency cycles end instead of recursing forever.
+    active: BTreeSet<String>,
+}
+
+impl Walk<'_> {
+    fn visit(&mut self, name: &str) -> Result<(), Error> {
+        if self.done.contains(name) || !self.active.insert(name.to_owned()) {
+            return Ok(());
+        }
+        let tree = self.tree;
+        let (path, deps) = &tree.modules[name];
+        let soft = tree.softdeps.get(name).cloned().unwrap_or_default();
+        self.visit_soft(&soft.pre)?;
+        // modules.dep lists dependencies so that loading them last-to-first works.
+        for dep in deps.iter().rev() {
+            if !tree.modules.contains_key(dep) {
+                return Err(Error::MissingDependency {
+                    module: name.to_owned(),
+                    dependency: dep.clone(),
+                    version: tree.version.clone(),
+                });
+            }
+            self.visit(dep)?;
+        }
+        self.active.remove(name);
+        self.done.insert(name.to_owned());
+        self.order.push(Module { name: name.to_owned(), path: path.clone() });
+        self.visit_soft(&soft.post)
+    }
+
+    fn visit_soft(&mut self, names: &[String]) -> Result<(), Error> {
+        for soft in names {
+            if let Resolved::Modules(found) = self.tree.resolve(soft) {
+                for module in found {
+                    self.visit(&module)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads a text index; a missing file is `None`.
+fn read(path: &Path) -> Result<Option<String>, Error> {
+    match fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(Error::Read { path: path.to_path_buf(), source }),
+    }
+}
+
+/// Reads a binary index; a missing file is empty.
+fn read_bytes(path: &Path) -> Result<Vec<u8>, Error> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(bytes),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(source) => Err(Error::Read { path: path.to_path_buf(), source }),
+    }
+}
+
+/// `-` and `_` are the same in module names; the kernel uses `_`.
+pub fn normalise(name: &str) -> String {
+    name.replace('-', "_")
+}
+
+/// Like [`normalise`], but leaves bracket expressions such as `[0-9]` alone, as kmod does.
+fn normalise_alias(pattern: &str) -> String {
+    let mut out = String::with_capacity(pattern.len());
+    let mut in_brackets = false;
+    for c in pattern.chars() {
+        match c {
+            '[' => in_brackets = true,
+            ']' => in_brackets = false,
+            '-' if !in_brackets => {
+                out.push('_');
+                continue;
+            }
+            _ => {}
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The module name of a file: its base name without `.ko` and any compression suffix.
+pub fn name_from_path(path: &str) -> String {
+    let base = path.rsplit('/').next().unwrap_or(path);
+    let stem = [".ko.xz", ".ko.zst", ".ko.gz", ".ko"]
+        .iter()
+        .find_map(|suffix| base.strip_suffix(suffix))
+        .unwrap_or(base);
+    normalise(stem)
+}
+
+type DepMap = BTreeMap<String, (String, Vec<String>)>;
+
+fn parse_dep(text: &str, path: &Path) -> Result<DepMap, Error> {
+    let mut modules = BTreeMap::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (module, deps) = line.split_once(':').ok_or(Error::Malformed { path: path.to_path_buf(), line: i + 1 })?;
+        let deps = deps.split_whitespace().map(name_from_path).collect();
+        modules.insert(name_from_path(module), (module.trim().to_owned(), deps));
+    }
+    Ok(modules)
+}
+
+fn parse_softdep(text: &str) -> BTreeMap<String, SoftDep> {
+    let mut softdeps: BTreeMap<String, SoftDep> = BTreeMap::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if words.next() != Some("softdep") {
+            continue;
+        }
+        let Some(module) = words.next() else { continue };
+        let entry = softdeps.entry(normalise(module)).or_default();
+        // Words before any `pre:`/`post:` are ignored, as kmod ignores them.
+        let mut list: Option<&mut Vec<String>> = None;
+        for word in words {
+            match word {
+                "pre:" => list = Some(&mut entry.pre),
+                "post:" => list = Some(&mut entry.post),
+                name => {
+                    if let Some(list) = list.as_deref_mut() {
+                        list.push(normalise(name));
+                    }
+                }
+            }
+        }
+    }
+    softdeps
+}
+
+fn parse_alias(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            match (words.next(), words.next(), words.next()) {
+                (Some("alias"), Some(pattern), Some(module)) => Some((normalise_alias(pattern), normalise(module))),
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+fn parse_builtin(text: &str) -> BTreeSet<String> {
+    text.lines().map(str::trim).filter(|l| !l.is_empty()).map(name_from_path).collect()
+}
+
+/// `modules.builtin.modinfo` is a list of NUL-terminated `module.key=value` strings; the
+/// `alias` keys make aliases of built-in modules resolvable.
+fn parse_builtin_modinfo(bytes: &[u8]) -> Vec<(String, String)> {
+    bytes
+        .split(|&b| b == 0)
+        .filter_map(|item| {
+            let item = std::str::from_utf8(item).ok()?;
+            let (module, rest) = item.split_once('.')?;
+            let alias = rest.strip_prefix("alias=")?;
+            Some((normalise_alias(alias), normalise(module)))
+        })
+        .collect()
+}
+
+/// Every module whose alias pattern matches `name`, sorted and without repeats.
+fn match_aliases(aliases: &[(String, String)], name: &str) -> Vec<String> {
+    let found: BTreeSet<&String> = aliases.iter().filter(|(p, _)| fnmatch(p, name)).map(|(_, m)| m).collect();
+    found.into_iter().cloned().collect()
+}
+
+/// Shell-style matching of `name` against `pattern`: `*`, `?` and `[...]` (with ranges and
+/// `!`/`^` negation), with no special treatment of `/` or leading dots.
+pub fn fnmatch(pattern: &str, name: &str) -> bool {
+    let p: Vec<char> = pattern.chars().collect();
+    let n: Vec<char> = name.chars().collect();
+    // Iterative matching with one backtrack point, the position after the last `*`.
+    let (mut pi, mut ni) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        let step = match p.get(pi) {
+            Some('*') => {
+                star = Some((pi + 1, ni));
+                pi += 1;
+                continue;
+            }
+            Some('?') => Some(1),
+            Some('[') => match_bracket(&p[pi..], n[ni]),
+            Some(&c) => (c == n[ni]).then_some(1),
+            None => None,
+        };
+        match (step, star) {
+            (Some(len), _) => {
+                pi += len;
+                ni += 1;
+            }
+            (None, Some((after_star, start))) => {
+                // Let the last `*` swallow one more character and try again.
+                pi = after_star;
+                ni = start + 1;
+                star = Some((after_star, start + 1));
+            }
+            (None, None) => return false,
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
+}
+
+/// Matches `c` against the bracket expression at the start of `p`; returns the expression's
+/// length when it matches. An unterminated `[` matches itself literally.
+fn match_bracket(p: &[char], c: char) -> Option<usize> {
+    let mut i = 1;
+    let negate = matches!(p.get(i), Some('!' | '^'));
+    if negate {
+        i += 1;
+    }
+    let mut matched = false;
+    let mut first = true;
+    loop {
+        match p.get(i) {
+            None => return (c == '[').then_some(1),
+            Some(']') if !first => break,
+            Some(&lo) => {
+                if p.get(i + 1) == Some(&'-') && p.get(i + 2).is_some_and(|&hi| hi != ']') {
+                    matched |= (lo..=p[i + 2]).contains(&c);
+                    i += 3;
+                } else {
+                    matched |= lo == c;
+                    i += 1;
+                }
+            }
+        }
+        first = false;
+    }
+    (matched != negate).then_some(i + 1)
+}
+
+/// The load list the init reads (`/etc/kvmbuild/modules`): one guest path per line, optionally
+/// followed by whitespace and module parameters; `#` starts a comment line.
+pub fn render_load_list(paths: &[String]) -> String {
+    paths.iter().map(|p| format!("{p}\n")).collect()
+}
+
+/// One line of the load list: a module file and the parameters to load it with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadEntry {
+    /// The module file in the guest.
+    pub path: String,
+    /// Parameters (`key=value ...`), empty for none.
+    pub params: String,
+}
+
+/// Parses a load list; see [`render_load_list`].
+pub fn parse_load_list(text: &str) -> Vec<LoadEntry> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|line| match line.split_once(char::is_whitespace) {
+            Some((path, params)) => LoadEntry { path: path.to_owned(), params: params.trim().to_owned() },
+            None => LoadEntry { path: line.to_owned(), params: String::new() },
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small tree in the shape of Debian's generic kernel.
+    fn tree() -> (tempfile::TempDir, ModuleTree) {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("6.1.0-test");
+        fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, text: &str| fs::write(dir.join(name), text).unwrap();
+        write(
+            "modules.dep",
+            "kernel/drivers/virtio/virtio_ring.ko:\n\
+             kernel/drivers/virtio/virtio.ko: kernel/drivers/virtio/virtio_ring.ko\n\
+             kernel/drivers/virtio/virtio_mmio.ko.xz: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko\n\
+             kernel/drivers/char/hw_random/virtio-rng.ko.zst: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko\n\
+             kernel/fs/fuse/fuse.ko:\n\
+             kernel/fs/fuse/virtiofs.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko kernel/fs/fuse/fuse.ko\n\
+             kernel/fs/mbcache.ko:\n\
+             kernel/fs/jbd2/jbd2.ko:\n\
+             kernel/lib/crc16.ko:\n\
+             kernel/fs/ext4/ext4.ko: kernel/lib/crc16.ko kernel/fs/mbcache.ko kernel/fs/jbd2/jbd2.ko\n\
+             kernel/crypto/crc32c_generic.ko:\n\
+             kernel/arch/x86/crypto/crc32c-intel.ko:\n\
+             kernel/a.ko:\n\
+             kernel/b.ko:\n",
+        );
+        write(
+            "modules.softdep",
+            "# Soft dependencies extracted from modules themselves.\n\
+             softdep ext4 pre: crypto-crc32c\n\
+             softdep jbd2 pre: crypto-crc32c\n\
+             softdep cifs gcm\n\
+             softdep a pre: b post: nonexistent\n\
+             softdep b pre: a\n",
+        );
+        write(
+            "modules.alias",
+            "# Aliases extracted from modules themselves.\n\
+             alias crypto-crc32c crc32c_intel\n\
+             alias crypto-crc32c crc32c_generic\n\
+             alias fs-ext4 ext4\n\
+             alias virtio:d00000004v* virtio_rng\n\
+             alias pci:v00001AF4d[0-9]* virtio_pci\n",
+        );
+        write("modules.builtin", "kernel/fs/configfs/configfs.ko\nkernel/lib/zlib-inflate.ko\n");
+        fs::write(dir.join("modules.builtin.modinfo"), b"tmpfs.alias=fs-tmpfs\0tmpfs.description=x\0").unwrap();
+        let tree = ModuleTree::open(&dir).unwrap();
+        (root, tree)
+    }
+
+    fn names(modules: &[Module]) -> Vec<&str> {
+        modules.iter().map(|m| m.name.as_str()).collect()
+    }
+
+    #[test]
+    fn dependencies_come_first_and_once() {
+        let (_d, tree) = tree();
+        let order = tree.closure(&["virtio_mmio", "virtio-rng", "virtiofs"]).unwrap();
+        assert_eq!(names(&order), ["virtio_ring", "virtio", "virtio_mmio", "virtio_rng", "fuse", "virtiofs"]);
+        assert_eq!(order[2].path, "kernel/drivers/virtio/virtio_mmio.ko.xz");
+        assert_eq!(order[3].path, "kernel/drivers/char/hw_random/virtio-rng.ko.zst");
+    }
+
+    #[test]
+    fn soft_pre_dependencies_resolve_through_aliases() {
+        let (_d, tree) = tree();
+        let order = tree.closure(&["fs-ext4"]).unwrap();
+        assert_eq!(names(&order), ["crc32c_generic", "crc32c_intel", "jbd2", "mbcache", "crc16", "ext4"]);
+    }
+
+    #[test]
+    fn soft_cycles_end_and_missing_soft_deps_are_skipped() {
+        let (_d, tree) = tree();
+        assert_eq!(names(&tree.closure(&["a"]).unwrap()), ["b", "a"]);
+    }
+
+    #[test]
+    fn builtins_and_builtin_aliases_need_no_loading() {
+        let (_d, tree) = tree();
+        assert!(tree.closure(&["configfs", "zlib_inflate", "fs-tmpfs"]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn wildcard_aliases_match() {
+        let (_d, tree) = tree();
+        assert_eq!(names(&tree.closure(&["virtio:d00000004v00001AF4"]).unwrap()), ["virtio_ring", "virtio", "virtio_rng"]);
+    }
+
+    #[test]
+    fn missing_module_names_module_and_version() {
+        let (_d, tree) = tree();
+        let err = tree.closure(&["virtio_mmio", "nosuch"]).unwrap_err();
+        assert_eq!(err.to_string(), "module \"nosuch\" not found for kernel 6.1.0-test");
+    }
+
+    #[test]
+    fn missing_modules_dep_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = ModuleTree::open(dir.path()).unwrap_err();
+        assert!(matches!(err, Error::Read { .. }), "{err}");
+    }
+
+    #[test]
+    fn names_from_paths() {
+        assert_eq!(name_from_path("kernel/drivers/char/hw_random/virtio-rng.ko"), "virtio_rng");
+        assert_eq!(name_from_path("a/b/crc32c-intel.ko.zst"), "crc32c_intel");
+        assert_eq!(name_from_path("x.ko.xz"), "x");
+        assert_eq!(normalise_alias("pci:v00001AF4d[0-9]*-x"), "pci:v00001AF4d[0-9]*_x");
+    }
+
+    #[test]
+    fn fnmatch_semantics() {
+        assert!(fnmatch("abc", "abc"));
+        assert!(!fnmatch("abc", "abd"));
+        assert!(fnmatch("a*c", "abbbc"));
+        assert!(fnmatch("a*", "a"));
+        assert!(fnmatch("*", ""));
+        assert!(fnmatch("a?c", "abc"));
+        assert!(!fnmatch("a?c", "ac"));
+        assert!(fnmatch("d[0-2]*", "d1x"));
+        assert!(!fnmatch("d[0-2]*", "d3x"));
+        assert!(fnmatch("[!a]x", "bx"));
+        assert!(!fnmatch("[^a]x", "ax"));
+        assert!(fnmatch("[]]", "]"));
+        assert!(fnmatch("a[", "a["));
+        assert!(fnmatch("usb:v*p*d*dc*", "usb:v1p2d3dc4"));
+        assert!(!fnmatch("*x*y", "axbxc"));
+        assert!(fnmatch("*x*y", "axbxcy"));
+    }
+
+    #[test]
+    fn load_list_round_trips() {
+        let text = render_load_list(&["/lib/modules/v/a.ko".into(), "/lib/modules/v/b.ko.xz".into()]);
+        let parsed = parse_load_list(&format!("# comment\n{text}\n/c.ko  opt=1 x=2\n"));
+        assert_eq!(parsed.len(), 3);
+        assert_eq!(parsed[1], LoadEntry { path: "/lib/modules/v/b.ko.xz".into(), params: String::new() });
+        assert_eq!(parsed[2], LoadEntry { path: "/c.ko".into(), params: "opt=1 x=2".into() });
+    }
+}
