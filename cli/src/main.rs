@@ -158,17 +158,23 @@ fn report_outcome(report: &RunReport, timeout: Option<Duration>) -> ExitCode {
     }
 }
 
+/// A clap error as one line: its first paragraph (the message and any details clap lists under
+/// it, such as missing arguments), without clap's "error: " prefix, usage and hints.
+fn one_line(e: &clap::Error) -> String {
+    let rendered = e.render().to_string();
+    let first_paragraph = rendered.split("\n\n").next().unwrap_or_default();
+    let words: Vec<&str> = first_paragraph.lines().map(str::trim).collect();
+    words.join(" ").trim_start_matches("error: ").to_string()
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
+        Err(e) if e.use_stderr() => return fail(exit_code::BAD_INPUT, one_line(&e)),
         Err(e) => {
-            let code = if e.use_stderr() {
-                exit_code::BAD_INPUT
-            } else {
-                exit_code::SUCCESS
-            };
+            // --help and --version: clap's own output, on stdout.
             let _ = e.print();
-            return ExitCode::from(code);
+            return ExitCode::from(exit_code::SUCCESS);
         }
     };
     match cli.command {

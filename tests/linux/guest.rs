@@ -1,0 +1,146 @@
+//! Booting a Debian kernel with kvmbuild from a test: kernels, initrds and the run itself.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use initrd::cpio::{Archive, Kind};
+
+use super::harness::repo_root;
+
+/// The host's statically linked busybox (Debian's busybox-static), the shell of test initrds.
+const BUSYBOX: &str = "/bin/busybox";
+
+/// A Debian kernel from the test-kernel cache (scripts/guest-kernels).
+pub struct Kernel {
+    pub bzimage: PathBuf,
+    pub vmlinux: PathBuf,
+    pub release: String,
+}
+
+/// Environment variables naming the cloud kernel's files, set once by [`resolve_kernels`] so
+/// that tests (and the copy of this binary inside the test host) need not ask again.
+const CLOUD_VARS: [(&str, &str); 3] = [
+    ("KERNEL_VMLINUZ", "KVMBUILD_TEST_CLOUD_BZIMAGE"),
+    ("KERNEL_VMLINUX", "KVMBUILD_TEST_CLOUD_VMLINUX"),
+    ("KERNEL_RELEASE", "KVMBUILD_TEST_CLOUD_RELEASE"),
+];
+
+/// Asks scripts/guest-kernels (fetching into the cache if cold) for the cloud kernel and sets
+/// the `KVMBUILD_TEST_CLOUD_*` variables; returns their names for passing on.
+pub fn resolve_kernels() -> Vec<&'static str> {
+    if CLOUD_VARS
+        .iter()
+        .all(|(_, var)| std::env::var_os(var).is_some())
+    {
+        return CLOUD_VARS.iter().map(|(_, var)| *var).collect();
+    }
+    let script = repo_root().join("scripts/guest-kernels");
+    let out = Command::new(&script)
+        .args(["env", "cloud"])
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "{} env cloud failed",
+        script.display()
+    );
+    let text = String::from_utf8(out.stdout).expect("paths are UTF-8");
+    for (key, var) in CLOUD_VARS {
+        let value = text
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("{} env cloud printed no {key}", script.display()));
+        // Set before any test runs; the harness runs tests on this one thread.
+        std::env::set_var(var, value.trim_matches(['\'', '"']));
+    }
+    CLOUD_VARS.iter().map(|(_, var)| *var).collect()
+}
+
+fn var(name: &str) -> String {
+    std::env::var(name)
+        .unwrap_or_else(|_| panic!("{name} is not set: resolve_kernels() runs first"))
+}
+
+/// Debian's cloud kernel (`linux-image-cloud-amd64`).
+pub fn cloud_kernel() -> Kernel {
+    Kernel {
+        bzimage: var("KVMBUILD_TEST_CLOUD_BZIMAGE").into(),
+        vmlinux: var("KVMBUILD_TEST_CLOUD_VMLINUX").into(),
+        release: var("KVMBUILD_TEST_CLOUD_RELEASE"),
+    }
+}
+
+/// An initrd whose /init is the given busybox shell script.
+pub fn busybox_initrd(init_script: &str) -> Vec<u8> {
+    let busybox = std::fs::read(BUSYBOX)
+        .unwrap_or_else(|e| panic!("{BUSYBOX}: {e} (install busybox-static)"));
+    let mut archive = Archive::new();
+    archive.add_file("bin/busybox", busybox, 0o755).unwrap();
+    archive.add_symlink("bin/sh", "busybox").unwrap();
+    archive.add_dir("proc", 0o755).unwrap();
+    archive.add_dir("sys", 0o755).unwrap();
+    archive
+        .add_node("dev/console", Kind::CharDevice(5, 1), 0o600)
+        .unwrap();
+    let script = format!("#!/bin/busybox sh\nset -e\n{init_script}");
+    archive
+        .add_file("init", script.into_bytes(), 0o755)
+        .unwrap();
+    archive.to_bytes()
+}
+
+/// A scratch directory for one test.
+pub fn scratch(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kvmbuild-linux-{test}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// One finished `kvmbuild run`.
+pub struct Run {
+    pub status: Option<i32>,
+    pub console: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Run {
+    /// Panics with the console and stderr unless `cond` holds.
+    pub fn check(&self, cond: bool, what: &str) {
+        assert!(
+            cond,
+            "{what}\nexit status: {:?}\n--- console ---\n{}\n--- stderr ---\n{}",
+            self.status, self.console, self.stderr
+        );
+    }
+}
+
+/// Boots `kernel` with `initrd` and returns what happened. A hang guard kills kvmbuild after
+/// `guard` (kvmbuild's own --timeout is set a little shorter, so a hang shows as exit 124).
+pub fn boot(kernel: &Path, initrd: &Path, cmdline: &str, extra: &[&str], guard: Duration) -> Run {
+    let started = Instant::now();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvmbuild"));
+    cmd.arg("run")
+        .arg("--kernel")
+        .arg(kernel)
+        .arg("--initrd")
+        .arg(initrd)
+        .args(["--cmdline", cmdline, "--timeout"])
+        .arg(
+            guard
+                .saturating_sub(Duration::from_secs(10))
+                .as_secs()
+                .max(1)
+                .to_string(),
+        )
+        .args(extra);
+    let out: Output = cmd.output().expect("kvmbuild starts");
+    Run {
+        status: out.status.code(),
+        console: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        elapsed: started.elapsed(),
+    }
+}
