@@ -412,3 +412,38 @@ fn two_vcpus_report_their_apic_ids() {
     assert!(bsp < ap && ap < done, "{run}");
     run.assert_code(exit::OK);
 }
+
+#[test]
+fn emulation_failure_names_the_guest_rip() {
+    require_kvm!();
+    let run = run_guest(&guest("emufail").elf, MEM_MIB, TIMEOUT_S, &[]);
+    run.assert_stdout_has("emufail: jumping to unbacked memory\n");
+    run.assert_error(
+        exit::INTERNAL,
+        &["vCPU 0", "could not emulate", "RIP 0x30000000"],
+    );
+}
+
+#[test]
+fn emulation_failure_shows_the_instruction_bytes_on_pvm() {
+    require_kvm!();
+    let run = run_guest(&guest("popcnt").elf, MEM_MIB, TIMEOUT_S, &[]);
+    run.assert_stdout_has("popcnt: executing popcnt\n");
+    if !std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        // Hardware runs popcnt itself; the guest reaches its exit.
+        run.assert_code(7);
+        return;
+    }
+    // The image starts at ELF_LOAD_ADDR; _start is at +0x200 and popcnt follows the PRINT.
+    run.assert_error(exit::INTERNAL, &["could not emulate", "f3 48 0f b8 d8"]);
+    let rip = run
+        .stderr
+        .split("RIP 0x")
+        .nth(1)
+        .and_then(|s| u64::from_str_radix(s.split(',').next()?, 16).ok())
+        .unwrap_or_else(|| panic!("no RIP in the report\n{run}"));
+    assert!(
+        (support::ELF_LOAD_ADDR + 0x200..support::ELF_LOAD_ADDR + 0x1000).contains(&rip),
+        "RIP {rip:#x} is not in the guest's code\n{run}"
+    );
+}
