@@ -56,10 +56,15 @@ impl Compression {
         match self {
             Self::None => out.write_all(data).map_err(|e| Error::Compress("copy", e)),
             Self::Gzip => {
-                let mut encoder = flate2::write::GzEncoder::new(out, flate2::Compression::default());
-                encoder.write_all(data).and_then(|()| encoder.try_finish()).map_err(|e| Error::Compress("gzip", e))
+                let mut encoder =
+                    flate2::write::GzEncoder::new(out, flate2::Compression::default());
+                encoder
+                    .write_all(data)
+                    .and_then(|()| encoder.try_finish())
+                    .map_err(|e| Error::Compress("gzip", e))
             }
-            Self::Zstd => zstd::stream::copy_encode(data, out, ZSTD_LEVEL).map_err(|e| Error::Compress("zstd", e)),
+            Self::Zstd => zstd::stream::copy_encode(data, out, ZSTD_LEVEL)
+                .map_err(|e| Error::Compress("zstd", e)),
         }
     }
 }
@@ -99,11 +104,15 @@ pub fn decompress(data: &[u8]) -> Result<Option<Vec<u8>>, Error> {
         Format::Plain => return Ok(None),
         Format::Gzip => {
             let mut decoder = flate2::read::MultiGzDecoder::new(data);
-            decoder.read_to_end(&mut out).map_err(|e| Error::Decompress("gzip", e))?;
+            decoder
+                .read_to_end(&mut out)
+                .map_err(|e| Error::Decompress("gzip", e))?;
         }
         Format::Xz => {
             let mut decoder = liblzma::read::XzDecoder::new_multi_decoder(data);
-            decoder.read_to_end(&mut out).map_err(|e| Error::Decompress("xz", e))?;
+            decoder
+                .read_to_end(&mut out)
+                .map_err(|e| Error::Decompress("xz", e))?;
         }
         Format::Zstd => {
             zstd::stream::copy_decode(data, &mut out).map_err(|e| Error::Decompress("zstd", e))?;
@@ -116,7 +125,8 @@ pub fn decompress(data: &[u8]) -> Result<Option<Vec<u8>>, Error> {
 mod tests {
     use super::*;
 
-    const TEXT: &[u8] = b"a kernel module, or something very much like one, repeated repeated repeated";
+    const TEXT: &[u8] =
+        b"a kernel module, or something very much like one, repeated repeated repeated";
 
     fn roundtrip(c: Compression) -> Vec<u8> {
         let mut packed = Vec::new();
@@ -129,7 +139,10 @@ mod tests {
         assert_eq!("none".parse::<Compression>().unwrap(), Compression::None);
         assert_eq!("gzip".parse::<Compression>().unwrap(), Compression::Gzip);
         assert_eq!("zstd".parse::<Compression>().unwrap(), Compression::Zstd);
-        assert!(matches!("lz4".parse::<Compression>(), Err(Error::Unknown(_))));
+        assert!(matches!(
+            "lz4".parse::<Compression>(),
+            Err(Error::Unknown(_))
+        ));
     }
 
     #[test]
@@ -157,6 +170,9 @@ mod tests {
     fn damaged_data_is_an_error() {
         let mut packed = roundtrip(Compression::Zstd);
         packed.truncate(packed.len() / 2);
-        assert!(matches!(decompress(&packed), Err(Error::Decompress("zstd", _))));
+        assert!(matches!(
+            decompress(&packed),
+            Err(Error::Decompress("zstd", _))
+        ));
     }
 }

@@ -154,19 +154,35 @@ impl Archive {
             }
             Some(_) => Err(Error::Duplicate(display(&key))),
             None => {
-                self.entries.insert(key, Entry { kind: Kind::Dir, perm, implicit: false });
+                self.entries.insert(
+                    key,
+                    Entry {
+                        kind: Kind::Dir,
+                        perm,
+                        implicit: false,
+                    },
+                );
                 Ok(())
             }
         }
     }
 
     /// Adds a regular file with the given contents and permission bits.
-    pub fn add_file(&mut self, path: impl AsRef<Path>, data: Vec<u8>, perm: u32) -> Result<(), Error> {
+    pub fn add_file(
+        &mut self,
+        path: impl AsRef<Path>,
+        data: Vec<u8>,
+        perm: u32,
+    ) -> Result<(), Error> {
         self.add(path.as_ref(), Kind::File(data), perm)
     }
 
     /// Adds a symbolic link pointing at `target`.
-    pub fn add_symlink(&mut self, path: impl AsRef<Path>, target: impl AsRef<Path>) -> Result<(), Error> {
+    pub fn add_symlink(
+        &mut self,
+        path: impl AsRef<Path>,
+        target: impl AsRef<Path>,
+    ) -> Result<(), Error> {
         let target = target.as_ref().as_os_str().as_bytes().to_vec();
         self.add(path.as_ref(), Kind::Symlink(target), 0o777)
     }
@@ -189,7 +205,14 @@ impl Archive {
         if self.entries.contains_key(&key) {
             return Err(Error::Duplicate(display(&key)));
         }
-        self.entries.insert(key, Entry { kind, perm, implicit: false });
+        self.entries.insert(
+            key,
+            Entry {
+                kind,
+                perm,
+                implicit: false,
+            },
+        );
         Ok(())
     }
 
@@ -200,10 +223,17 @@ impl Archive {
             match self.entries.get(parent) {
                 Some(entry) if entry.kind == Kind::Dir => {}
                 Some(_) => {
-                    return Err(Error::NotADirectory { parent: display(parent), path: display(key) });
+                    return Err(Error::NotADirectory {
+                        parent: display(parent),
+                        path: display(key),
+                    });
                 }
                 None => {
-                    let dir = Entry { kind: Kind::Dir, perm: 0o755, implicit: true };
+                    let dir = Entry {
+                        kind: Kind::Dir,
+                        perm: 0o755,
+                        implicit: true,
+                    };
                     self.entries.insert(parent.to_vec(), dir);
                 }
             }
@@ -217,10 +247,22 @@ impl Archive {
             // Inode 0 is avoided: some tools treat it as "no inode".
             let ino = u32::try_from(index + 1).map_err(|_| io::Error::other("too many entries"))?;
             let nlink = if entry.kind == Kind::Dir { 2 } else { 1 };
-            let header = Header { ino, mode: entry.mode(), nlink, mtime: self.mtime, rdev: entry.rdev() };
+            let header = Header {
+                ino,
+                mode: entry.mode(),
+                nlink,
+                mtime: self.mtime,
+                rdev: entry.rdev(),
+            };
             write_entry(out, &header, name, entry.data())?;
         }
-        let trailer = Header { ino: 0, mode: 0, nlink: 1, mtime: 0, rdev: (0, 0) };
+        let trailer = Header {
+            ino: 0,
+            mode: 0,
+            nlink: 1,
+            mtime: 0,
+            rdev: (0, 0),
+        };
         write_entry(out, &trailer, TRAILER, &[])
     }
 
@@ -228,7 +270,8 @@ impl Archive {
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::new();
         // Writing to a Vec cannot fail, and sizes were checked when entries were added.
-        self.write_to(&mut out).expect("writing a cpio archive to memory");
+        self.write_to(&mut out)
+            .expect("writing a cpio archive to memory");
         out
     }
 }
@@ -307,9 +350,11 @@ mod tests {
     fn sample() -> Archive {
         let mut a = Archive::new();
         a.add_file("/init", b"#!init\n".to_vec(), 0o755).unwrap();
-        a.add_file("etc/kvmbuild/modules", b"a.ko\n".to_vec(), 0o644).unwrap();
+        a.add_file("etc/kvmbuild/modules", b"a.ko\n".to_vec(), 0o644)
+            .unwrap();
         a.add_symlink("bin/sh", "/init").unwrap();
-        a.add_node("dev/console", Kind::CharDevice(5, 1), 0o600).unwrap();
+        a.add_node("dev/console", Kind::CharDevice(5, 1), 0o600)
+            .unwrap();
         a.add_dir("tmp", 0o1777).unwrap();
         a
     }
@@ -322,9 +367,11 @@ mod tests {
     fn same_entries_in_any_order_give_the_same_bytes() {
         let mut b = Archive::new();
         b.add_dir("tmp", 0o1777).unwrap();
-        b.add_node("dev/console", Kind::CharDevice(5, 1), 0o600).unwrap();
+        b.add_node("dev/console", Kind::CharDevice(5, 1), 0o600)
+            .unwrap();
         b.add_symlink("/bin/sh", "/init").unwrap();
-        b.add_file("etc/kvmbuild/modules", b"a.ko\n".to_vec(), 0o644).unwrap();
+        b.add_file("etc/kvmbuild/modules", b"a.ko\n".to_vec(), 0o644)
+            .unwrap();
         b.add_file("init", b"#!init\n".to_vec(), 0o755).unwrap();
         assert_eq!(sample().to_bytes(), b.to_bytes());
     }
@@ -334,7 +381,10 @@ mod tests {
         use sha2::{Digest, Sha256};
         let digest = Sha256::digest(sample().to_bytes());
         // Computed once from this writer; a change here changes every initrd kvmbuild makes.
-        assert_eq!(hex(&digest), "052c9961f75a9b0ab73e20e0c22ee374e80b5e001fc7db513e997a05d10017e1");
+        assert_eq!(
+            hex(&digest),
+            "052c9961f75a9b0ab73e20e0c22ee374e80b5e001fc7db513e997a05d10017e1"
+        );
     }
 
     #[test]
@@ -361,7 +411,17 @@ mod tests {
         let names: Vec<String> = a.entries.keys().map(|k| display(k)).collect();
         assert_eq!(
             names,
-            ["bin", "bin/sh", "dev", "dev/console", "etc", "etc/kvmbuild", "etc/kvmbuild/modules", "init", "tmp"]
+            [
+                "bin",
+                "bin/sh",
+                "dev",
+                "dev/console",
+                "etc",
+                "etc/kvmbuild",
+                "etc/kvmbuild/modules",
+                "init",
+                "tmp"
+            ]
         );
         assert!(a.entries[b"etc".as_slice()].implicit);
         assert_eq!(a.entries[b"tmp".as_slice()].mode(), 0o41777);
@@ -379,11 +439,23 @@ mod tests {
     #[test]
     fn bad_paths_and_conflicts_are_errors() {
         let mut a = Archive::new();
-        assert!(matches!(a.add_file("", vec![], 0o644), Err(Error::InvalidPath(_))));
-        assert!(matches!(a.add_file("a/../b", vec![], 0o644), Err(Error::InvalidPath(_))));
+        assert!(matches!(
+            a.add_file("", vec![], 0o644),
+            Err(Error::InvalidPath(_))
+        ));
+        assert!(matches!(
+            a.add_file("a/../b", vec![], 0o644),
+            Err(Error::InvalidPath(_))
+        ));
         a.add_file("f", vec![], 0o644).unwrap();
-        assert!(matches!(a.add_file("/f", vec![], 0o644), Err(Error::Duplicate(_))));
-        assert!(matches!(a.add_file("f/g", vec![], 0o644), Err(Error::NotADirectory { .. })));
+        assert!(matches!(
+            a.add_file("/f", vec![], 0o644),
+            Err(Error::Duplicate(_))
+        ));
+        assert!(matches!(
+            a.add_file("f/g", vec![], 0o644),
+            Err(Error::NotADirectory { .. })
+        ));
         assert!(matches!(a.add_dir("f", 0o755), Err(Error::Duplicate(_))));
         a.add_file("d/x", vec![], 0o644).unwrap();
         a.add_dir("d", 0o700).unwrap();

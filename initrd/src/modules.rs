@@ -63,7 +63,13 @@ pub enum Error {
 
 /// The names of the modules kvmbuild's devices need: the virtio-mmio transport and the block,
 /// console, entropy and virtio-fs drivers. Their dependencies are added by the closure.
-pub const DEFAULT_MODULES: &[&str] = &["virtio_mmio", "virtio_blk", "virtio_console", "virtio_rng", "virtiofs"];
+pub const DEFAULT_MODULES: &[&str] = &[
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_console",
+    "virtio_rng",
+    "virtiofs",
+];
 
 /// One module to load.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -111,18 +117,28 @@ impl ModuleTree {
     /// `modules.dep` is required; the other files are optional.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, Error> {
         let dir = dir.as_ref().to_path_buf();
-        let version = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let version = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let dep_path = dir.join("modules.dep");
         let dep = read(&dep_path)?.ok_or_else(|| Error::Read {
             path: dep_path.clone(),
-            source: io::Error::new(io::ErrorKind::NotFound, "no modules.dep (run depmod -b ROOT VERSION)"),
+            source: io::Error::new(
+                io::ErrorKind::NotFound,
+                "no modules.dep (run depmod -b ROOT VERSION)",
+            ),
         })?;
-        let mut tree = Self { version, ..Self::default() };
+        let mut tree = Self {
+            version,
+            ..Self::default()
+        };
         tree.modules = parse_dep(&dep, &dep_path)?;
         tree.softdeps = parse_softdep(&read(&dir.join("modules.softdep"))?.unwrap_or_default());
         tree.aliases = parse_alias(&read(&dir.join("modules.alias"))?.unwrap_or_default());
         tree.builtin = parse_builtin(&read(&dir.join("modules.builtin"))?.unwrap_or_default());
-        tree.builtin_aliases = parse_builtin_modinfo(&read_bytes(&dir.join("modules.builtin.modinfo"))?);
+        tree.builtin_aliases =
+            parse_builtin_modinfo(&read_bytes(&dir.join("modules.builtin.modinfo"))?);
         tree.dir = dir;
         Ok(tree)
     }
@@ -141,7 +157,12 @@ impl ModuleTree {
     /// modules are left out. A root that cannot be found is an error; a soft dependency that
     /// cannot be found is skipped, as `modprobe` does.
     pub fn closure<S: AsRef<str>>(&self, roots: &[S]) -> Result<Vec<Module>, Error> {
-        let mut walk = Walk { tree: self, order: Vec::new(), done: BTreeSet::new(), active: BTreeSet::new() };
+        let mut walk = Walk {
+            tree: self,
+            order: Vec::new(),
+            done: BTreeSet::new(),
+            active: BTreeSet::new(),
+        };
         for root in roots {
             match self.resolve(root.as_ref()) {
                 Resolved::Modules(names) => {
@@ -151,7 +172,10 @@ impl ModuleTree {
                 }
                 Resolved::Builtin => {}
                 Resolved::Missing => {
-                    return Err(Error::NotFound { module: root.as_ref().to_owned(), version: self.version.clone() });
+                    return Err(Error::NotFound {
+                        module: root.as_ref().to_owned(),
+                        version: self.version.clone(),
+                    });
                 }
             }
         }
@@ -167,10 +191,19 @@ impl ModuleTree {
         let matches = match_aliases(&self.aliases, &normalise_alias(&name));
         if !matches.is_empty() {
             // An alias may name a built-in module too; only loadable ones are kept.
-            let loadable: Vec<String> = matches.into_iter().filter(|m| self.modules.contains_key(m)).collect();
-            return if loadable.is_empty() { Resolved::Builtin } else { Resolved::Modules(loadable) };
+            let loadable: Vec<String> = matches
+                .into_iter()
+                .filter(|m| self.modules.contains_key(m))
+                .collect();
+            return if loadable.is_empty() {
+                Resolved::Builtin
+            } else {
+                Resolved::Modules(loadable)
+            };
         }
-        if self.builtin.contains(&name) || !match_aliases(&self.builtin_aliases, &normalise_alias(&name)).is_empty() {
+        if self.builtin.contains(&name)
+            || !match_aliases(&self.builtin_aliases, &normalise_alias(&name)).is_empty()
+        {
             return Resolved::Builtin;
         }
         Resolved::Missing
@@ -208,7 +241,10 @@ impl Walk<'_> {
         }
         self.active.remove(name);
         self.done.insert(name.to_owned());
-        self.order.push(Module { name: name.to_owned(), path: path.clone() });
+        self.order.push(Module {
+            name: name.to_owned(),
+            path: path.clone(),
+        });
         self.visit_soft(&soft.post)
     }
 
@@ -229,7 +265,10 @@ fn read(path: &Path) -> Result<Option<String>, Error> {
     match fs::read_to_string(path) {
         Ok(text) => Ok(Some(text)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(Error::Read { path: path.to_path_buf(), source }),
+        Err(source) => Err(Error::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 
@@ -238,7 +277,10 @@ fn read_bytes(path: &Path) -> Result<Vec<u8>, Error> {
     match fs::read(path) {
         Ok(bytes) => Ok(bytes),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(source) => Err(Error::Read { path: path.to_path_buf(), source }),
+        Err(source) => Err(Error::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 
@@ -284,7 +326,10 @@ fn parse_dep(text: &str, path: &Path) -> Result<DepMap, Error> {
         if line.trim().is_empty() || line.starts_with('#') {
             continue;
         }
-        let (module, deps) = line.split_once(':').ok_or(Error::Malformed { path: path.to_path_buf(), line: i + 1 })?;
+        let (module, deps) = line.split_once(':').ok_or(Error::Malformed {
+            path: path.to_path_buf(),
+            line: i + 1,
+        })?;
         let deps = deps.split_whitespace().map(name_from_path).collect();
         modules.insert(name_from_path(module), (module.trim().to_owned(), deps));
     }
@@ -322,7 +367,9 @@ fn parse_alias(text: &str) -> Vec<(String, String)> {
         .filter_map(|line| {
             let mut words = line.split_whitespace();
             match (words.next(), words.next(), words.next()) {
-                (Some("alias"), Some(pattern), Some(module)) => Some((normalise_alias(pattern), normalise(module))),
+                (Some("alias"), Some(pattern), Some(module)) => {
+                    Some((normalise_alias(pattern), normalise(module)))
+                }
                 _ => None,
             }
         })
@@ -330,7 +377,11 @@ fn parse_alias(text: &str) -> Vec<(String, String)> {
 }
 
 fn parse_builtin(text: &str) -> BTreeSet<String> {
-    text.lines().map(str::trim).filter(|l| !l.is_empty()).map(name_from_path).collect()
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(name_from_path)
+        .collect()
 }
 
 /// `modules.builtin.modinfo` is a list of NUL-terminated `module.key=value` strings; the
@@ -349,7 +400,11 @@ fn parse_builtin_modinfo(bytes: &[u8]) -> Vec<(String, String)> {
 
 /// Every module whose alias pattern matches `name`, sorted and without repeats.
 fn match_aliases(aliases: &[(String, String)], name: &str) -> Vec<String> {
-    let found: BTreeSet<&String> = aliases.iter().filter(|(p, _)| fnmatch(p, name)).map(|(_, m)| m).collect();
+    let found: BTreeSet<&String> = aliases
+        .iter()
+        .filter(|(p, _)| fnmatch(p, name))
+        .map(|(_, m)| m)
+        .collect();
     found.into_iter().cloned().collect()
 }
 
@@ -440,8 +495,14 @@ pub fn parse_load_list(text: &str) -> Vec<LoadEntry> {
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .map(|line| match line.split_once(char::is_whitespace) {
-            Some((path, params)) => LoadEntry { path: path.to_owned(), params: params.trim().to_owned() },
-            None => LoadEntry { path: line.to_owned(), params: String::new() },
+            Some((path, params)) => LoadEntry {
+                path: path.to_owned(),
+                params: params.trim().to_owned(),
+            },
+            None => LoadEntry {
+                path: line.to_owned(),
+                params: String::new(),
+            },
         })
         .collect()
 }
@@ -491,8 +552,15 @@ mod tests {
              alias virtio:d00000004v* virtio_rng\n\
              alias pci:v00001AF4d[0-9]* virtio_pci\n",
         );
-        write("modules.builtin", "kernel/fs/configfs/configfs.ko\nkernel/lib/zlib-inflate.ko\n");
-        fs::write(dir.join("modules.builtin.modinfo"), b"tmpfs.alias=fs-tmpfs\0tmpfs.description=x\0").unwrap();
+        write(
+            "modules.builtin",
+            "kernel/fs/configfs/configfs.ko\nkernel/lib/zlib-inflate.ko\n",
+        );
+        fs::write(
+            dir.join("modules.builtin.modinfo"),
+            b"tmpfs.alias=fs-tmpfs\0tmpfs.description=x\0",
+        )
+        .unwrap();
         let tree = ModuleTree::open(&dir).unwrap();
         (root, tree)
     }
@@ -504,17 +572,42 @@ mod tests {
     #[test]
     fn dependencies_come_first_and_once() {
         let (_d, tree) = tree();
-        let order = tree.closure(&["virtio_mmio", "virtio-rng", "virtiofs"]).unwrap();
-        assert_eq!(names(&order), ["virtio_ring", "virtio", "virtio_mmio", "virtio_rng", "fuse", "virtiofs"]);
+        let order = tree
+            .closure(&["virtio_mmio", "virtio-rng", "virtiofs"])
+            .unwrap();
+        assert_eq!(
+            names(&order),
+            [
+                "virtio_ring",
+                "virtio",
+                "virtio_mmio",
+                "virtio_rng",
+                "fuse",
+                "virtiofs"
+            ]
+        );
         assert_eq!(order[2].path, "kernel/drivers/virtio/virtio_mmio.ko.xz");
-        assert_eq!(order[3].path, "kernel/drivers/char/hw_random/virtio-rng.ko.zst");
+        assert_eq!(
+            order[3].path,
+            "kernel/drivers/char/hw_random/virtio-rng.ko.zst"
+        );
     }
 
     #[test]
     fn soft_pre_dependencies_resolve_through_aliases() {
         let (_d, tree) = tree();
         let order = tree.closure(&["fs-ext4"]).unwrap();
-        assert_eq!(names(&order), ["crc32c_generic", "crc32c_intel", "jbd2", "mbcache", "crc16", "ext4"]);
+        assert_eq!(
+            names(&order),
+            [
+                "crc32c_generic",
+                "crc32c_intel",
+                "jbd2",
+                "mbcache",
+                "crc16",
+                "ext4"
+            ]
+        );
     }
 
     #[test]
@@ -526,20 +619,29 @@ mod tests {
     #[test]
     fn builtins_and_builtin_aliases_need_no_loading() {
         let (_d, tree) = tree();
-        assert!(tree.closure(&["configfs", "zlib_inflate", "fs-tmpfs"]).unwrap().is_empty());
+        assert!(tree
+            .closure(&["configfs", "zlib_inflate", "fs-tmpfs"])
+            .unwrap()
+            .is_empty());
     }
 
     #[test]
     fn wildcard_aliases_match() {
         let (_d, tree) = tree();
-        assert_eq!(names(&tree.closure(&["virtio:d00000004v00001AF4"]).unwrap()), ["virtio_ring", "virtio", "virtio_rng"]);
+        assert_eq!(
+            names(&tree.closure(&["virtio:d00000004v00001AF4"]).unwrap()),
+            ["virtio_ring", "virtio", "virtio_rng"]
+        );
     }
 
     #[test]
     fn missing_module_names_module_and_version() {
         let (_d, tree) = tree();
         let err = tree.closure(&["virtio_mmio", "nosuch"]).unwrap_err();
-        assert_eq!(err.to_string(), "module \"nosuch\" not found for kernel 6.1.0-test");
+        assert_eq!(
+            err.to_string(),
+            "module \"nosuch\" not found for kernel 6.1.0-test"
+        );
     }
 
     #[test]
@@ -551,10 +653,16 @@ mod tests {
 
     #[test]
     fn names_from_paths() {
-        assert_eq!(name_from_path("kernel/drivers/char/hw_random/virtio-rng.ko"), "virtio_rng");
+        assert_eq!(
+            name_from_path("kernel/drivers/char/hw_random/virtio-rng.ko"),
+            "virtio_rng"
+        );
         assert_eq!(name_from_path("a/b/crc32c-intel.ko.zst"), "crc32c_intel");
         assert_eq!(name_from_path("x.ko.xz"), "x");
-        assert_eq!(normalise_alias("pci:v00001AF4d[0-9]*-x"), "pci:v00001AF4d[0-9]*_x");
+        assert_eq!(
+            normalise_alias("pci:v00001AF4d[0-9]*-x"),
+            "pci:v00001AF4d[0-9]*_x"
+        );
     }
 
     #[test]
@@ -579,10 +687,25 @@ mod tests {
 
     #[test]
     fn load_list_round_trips() {
-        let text = render_load_list(&["/lib/modules/v/a.ko".into(), "/lib/modules/v/b.ko.xz".into()]);
+        let text = render_load_list(&[
+            "/lib/modules/v/a.ko".into(),
+            "/lib/modules/v/b.ko.xz".into(),
+        ]);
         let parsed = parse_load_list(&format!("# comment\n{text}\n/c.ko  opt=1 x=2\n"));
         assert_eq!(parsed.len(), 3);
-        assert_eq!(parsed[1], LoadEntry { path: "/lib/modules/v/b.ko.xz".into(), params: String::new() });
-        assert_eq!(parsed[2], LoadEntry { path: "/c.ko".into(), params: "opt=1 x=2".into() });
+        assert_eq!(
+            parsed[1],
+            LoadEntry {
+                path: "/lib/modules/v/b.ko.xz".into(),
+                params: String::new()
+            }
+        );
+        assert_eq!(
+            parsed[2],
+            LoadEntry {
+                path: "/c.ko".into(),
+                params: "opt=1 x=2".into()
+            }
+        );
     }
 }

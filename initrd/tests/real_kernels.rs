@@ -16,7 +16,9 @@ fn kernels_dir() -> PathBuf {
     }
     let cache = std::env::var_os("XDG_CACHE_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
+        });
     cache.join("kvmbuild/kernels")
 }
 
@@ -39,9 +41,17 @@ fn tree(what: &str, flavour: fn(&str) -> bool) -> Option<ModuleTree> {
     match find_tree(flavour) {
         Some(dir) => Some(ModuleTree::open(dir).unwrap()),
         None => {
-            let msg = format!("no Debian {what} kernel module tree under {}", kernels_dir().display());
-            assert!(std::env::var("CI").as_deref() != Ok("true"), "{msg} (run scripts/guest-kernels)");
-            eprintln!("note: {msg}; skipping (set KVMBUILD_KERNELS_DIR or run scripts/guest-kernels)");
+            let msg = format!(
+                "no Debian {what} kernel module tree under {}",
+                kernels_dir().display()
+            );
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "{msg} (run scripts/guest-kernels)"
+            );
+            eprintln!(
+                "note: {msg}; skipping (set KVMBUILD_KERNELS_DIR or run scripts/guest-kernels)"
+            );
             None
         }
     }
@@ -56,35 +66,63 @@ fn is_generic(version: &str) -> bool {
 }
 
 fn position(order: &[initrd::modules::Module], name: &str) -> usize {
-    order.iter().position(|m| m.name == name).unwrap_or_else(|| panic!("{name} missing from {order:?}"))
+    order
+        .iter()
+        .position(|m| m.name == name)
+        .unwrap_or_else(|| panic!("{name} missing from {order:?}"))
 }
 
 #[test]
 fn cloud_kernel_default_modules() {
-    let Some(tree) = tree("cloud", is_cloud) else { return };
+    let Some(tree) = tree("cloud", is_cloud) else {
+        return;
+    };
     let order = tree.closure(DEFAULT_MODULES).unwrap();
     let names: Vec<&str> = order.iter().map(|m| m.name.as_str()).collect();
-    assert_eq!(names, ["virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "virtio_console", "virtio_rng", "fuse", "virtiofs"]);
+    assert_eq!(
+        names,
+        [
+            "virtio_ring",
+            "virtio",
+            "virtio_mmio",
+            "virtio_blk",
+            "virtio_console",
+            "virtio_rng",
+            "fuse",
+            "virtiofs"
+        ]
+    );
     assert!(position(&order, "virtio_ring") < position(&order, "virtio_mmio"));
     assert!(position(&order, "virtio") < position(&order, "virtio_mmio"));
     assert!(position(&order, "fuse") < position(&order, "virtiofs"));
     for module in &order {
-        assert!(tree.dir().join(&module.path).is_file(), "{} is not in the tree", module.path);
+        assert!(
+            tree.dir().join(&module.path).is_file(),
+            "{} is not in the tree",
+            module.path
+        );
     }
 }
 
 #[test]
 fn cloud_kernel_has_ext4_built_in() {
-    let Some(tree) = tree("cloud", is_cloud) else { return };
+    let Some(tree) = tree("cloud", is_cloud) else {
+        return;
+    };
     assert!(tree.closure(&["ext4", "fs-ext4"]).unwrap().is_empty());
 }
 
 #[test]
 fn generic_kernel_ext4_pulls_crc32c_first() {
-    let Some(tree) = tree("generic", is_generic) else { return };
+    let Some(tree) = tree("generic", is_generic) else {
+        return;
+    };
     let order = tree.closure(&["ext4"]).unwrap();
     let ext4 = position(&order, "ext4");
-    let crc32c = order.iter().position(|m| m.name.starts_with("crc32c")).expect("a crc32c module");
+    let crc32c = order
+        .iter()
+        .position(|m| m.name.starts_with("crc32c"))
+        .expect("a crc32c module");
     assert!(crc32c < ext4, "{order:?}");
     assert!(position(&order, "jbd2") < ext4);
     assert!(position(&order, "mbcache") < ext4);
@@ -93,7 +131,12 @@ fn generic_kernel_ext4_pulls_crc32c_first() {
 
 #[test]
 fn missing_module_error_names_the_kernel() {
-    let Some(tree) = tree("cloud", is_cloud) else { return };
+    let Some(tree) = tree("cloud", is_cloud) else {
+        return;
+    };
     let err = tree.closure(&["no_such_module"]).unwrap_err().to_string();
-    assert!(err.contains("no_such_module") && err.contains(tree.version()), "{err}");
+    assert!(
+        err.contains("no_such_module") && err.contains(tree.version()),
+        "{err}"
+    );
 }

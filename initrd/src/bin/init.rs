@@ -1,1 +1,6 @@
-fn main() {}
+//! `kvmbuild-init`: PID 1 of kvmbuild guests. The logic lives in [`initrd::guest`]; see the
+//! crate documentation for its settings, exit statuses and how to build it statically.
+
+fn main() {
+    initrd::guest::main()
+}
