@@ -9,6 +9,7 @@ pub mod exit;
 pub mod exit_port;
 pub mod i8042;
 pub mod serial;
+pub mod virtio;
 
 /// The I/O ports and MMIO addresses of kvmbuild's fixed devices: the one place they are defined,
 /// shared by the devices, the ACPI tables and the documentation.

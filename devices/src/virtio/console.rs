@@ -1,0 +1,444 @@
+//! virtio-console (device id 3), a single port without multiport: the guest's `/dev/hvc0`.
+//!
+//! Queue 0 (receiveq) carries host input to the guest, queue 1 (transmitq) the guest's output
+//! to a host writer (stdout or a file). Output is written and flushed once per batch of
+//! transmit buffers, so it reaches the host as soon as the guest sends it, at one host write
+//! per batch rather than per byte.
+//!
+//! Input comes from an optional file descriptor (e.g. a dup of stdin when it is a terminal),
+//! watched on the device thread while the device runs. Bytes read wait in a bounded buffer
+//! until the guest offers receive buffers; while that buffer is full, the descriptor is not
+//! watched, so a guest that never reads cannot make the host buffer without bound.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::chain::{drain_queue, next_chain, notify_used, write_stream, Chain, ChainError};
+use super::{
+    device_type, features, read_config_bytes, register_queue_events, ActivateError, Activation,
+    DeviceWorker, Interrupt, VirtioDevice,
+};
+
+/// Entries in each queue.
+const QUEUE_SIZE: u16 = 128;
+const RX: usize = 0;
+const TX: usize = 1;
+/// Event data tag of the input descriptor (queue events use their index).
+const INPUT_TOKEN: u32 = 2;
+/// Host input buffered for the guest at most.
+const PENDING_MAX: usize = 64 << 10;
+/// Bytes read from the input per wake-up, and copied out of the guest per step.
+const CHUNK: usize = 4096;
+/// Size of the configuration space (cols, rows, max_nr_ports, emerg_wr); all zero, as no
+/// feature that gives them meaning is offered.
+const CONFIG_LEN: usize = 12;
+
+/// A host input source for the console: readable, pollable, and movable to the device thread.
+///
+/// Pass an unbuffered descriptor (a `File` from a dup of stdin, a pipe, a socket): the device
+/// reads only after epoll reports it readable, so a buffered reader would strand its buffer.
+pub trait ConsoleInput: Read + AsRawFd + Send {}
+
+impl<T: Read + AsRawFd + Send> ConsoleInput for T {}
+
+type SharedOutput = Arc<Mutex<Box<dyn Write + Send>>>;
+type SharedInput = Arc<Mutex<Box<dyn ConsoleInput>>>;
+
+/// The virtio-console device model.
+pub struct Console {
+    output: SharedOutput,
+    input: Option<SharedInput>,
+}
+
+impl Console {
+    /// A console whose guest output goes to `output`, with no input.
+    pub fn new(output: Box<dyn Write + Send>) -> Self {
+        Self {
+            output: Arc::new(Mutex::new(output)),
+            input: None,
+        }
+    }
+
+    /// Feeds the guest from `input` (see [`ConsoleInput`]).
+    pub fn with_input(mut self, input: Box<dyn ConsoleInput>) -> Self {
+        self.input = Some(Arc::new(Mutex::new(input)));
+        self
+    }
+}
+
+impl VirtioDevice for Console {
+    fn device_type(&self) -> u32 {
+        device_type::CONSOLE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        features::VERSION_1 | features::RING_INDIRECT_DESC | features::RING_EVENT_IDX
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&[0; CONFIG_LEN], offset, data);
+    }
+
+    fn activate(&mut self, a: Activation) -> Result<DeviceWorker, ActivateError> {
+        a.expect_queues(2)?;
+        let input_fd = self.input.as_ref().map(|i| lock(i).as_raw_fd());
+        let mut queues = a.queues.into_iter();
+        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
+            return Err(ActivateError::QueueCount {
+                expected: 2,
+                got: 0,
+            });
+        };
+        Ok(Box::new(ConsoleWorker {
+            mem: a.mem,
+            rx,
+            tx,
+            events: a.queue_events,
+            interrupt: a.interrupt,
+            output: self.output.clone(),
+            input: self.input.clone(),
+            input_fd,
+            input_watched: false,
+            pending: VecDeque::new(),
+            chunk: Vec::new(),
+            broken: false,
+        }))
+    }
+}
+
+/// Locks a shared endpoint, recovering from poisoning: a console whose previous user panicked
+/// is still worth writing to.
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The running device.
+struct ConsoleWorker {
+    mem: GuestMemoryMmap,
+    rx: Queue,
+    tx: Queue,
+    events: Vec<EventFd>,
+    interrupt: Interrupt,
+    output: SharedOutput,
+    input: Option<SharedInput>,
+    /// The input descriptor while it is worth watching; `None` after end of file.
+    input_fd: Option<RawFd>,
+    input_watched: bool,
+    /// Host input the guest has not taken yet.
+    pending: VecDeque<u8>,
+    chunk: Vec<u8>,
+    /// Set once the guest broke a queue; nothing more is done until reset.
+    broken: bool,
+}
+
+impl ConsoleWorker {
+    fn fail(&mut self) {
+        self.broken = true;
+        self.interrupt.set_needs_reset();
+    }
+
+    /// Writes every transmit buffer to the output, then flushes it.
+    fn run_tx(&mut self) {
+        let (mem, chunk) = (&self.mem, &mut self.chunk);
+        let mut out = lock(&self.output);
+        let result = drain_queue(&mut self.tx, mem, &self.interrupt, |chain| {
+            transmit(mem, chain, chunk, &mut **out)
+        });
+        // Output errors are the host's problem; the guest must keep running.
+        let _ = out.flush();
+        drop(out);
+        if result.is_err() {
+            self.fail();
+        }
+    }
+
+    /// Reads what the input has (once per wake-up) into the pending buffer.
+    fn read_input(&mut self, events: EventSet) {
+        let Some(input) = &self.input else { return };
+        if !events.contains(EventSet::IN) {
+            // Hang-up or error without data: nothing more will come.
+            self.input_fd = None;
+            return;
+        }
+        let room = PENDING_MAX.saturating_sub(self.pending.len()).min(CHUNK);
+        let mut buf = [0u8; CHUNK];
+        match lock(input).read(&mut buf[..room]) {
+            Ok(0) => self.input_fd = None,
+            Ok(n) => self.pending.extend(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => self.input_fd = None,
+        }
+    }
+
+    /// Moves pending input into the guest's receive buffers.
+    fn deliver_input(&mut self) {
+        let mut used_any = false;
+        let result = self.fill_rx(&mut used_any);
+        if used_any {
+            notify_used(&mut self.rx, &self.mem, &self.interrupt);
+        }
+        if result.is_err() {
+            self.fail();
+        }
+    }
+
+    fn fill_rx(&mut self, used_any: &mut bool) -> Result<(), ChainError> {
+        while !self.pending.is_empty() {
+            let Some(chain) = next_chain(&mut self.rx, &self.mem)? else {
+                // Out of buffers: ask for a kick when the driver adds some, and look again in
+                // case it just did.
+                if self
+                    .rx
+                    .enable_notification(&self.mem)
+                    .map_err(|_| ChainError::Ring)?
+                {
+                    continue;
+                }
+                return Ok(());
+            };
+            let head = chain.head_index();
+            let n = receive(&self.mem, chain, &mut self.pending)?;
+            self.rx
+                .add_used(&self.mem, head, n)
+                .map_err(|_| ChainError::Ring)?;
+            *used_any = true;
+        }
+        Ok(())
+    }
+
+    /// Watches the input descriptor exactly while there is room for more input.
+    fn update_input_watch(&mut self, ops: &mut EventOps) {
+        let want = self.input_fd.is_some() && self.pending.len() < PENDING_MAX && !self.broken;
+        if want == self.input_watched {
+            return;
+        }
+        let Some(fd) = self
+            .input_fd
+            .or(self.input.as_ref().map(|i| lock(i).as_raw_fd()))
+        else {
+            return;
+        };
+        let events = Events::with_data_raw(fd, INPUT_TOKEN, EventSet::IN);
+        let done = if want {
+            ops.add(events)
+        } else {
+            ops.remove(events)
+        };
+        if done.is_ok() {
+            self.input_watched = want;
+        } else if want {
+            // An input that cannot be watched is treated as closed.
+            self.input_fd = None;
+        }
+    }
+}
+
+/// Copies one transmit chain's bytes to `out`; a transmit buffer carries no answer.
+fn transmit(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    chunk: &mut Vec<u8>,
+    out: &mut dyn Write,
+) -> Result<u32, ChainError> {
+    let chain = Chain::walk(chain, usize::from(QUEUE_SIZE))?;
+    chain.check_memory(mem)?;
+    if !chain.writable.is_empty() {
+        // The driver must only offer buffers for the device to read.
+        return Err(ChainError::Order);
+    }
+    chunk.resize(CHUNK, 0);
+    for s in &chain.readable {
+        let mut done = 0u64;
+        while done < u64::from(s.len) {
+            // At most CHUNK.
+            let n = (u64::from(s.len) - done).min(CHUNK as u64) as usize;
+            let addr = s.addr.unchecked_add(done);
+            mem.read_slice(&mut chunk[..n], addr)
+                .map_err(|_| ChainError::Memory)?;
+            let _ = out.write_all(&chunk[..n]);
+            done += n as u64;
+        }
+    }
+    Ok(0)
+}
+
+/// Fills one receive chain from `pending`; returns the bytes written.
+fn receive(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    pending: &mut VecDeque<u8>,
+) -> Result<u32, ChainError> {
+    let chain = Chain::walk(chain, usize::from(QUEUE_SIZE))?;
+    chain.check_memory(mem)?;
+    if !chain.readable.is_empty() {
+        // The driver must only offer buffers for the device to write.
+        return Err(ChainError::Order);
+    }
+    let data = pending.make_contiguous();
+    let n = write_stream(mem, &chain.writable, data).map_err(|_| ChainError::Memory)?;
+    pending.drain(..n);
+    // At most PENDING_MAX.
+    Ok(n as u32)
+}
+
+impl MutEventSubscriber for ConsoleWorker {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if !self.broken {
+            match events.data() {
+                INPUT_TOKEN => {
+                    self.read_input(events.event_set());
+                    self.deliver_input();
+                }
+                data => {
+                    let queue = data as usize;
+                    if let Some(e) = self.events.get(queue) {
+                        // Clear the kick; a failed read only means there was none.
+                        let _ = e.read();
+                    }
+                    match queue {
+                        RX => self.deliver_input(),
+                        TX => self.run_tx(),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        self.update_input_watch(ops);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if !register_queue_events(ops, &self.events) {
+            self.fail();
+            return;
+        }
+        // Output published before activation would otherwise wait for the next kick.
+        self.run_tx();
+        self.update_input_watch(ops);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::testing::{Driver, DATA, MEM_SIZE, R, W};
+    use std::os::unix::net::UnixStream;
+
+    const FEATURES: u64 = features::VERSION_1 | features::RING_EVENT_IDX;
+
+    /// An output the test can read.
+    #[derive(Clone, Default)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Sink {
+        fn text(&self) -> Vec<u8> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    fn console(input: Option<UnixStream>) -> (Driver, Sink) {
+        let sink = Sink::default();
+        let mut dev = Console::new(Box::new(sink.clone()));
+        if let Some(input) = input {
+            dev = dev.with_input(Box::new(input));
+        }
+        let d = Driver::new(Box::new(dev));
+        d.init(FEATURES, &[16, 16]);
+        (d, sink)
+    }
+
+    #[test]
+    fn guest_output_reaches_the_writer() {
+        let (d, sink) = console(None);
+        d.put(DATA, b"hello ");
+        d.put(DATA + 0x100, b"world\n");
+        d.push(1, &[(DATA, 6, R), (DATA + 0x100, 6, R)]);
+        d.kick(1);
+        assert_eq!(d.wait_used(1, 1), (0, 0));
+        assert_eq!(sink.text(), b"hello world\n");
+    }
+
+    #[test]
+    fn output_larger_than_a_chunk_is_complete() {
+        let (d, sink) = console(None);
+        let big: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        d.put(DATA, &big);
+        d.push(1, &[(DATA, big.len() as u32, R)]);
+        d.kick(1);
+        d.wait_used(1, 1);
+        assert_eq!(sink.text(), big);
+    }
+
+    #[test]
+    fn host_input_fills_receive_buffers() {
+        let (mut host, guest_side) = UnixStream::pair().unwrap();
+        let (d, _) = console(Some(guest_side));
+        host.write_all(b"typed").unwrap();
+        // Input waits until the guest offers buffers.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(d.used_idx(0), 0);
+        d.push(0, &[(DATA, 3, W)]);
+        d.push(0, &[(DATA + 0x100, 64, W)]);
+        d.kick(0);
+        assert_eq!(d.wait_used(0, 1), (0, 3));
+        assert_eq!(d.wait_used(0, 2), (1, 2));
+        assert_eq!(d.get(DATA, 3), b"typ");
+        assert_eq!(d.get(DATA + 0x100, 2), b"ed");
+        // Input arriving while buffers wait is delivered at once.
+        d.push(0, &[(DATA + 0x200, 64, W)]);
+        d.kick(0);
+        host.write_all(b"more").unwrap();
+        assert_eq!(d.wait_used(0, 3), (2, 4));
+        assert_eq!(d.get(DATA + 0x200, 4), b"more");
+    }
+
+    #[test]
+    fn closed_input_is_harmless() {
+        let (host, guest_side) = UnixStream::pair().unwrap();
+        let (d, sink) = console(Some(guest_side));
+        drop(host);
+        d.put(DATA, b"still here");
+        d.push(1, &[(DATA, 10, R)]);
+        d.kick(1);
+        d.wait_used(1, 1);
+        assert_eq!(sink.text(), b"still here");
+    }
+
+    #[test]
+    fn wrong_direction_or_bad_buffers_mark_needs_reset() {
+        let cases: [(u16, (u64, u32, bool)); 3] = [
+            (1, (DATA, 4, W)),
+            (1, (MEM_SIZE - 2, 4, R)),
+            (0, (DATA, 4, R)),
+        ];
+        for (q, buffer) in cases {
+            let (mut host, guest_side) = UnixStream::pair().unwrap();
+            let (d, _) = console(Some(guest_side));
+            host.write_all(b"x").unwrap();
+            d.push(q, &[buffer]);
+            d.kick(q);
+            assert!(d.wait_needs_reset(), "queue {q} {buffer:?}");
+        }
+    }
+}

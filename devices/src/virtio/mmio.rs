@@ -1,0 +1,745 @@
+//! The virtio-mmio transport (virtio 1.2, section 4.2; version 2 only, no legacy interface).
+//!
+//! The VMM maps one [`MmioTransport`] per device at a [`MMIO_WINDOW_LEN`] window and tells the
+//! guest about it (ACPI `LNRO0005` and `virtio_mmio.device=4K@ADDR:GSI`). Two `EventFd`s cross
+//! the boundary to KVM:
+//! - [`MmioTransport::queue_notify_events`]: one per queue, each to be registered as an
+//!   ioeventfd at window base + [`QUEUE_NOTIFY_OFFSET`], 4 bytes, datamatch = the queue index,
+//!   so the guest's kicks go straight to the device thread. A QueueNotify write that does reach
+//!   the transport signals the same `EventFd`.
+//! - [`MmioTransport::interrupt_event`]: to be registered as the irqfd of the device's GSI.
+//!
+//! The driver's status writes drive the state machine ACKNOWLEDGE → DRIVER → FEATURES_OK →
+//! DRIVER_OK; a step out of order is ignored (the driver sees the bit unset), FEATURES_OK is
+//! refused for features the device does not offer or without VERSION_1, and writing 0 resets
+//! the device. At DRIVER_OK the queues are validated and the device activated on the device
+//! thread; if that fails the device is marked as needing reset.
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::thread::{DeviceThreadHandle, ThreadError, WorkerId};
+use super::{features, status, ActivateError, Activation, Interrupt, VirtioDevice};
+use crate::bus::BusDevice;
+
+/// The size of a device's MMIO window.
+pub const MMIO_WINDOW_LEN: u64 = 0x1000;
+/// Offset of the QueueNotify register, where the VMM places the ioeventfds.
+pub const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
+
+/// "virt", little-endian.
+const MAGIC: u32 = 0x7472_6976;
+/// The non-legacy interface.
+const VERSION: u32 = 2;
+/// PCI-SIG vendor id space is not used by virtio-mmio; Linux ignores this value.
+const VENDOR_ID: u32 = 0;
+
+// Register offsets (virtio 1.2, table 4.1).
+const MAGIC_VALUE: u64 = 0x000;
+const VERSION_REG: u64 = 0x004;
+const DEVICE_ID: u64 = 0x008;
+const VENDOR_ID_REG: u64 = 0x00c;
+const DEVICE_FEATURES: u64 = 0x010;
+const DEVICE_FEATURES_SEL: u64 = 0x014;
+const DRIVER_FEATURES: u64 = 0x020;
+const DRIVER_FEATURES_SEL: u64 = 0x024;
+const QUEUE_SEL: u64 = 0x030;
+const QUEUE_NUM_MAX: u64 = 0x034;
+const QUEUE_NUM: u64 = 0x038;
+const QUEUE_READY: u64 = 0x044;
+const QUEUE_NOTIFY: u64 = QUEUE_NOTIFY_OFFSET;
+const INTERRUPT_STATUS: u64 = 0x060;
+const INTERRUPT_ACK: u64 = 0x064;
+const STATUS: u64 = 0x070;
+const QUEUE_DESC_LOW: u64 = 0x080;
+const QUEUE_DESC_HIGH: u64 = 0x084;
+const QUEUE_AVAIL_LOW: u64 = 0x090;
+const QUEUE_AVAIL_HIGH: u64 = 0x094;
+const QUEUE_USED_LOW: u64 = 0x0a0;
+const QUEUE_USED_HIGH: u64 = 0x0a4;
+const SHM_LEN_LOW: u64 = 0x0b0;
+const SHM_BASE_HIGH: u64 = 0x0bc;
+const CONFIG_GENERATION: u64 = 0x0fc;
+const CONFIG: u64 = 0x100;
+
+/// The status steps in the order a driver must take them.
+const STATUS_STEPS: [u32; 5] = [
+    status::ACKNOWLEDGE,
+    status::DRIVER,
+    status::FEATURES_OK,
+    status::DRIVER_OK,
+    status::FAILED,
+];
+
+/// Errors from activating a device at DRIVER_OK.
+#[derive(Debug, thiserror::Error)]
+pub enum MmioError {
+    /// The driver did not mark a queue ready.
+    #[error("queue {0} is not ready")]
+    QueueNotReady(usize),
+    /// A queue size that is zero, not a power of two, or above the maximum.
+    #[error("queue {0} has an invalid size")]
+    QueueSize(usize),
+    /// Misaligned ring addresses, or rings outside guest memory.
+    #[error("queue {0} has invalid ring addresses")]
+    QueueAddress(usize),
+    /// The notification or interrupt `EventFd`s could not be had.
+    #[error("cannot create the device's eventfds")]
+    EventFd(#[source] std::io::Error),
+    /// The device refused to start.
+    #[error("device activation failed")]
+    Activate(#[source] ActivateError),
+    /// The device thread refused the device's worker.
+    #[error("cannot run the device")]
+    Thread(#[source] ThreadError),
+}
+
+/// The driver's settings for one queue, as written to the registers.
+#[derive(Clone, Debug)]
+struct QueueConfig {
+    max_size: u16,
+    size: u32,
+    ready: bool,
+    desc: u64,
+    avail: u64,
+    used: u64,
+}
+
+impl QueueConfig {
+    fn new(max_size: u16) -> Self {
+        Self {
+            max_size,
+            size: u32::from(max_size),
+            ready: false,
+            desc: 0,
+            avail: 0,
+            used: 0,
+        }
+    }
+
+    /// A live queue from these settings, if the driver's values are valid for `mem`.
+    fn build(
+        &self,
+        index: usize,
+        mem: &GuestMemoryMmap,
+        event_idx: bool,
+    ) -> Result<Queue, MmioError> {
+        if !self.ready {
+            return Err(MmioError::QueueNotReady(index));
+        }
+        let mut queue = Queue::new(self.max_size).map_err(|_| MmioError::QueueSize(index))?;
+        let size = u16::try_from(self.size).map_err(|_| MmioError::QueueSize(index))?;
+        queue
+            .try_set_size(size)
+            .map_err(|_| MmioError::QueueSize(index))?;
+        let address = |_| MmioError::QueueAddress(index);
+        queue
+            .try_set_desc_table_address(GuestAddress(self.desc))
+            .map_err(address)?;
+        queue
+            .try_set_avail_ring_address(GuestAddress(self.avail))
+            .map_err(address)?;
+        queue
+            .try_set_used_ring_address(GuestAddress(self.used))
+            .map_err(address)?;
+        queue.set_event_idx(event_idx);
+        queue.set_ready(true);
+        if !queue.is_valid(mem) {
+            return Err(MmioError::QueueAddress(index));
+        }
+        Ok(queue)
+    }
+}
+
+/// A virtio device behind its virtio-mmio register window.
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    thread: DeviceThreadHandle,
+    interrupt: Interrupt,
+    notify: Vec<EventFd>,
+    queues: Vec<QueueConfig>,
+    queue_sel: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    driver_features: u64,
+    status: u32,
+    worker: Option<WorkerId>,
+    last_error: Option<MmioError>,
+}
+
+impl MmioTransport {
+    /// Puts `device` behind a register window; its worker will run on `thread` and reach the
+    /// guest through `mem`.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        thread: DeviceThreadHandle,
+    ) -> Result<Self, MmioError> {
+        let queues: Vec<_> = device
+            .queue_max_sizes()
+            .iter()
+            .map(|&max| QueueConfig::new(max))
+            .collect();
+        let notify = queues
+            .iter()
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<Result<_, _>>()
+            .map_err(MmioError::EventFd)?;
+        Ok(Self {
+            device,
+            mem,
+            thread,
+            interrupt: Interrupt::new().map_err(MmioError::EventFd)?,
+            notify,
+            queues,
+            queue_sel: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            status: 0,
+            worker: None,
+            last_error: None,
+        })
+    }
+
+    /// The virtio device id of the device behind this window.
+    pub fn device_type(&self) -> u32 {
+        self.device.device_type()
+    }
+
+    /// One `EventFd` per queue, in queue order: register each as an ioeventfd at window base +
+    /// [`QUEUE_NOTIFY_OFFSET`] with datamatch = its index (as a u32).
+    pub fn queue_notify_events(&self) -> &[EventFd] {
+        &self.notify
+    }
+
+    /// The `EventFd` to register as the irqfd of the device's GSI.
+    pub fn interrupt_event(&self) -> &EventFd {
+        self.interrupt.event()
+    }
+
+    /// Why the last activation failed, for diagnostics (the guest only sees NEEDS_RESET).
+    pub fn last_error(&self) -> Option<&MmioError> {
+        self.last_error.as_ref()
+    }
+
+    /// Whether the device is running (DRIVER_OK and activated).
+    pub fn is_active(&self) -> bool {
+        self.worker.is_some()
+    }
+
+    fn read_register(&self, offset: u64) -> u32 {
+        match offset {
+            MAGIC_VALUE => MAGIC,
+            VERSION_REG => VERSION,
+            DEVICE_ID => self.device.device_type(),
+            VENDOR_ID_REG => VENDOR_ID,
+            DEVICE_FEATURES => self.device_features_window(),
+            QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size)),
+            QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready)),
+            INTERRUPT_STATUS => self.interrupt.status(),
+            STATUS => self.status_register(),
+            // No shared memory regions: their length and base read as all ones (-1).
+            SHM_LEN_LOW..=SHM_BASE_HIGH => u32::MAX,
+            // The configuration never changes under the driver, so its generation stays 0.
+            CONFIG_GENERATION => 0,
+            _ => 0,
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        match offset {
+            DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            DRIVER_FEATURES => self.write_driver_features(value),
+            DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            QUEUE_SEL => self.queue_sel = value,
+            QUEUE_NOTIFY => self.notify_queue(value),
+            INTERRUPT_ACK => self.interrupt.ack(value),
+            STATUS => self.write_status(value),
+            QUEUE_NUM | QUEUE_READY | QUEUE_DESC_LOW..=QUEUE_USED_HIGH => {
+                self.write_queue_register(offset, value)
+            }
+            _ => {}
+        }
+    }
+
+    fn status_register(&self) -> u32 {
+        if self.interrupt.needs_reset() {
+            self.status | status::NEEDS_RESET
+        } else {
+            self.status
+        }
+    }
+
+    fn device_features_window(&self) -> u32 {
+        let features = self.device.features();
+        match self.device_features_sel {
+            0 => features as u32,
+            1 => (features >> 32) as u32,
+            _ => 0,
+        }
+    }
+
+    fn write_driver_features(&mut self, value: u32) {
+        // Features may change only between DRIVER and FEATURES_OK.
+        if self.status & status::DRIVER == 0 || self.status & status::FEATURES_OK != 0 {
+            return;
+        }
+        let shift = match self.driver_features_sel {
+            0 => 0,
+            1 => 32,
+            _ => return,
+        };
+        self.driver_features &= !(u64::from(u32::MAX) << shift);
+        self.driver_features |= u64::from(value) << shift;
+    }
+
+    fn selected_queue(&self) -> Option<&QueueConfig> {
+        self.queues.get(usize::try_from(self.queue_sel).ok()?)
+    }
+
+    fn write_queue_register(&mut self, offset: u64, value: u32) {
+        // A running queue's settings are fixed until reset.
+        if self.status & status::DRIVER_OK != 0 {
+            return;
+        }
+        let Some(q) = usize::try_from(self.queue_sel)
+            .ok()
+            .and_then(|i| self.queues.get_mut(i))
+        else {
+            return;
+        };
+        let set_low = |field: &mut u64| *field = (*field & !0xffff_ffff) | u64::from(value);
+        let set_high = |field: &mut u64| *field = (*field & 0xffff_ffff) | (u64::from(value) << 32);
+        match offset {
+            QUEUE_NUM => q.size = value,
+            QUEUE_READY => q.ready = value & 1 == 1,
+            QUEUE_DESC_LOW => set_low(&mut q.desc),
+            QUEUE_DESC_HIGH => set_high(&mut q.desc),
+            QUEUE_AVAIL_LOW => set_low(&mut q.avail),
+            QUEUE_AVAIL_HIGH => set_high(&mut q.avail),
+            QUEUE_USED_LOW => set_low(&mut q.used),
+            QUEUE_USED_HIGH => set_high(&mut q.used),
+            _ => {}
+        }
+    }
+
+    fn notify_queue(&mut self, index: u32) {
+        if let Some(event) = usize::try_from(index).ok().and_then(|i| self.notify.get(i)) {
+            // A saturated counter already means "kicked".
+            let _ = event.write(1);
+        }
+    }
+
+    fn write_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        // NEEDS_RESET is the device's to set; the driver may only add bits, never clear them.
+        let value = value & 0xff & !status::NEEDS_RESET;
+        if self.status & !value != 0 {
+            return;
+        }
+        for step in STATUS_STEPS {
+            if value & step == 0 || self.status & step != 0 {
+                continue;
+            }
+            if !self.accept_step(step) {
+                break;
+            }
+            self.status |= step;
+        }
+    }
+
+    /// Whether the driver may set `step` now; performs negotiation and activation.
+    fn accept_step(&mut self, step: u32) -> bool {
+        let current = self.status;
+        if current & status::FAILED != 0 {
+            return false;
+        }
+        match step {
+            status::ACKNOWLEDGE => true,
+            status::DRIVER => current & status::ACKNOWLEDGE != 0,
+            status::FEATURES_OK => current & status::DRIVER != 0 && self.features_acceptable(),
+            status::DRIVER_OK => {
+                if current & status::FEATURES_OK == 0 {
+                    return false;
+                }
+                if let Err(e) = self.activate() {
+                    self.last_error = Some(e);
+                    self.interrupt.set_needs_reset();
+                }
+                true
+            }
+            status::FAILED => true,
+            _ => false,
+        }
+    }
+
+    fn features_acceptable(&self) -> bool {
+        let offered = self.device.features();
+        self.driver_features & !offered == 0 && self.driver_features & features::VERSION_1 != 0
+    }
+
+    fn activate(&mut self) -> Result<(), MmioError> {
+        let event_idx = self.driver_features & features::RING_EVENT_IDX != 0;
+        let queues = (0..)
+            .zip(&self.queues)
+            .map(|(i, q)| q.build(i, &self.mem, event_idx))
+            .collect::<Result<Vec<_>, _>>()?;
+        let queue_events = self
+            .notify
+            .iter()
+            .map(EventFd::try_clone)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(MmioError::EventFd)?;
+        let worker = self
+            .device
+            .activate(Activation {
+                mem: self.mem.clone(),
+                queues,
+                queue_events,
+                interrupt: self.interrupt.clone(),
+                features: self.driver_features,
+            })
+            .map_err(MmioError::Activate)?;
+        self.worker = Some(self.thread.add(worker).map_err(MmioError::Thread)?);
+        Ok(())
+    }
+
+    /// Device reset: stops the worker (waiting until it is off the device thread), and returns
+    /// the device and every register to the initial state.
+    fn reset(&mut self) {
+        self.stop_worker();
+        self.device.reset();
+        for q in &mut self.queues {
+            *q = QueueConfig::new(q.max_size);
+        }
+        for event in &self.notify {
+            // Forget kicks from before the reset.
+            let _ = event.read();
+        }
+        self.interrupt.clear();
+        self.queue_sel = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.driver_features = 0;
+        self.status = 0;
+    }
+
+    fn stop_worker(&mut self) {
+        if let Some(id) = self.worker.take() {
+            // Fails only when the device thread has ended, and then the worker is gone too.
+            let _ = self.thread.remove(id);
+        }
+    }
+}
+
+impl Drop for MmioTransport {
+    fn drop(&mut self) {
+        self.stop_worker();
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if offset >= CONFIG {
+            self.device.read_config(offset - CONFIG, data);
+            return;
+        }
+        // Registers are 32 bits wide and aligned; anything else reads as zero.
+        match <&mut [u8; 4]>::try_from(data) {
+            Ok(word) if offset % 4 == 0 => *word = self.read_register(offset).to_le_bytes(),
+            Ok(word) => word.fill(0),
+            Err(_) => {}
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG {
+            self.device.write_config(offset - CONFIG, data);
+            return;
+        }
+        if let (Ok(word), 0) = (<[u8; 4]>::try_from(data), offset % 4) {
+            self.write_register(offset, u32::from_le_bytes(word));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::testing::{Driver, QUEUE_AREA};
+    use crate::virtio::thread::DeviceThread;
+    use crate::virtio::{read_config_bytes, ActivateError, DeviceWorker};
+    use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+    use std::sync::mpsc::{channel, Receiver, Sender};
+    use std::time::Duration;
+
+    /// A device with two queues that reports its activations, kicks and resets.
+    struct Dummy {
+        log: Sender<String>,
+        fail: bool,
+    }
+
+    struct DummyWorker {
+        events: Vec<EventFd>,
+        log: Sender<String>,
+    }
+
+    impl MutEventSubscriber for DummyWorker {
+        fn process(&mut self, events: Events, _: &mut EventOps) {
+            let i = events.data() as usize;
+            let _ = self.events[i].read();
+            let _ = self.log.send(format!("kick {i}"));
+        }
+        fn init(&mut self, ops: &mut EventOps) {
+            for (i, e) in (0..).zip(&self.events) {
+                ops.add(Events::with_data(e, i, EventSet::IN)).unwrap();
+            }
+        }
+    }
+
+    impl Drop for DummyWorker {
+        fn drop(&mut self) {
+            let _ = self.log.send("stopped".into());
+        }
+    }
+
+    impl VirtioDevice for Dummy {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[16, 8]
+        }
+        fn features(&self) -> u64 {
+            features::VERSION_1 | 1 << 3
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            read_config_bytes(&[0xa0, 0xa1, 0xa2, 0xa3, 0xa4], offset, data);
+        }
+        fn activate(&mut self, a: Activation) -> Result<DeviceWorker, ActivateError> {
+            a.expect_queues(2)?;
+            let _ = self.log.send(format!(
+                "activate sizes {:?} features {:#x}",
+                a.queues.iter().map(|q| q.size()).collect::<Vec<_>>(),
+                a.features
+            ));
+            if self.fail {
+                return Err(ActivateError::Io(std::io::Error::other("no")));
+            }
+            Ok(Box::new(DummyWorker {
+                events: a.queue_events,
+                log: self.log.clone(),
+            }))
+        }
+        fn reset(&mut self) {
+            let _ = self.log.send("reset".into());
+        }
+    }
+
+    fn dummy(fail: bool) -> (Driver, Receiver<String>) {
+        let (log, rx) = channel();
+        (Driver::new(Box::new(Dummy { log, fail })), rx)
+    }
+
+    fn next(rx: &Receiver<String>) -> String {
+        rx.recv_timeout(Duration::from_secs(5)).unwrap()
+    }
+
+    #[test]
+    fn identifies_itself() {
+        let (d, _) = dummy(false);
+        assert_eq!(d.read32(MAGIC_VALUE), 0x7472_6976);
+        assert_eq!(d.read32(VERSION_REG), 2);
+        assert_eq!(d.read32(DEVICE_ID), 42);
+        assert_eq!(d.read32(VENDOR_ID_REG), 0);
+        assert_eq!(d.read32(DEVICE_FEATURES), 1 << 3);
+        d.write32(DEVICE_FEATURES_SEL, 1);
+        assert_eq!(d.read32(DEVICE_FEATURES), 1);
+        d.write32(DEVICE_FEATURES_SEL, 2);
+        assert_eq!(d.read32(DEVICE_FEATURES), 0);
+        d.write32(QUEUE_SEL, 1);
+        assert_eq!(d.read32(QUEUE_NUM_MAX), 8);
+        d.write32(QUEUE_SEL, 2);
+        assert_eq!(d.read32(QUEUE_NUM_MAX), 0);
+        assert_eq!(d.read32(SHM_LEN_LOW), u32::MAX);
+        assert_eq!(d.read32(CONFIG_GENERATION), 0);
+    }
+
+    #[test]
+    fn config_space_and_odd_accesses() {
+        let (d, _) = dummy(false);
+        let mut byte = [0u8; 1];
+        d.read(CONFIG + 1, &mut byte);
+        assert_eq!(byte, [0xa1]);
+        let mut word = [0u8; 4];
+        d.read(CONFIG + 2, &mut word);
+        assert_eq!(word, [0xa2, 0xa3, 0xa4, 0]);
+        // Narrow or misaligned register accesses are ignored.
+        let mut half = [0xffu8; 2];
+        d.read(MAGIC_VALUE, &mut half);
+        assert_eq!(half, [0xff, 0xff]);
+        d.read(MAGIC_VALUE + 1, &mut word);
+        assert_eq!(word, [0; 4]);
+        d.write(STATUS, &[1]);
+        assert_eq!(d.read32(STATUS), 0);
+    }
+
+    #[test]
+    fn status_steps_must_come_in_order() {
+        let (d, _) = dummy(false);
+        d.write32(STATUS, status::DRIVER);
+        assert_eq!(d.read32(STATUS), 0);
+        d.write32(STATUS, status::ACKNOWLEDGE);
+        d.write32(STATUS, status::ACKNOWLEDGE | status::FEATURES_OK);
+        assert_eq!(d.read32(STATUS), status::ACKNOWLEDGE);
+        d.write32(STATUS, status::ACKNOWLEDGE | status::DRIVER);
+        assert_eq!(d.read32(STATUS), status::ACKNOWLEDGE | status::DRIVER);
+        // Clearing a bit without a reset is ignored.
+        d.write32(STATUS, status::ACKNOWLEDGE);
+        assert_eq!(d.read32(STATUS), status::ACKNOWLEDGE | status::DRIVER);
+        // DRIVER_OK before FEATURES_OK is refused.
+        d.write32(
+            STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::DRIVER_OK,
+        );
+        assert_eq!(d.read32(STATUS), status::ACKNOWLEDGE | status::DRIVER);
+        d.write32(
+            STATUS,
+            status::ACKNOWLEDGE | status::DRIVER | status::FAILED,
+        );
+        assert_eq!(d.read32(STATUS) & status::FAILED, status::FAILED);
+    }
+
+    #[test]
+    fn refuses_features_not_offered_or_without_version_1() {
+        let (d, _) = dummy(false);
+        assert!(!d.negotiate(1 << 3));
+        d.reset();
+        assert!(!d.negotiate(features::VERSION_1 | 1 << 4));
+        d.reset();
+        assert!(d.negotiate(features::VERSION_1 | 1 << 3));
+        // Features are fixed once FEATURES_OK is set.
+        d.write32(DRIVER_FEATURES_SEL, 0);
+        d.write32(DRIVER_FEATURES, 0);
+        assert!(d.read32(STATUS) & status::FEATURES_OK != 0);
+    }
+
+    #[test]
+    fn activates_at_driver_ok_and_routes_kicks() {
+        let (d, log) = dummy(false);
+        d.init(features::VERSION_1, &[16, 4]);
+        assert_eq!(next(&log), "activate sizes [16, 4] features 0x100000000");
+        assert!(d.is_active());
+        d.kick(1);
+        assert_eq!(next(&log), "kick 1");
+        // The notify EventFd is what the VMM registers as the ioeventfd.
+        d.with(|t| t.queue_notify_events()[0].write(1).unwrap());
+        assert_eq!(next(&log), "kick 0");
+        // Queue registers are frozen while running.
+        d.write32(QUEUE_SEL, 0);
+        d.write32(QUEUE_READY, 0);
+        assert_eq!(d.read32(QUEUE_READY), 1);
+    }
+
+    #[test]
+    fn reset_stops_the_worker_and_clears_everything() {
+        let (d, log) = dummy(false);
+        d.init(features::VERSION_1, &[16, 8]);
+        next(&log);
+        d.with(|t| t.interrupt.signal_used());
+        d.write32(STATUS, 0);
+        // The worker is gone by the time the status write returns.
+        assert_eq!(log.try_recv().unwrap(), "stopped");
+        assert_eq!(log.try_recv().unwrap(), "reset");
+        assert_eq!(d.read32(STATUS), 0);
+        assert_eq!(d.read32(INTERRUPT_STATUS), 0);
+        assert_eq!(d.read32(QUEUE_READY), 0);
+        assert!(!d.is_active());
+        d.kick(0);
+        assert!(log.recv_timeout(Duration::from_millis(50)).is_err());
+        // And the device can be brought up again.
+        d.init(features::VERSION_1, &[8, 8]);
+        assert_eq!(next(&log), "activate sizes [8, 8] features 0x100000000");
+    }
+
+    #[test]
+    fn invalid_queues_fail_activation_with_needs_reset() {
+        type Spoil = (&'static str, fn(&Driver));
+        let cases: [Spoil; 5] = [
+            ("not ready", |d| {
+                d.write32(QUEUE_SEL, 1);
+                d.write32(QUEUE_READY, 0);
+            }),
+            ("size not a power of two", |d| {
+                d.write32(QUEUE_SEL, 0);
+                d.write32(QUEUE_NUM, 6);
+            }),
+            ("size above max", |d| {
+                d.write32(QUEUE_SEL, 1);
+                d.write32(QUEUE_NUM, 16);
+            }),
+            ("rings outside memory", |d| {
+                d.write32(QUEUE_SEL, 0);
+                d.write32(QUEUE_USED_HIGH, 0x10);
+            }),
+            ("misaligned ring", |d| {
+                d.write32(QUEUE_SEL, 0);
+                d.write32(QUEUE_DESC_LOW, QUEUE_AREA as u32 + 2);
+            }),
+        ];
+        for (what, spoil) in cases {
+            let (d, log) = dummy(false);
+            assert!(d.negotiate(features::VERSION_1));
+            d.setup_queues(&[16, 8]);
+            spoil(&d);
+            d.driver_ok();
+            let s = d.read32(STATUS);
+            assert_eq!(s & status::NEEDS_RESET, status::NEEDS_RESET, "{what}");
+            assert_eq!(d.read32(INTERRUPT_STATUS), 2, "{what}");
+            assert!(!d.is_active(), "{what}");
+            assert!(log.try_recv().is_err(), "{what}: device must not start");
+            d.reset();
+            assert_eq!(d.read32(STATUS), 0);
+        }
+    }
+
+    #[test]
+    fn device_refusal_marks_needs_reset() {
+        let (d, log) = dummy(true);
+        d.init_unchecked(features::VERSION_1, &[16, 8]);
+        next(&log);
+        assert!(d.read32(STATUS) & status::NEEDS_RESET != 0);
+        assert!(d.with(|t| t.last_error().is_some()));
+    }
+
+    #[test]
+    fn interrupt_ack_clears_bits() {
+        let (d, _) = dummy(false);
+        d.with(|t| {
+            t.interrupt.signal_used();
+            t.interrupt.signal_config();
+        });
+        assert_eq!(d.read32(INTERRUPT_STATUS), 3);
+        d.write32(INTERRUPT_ACK, 1);
+        assert_eq!(d.read32(INTERRUPT_STATUS), 2);
+        assert_eq!(d.with(|t| t.interrupt_event().read().unwrap()), 2);
+    }
+
+    #[test]
+    fn dropping_the_transport_stops_its_worker() {
+        let thread = DeviceThread::start().unwrap();
+        let (log, rx) = channel();
+        let d = Driver::with_thread(Box::new(Dummy { log, fail: false }), &thread);
+        d.init(features::VERSION_1, &[16, 8]);
+        next(&rx);
+        drop(d);
+        assert_eq!(next(&rx), "stopped");
+        thread.stop().unwrap();
+    }
+}

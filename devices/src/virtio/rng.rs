@@ -1,0 +1,219 @@
+//! virtio-rng (device id 4): fills the guest's buffers with bytes from the host's
+//! `getrandom(2)`. The guest sees it as `/dev/hwrng`.
+
+use std::io;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_queue::{DescriptorChain, Queue};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::chain::{drain_queue, write_stream, Chain, ChainError};
+use super::{
+    device_type, features, read_config_bytes, register_queue_events, ActivateError, Activation,
+    DeviceWorker, Interrupt, VirtioDevice,
+};
+
+/// Entries in the request queue.
+const QUEUE_SIZE: u16 = 64;
+/// Bytes handed out per request at most; the driver asks again for more.
+const MAX_FILL: usize = 64 << 10;
+
+/// Errors from the entropy source.
+#[derive(Debug, thiserror::Error)]
+pub enum RngError {
+    /// `getrandom` failed.
+    #[error("getrandom failed")]
+    Getrandom(#[source] io::Error),
+    /// The request's chain is broken or points outside guest memory.
+    #[error("bad request")]
+    Chain(#[from] ChainError),
+}
+
+/// The virtio-rng device model.
+#[derive(Debug, Default)]
+pub struct Rng;
+
+impl Rng {
+    /// An entropy device.
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        device_type::RNG
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        features::VERSION_1 | features::RING_INDIRECT_DESC | features::RING_EVENT_IDX
+    }
+
+    /// virtio-rng has no configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&[], offset, data);
+    }
+
+    fn activate(&mut self, mut a: Activation) -> Result<DeviceWorker, ActivateError> {
+        a.expect_queues(1)?;
+        Ok(Box::new(RngWorker {
+            mem: a.mem,
+            queue: a.queues.remove(0),
+            event: a.queue_events.remove(0),
+            interrupt: a.interrupt,
+            broken: false,
+            buf: Vec::new(),
+        }))
+    }
+}
+
+/// The running device: one request queue.
+struct RngWorker {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    event: EventFd,
+    interrupt: Interrupt,
+    /// Set once the guest broke the queue; nothing more is done until reset.
+    broken: bool,
+    buf: Vec<u8>,
+}
+
+impl RngWorker {
+    fn run_queue(&mut self) {
+        if self.broken {
+            return;
+        }
+        let (mem, buf) = (&self.mem, &mut self.buf);
+        let result = drain_queue(&mut self.queue, mem, &self.interrupt, |chain| {
+            fill(mem, chain, buf)
+        });
+        if result.is_err() {
+            self.broken = true;
+            self.interrupt.set_needs_reset();
+        }
+    }
+}
+
+/// Fills the writable buffers of one request; returns the bytes written.
+fn fill(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    buf: &mut Vec<u8>,
+) -> Result<u32, ChainError> {
+    let chain = Chain::walk(chain, usize::from(QUEUE_SIZE))?;
+    chain.check_memory(mem)?;
+    if !chain.readable.is_empty() {
+        // The driver must only offer buffers for the device to write.
+        return Err(ChainError::Order);
+    }
+    let want = usize::try_from(chain.writable_len()).map_or(MAX_FILL, |n| n.min(MAX_FILL));
+    buf.resize(want, 0);
+    if getrandom(buf).is_err() {
+        // Nothing written: the driver sees an empty answer and asks again.
+        return Ok(0);
+    }
+    let written = write_stream(mem, &chain.writable, buf).map_err(|_| ChainError::Memory)?;
+    // At most MAX_FILL.
+    Ok(written as u32)
+}
+
+/// Fills `buf` from the kernel's random pool.
+pub fn getrandom(buf: &mut [u8]) -> Result<(), RngError> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: the pointer and length describe the writable slice `rest`, which outlives
+        // the call; getrandom writes at most `rest.len()` bytes into it.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        match usize::try_from(n) {
+            Ok(n) => done += n,
+            Err(_) => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(RngError::Getrandom(e));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+impl MutEventSubscriber for RngWorker {
+    fn process(&mut self, _: Events, _: &mut EventOps) {
+        // Clear the kick; a failed read only means there was none.
+        let _ = self.event.read();
+        self.run_queue();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if !register_queue_events(ops, std::slice::from_ref(&self.event)) {
+            self.broken = true;
+            self.interrupt.set_needs_reset();
+            return;
+        }
+        // Requests published before activation would otherwise wait for the next kick.
+        self.run_queue();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::testing::{Driver, DATA, R, W};
+
+    const FEATURES: u64 = features::VERSION_1 | features::RING_EVENT_IDX;
+
+    fn rng() -> Driver {
+        let d = Driver::new(Box::new(Rng::new()));
+        d.init(FEATURES, &[16]);
+        d
+    }
+
+    #[test]
+    fn fills_buffers_with_random_bytes() {
+        let d = rng();
+        d.push(0, &[(DATA, 16, W), (DATA + 0x1000, 48, W)]);
+        d.kick(0);
+        assert_eq!(d.wait_used(0, 1), (0, 64));
+        let a = d.get(DATA, 16);
+        let b = d.get(DATA + 0x1000, 48);
+        assert!(a.iter().any(|&x| x != 0) && b.iter().any(|&x| x != 0));
+        // A second request gets different bytes.
+        d.push(0, &[(DATA + 0x2000, 16, W)]);
+        d.kick(0);
+        assert_eq!(d.wait_used(0, 2), (2, 16));
+        assert_ne!(d.get(DATA + 0x2000, 16), a);
+    }
+
+    #[test]
+    fn large_requests_are_capped() {
+        let d = rng();
+        d.push(0, &[(DATA, 1 << 20, W)]);
+        d.kick(0);
+        assert_eq!(d.wait_used(0, 1), (0, MAX_FILL as u32));
+    }
+
+    #[test]
+    fn hostile_requests_mark_needs_reset() {
+        for bad in [
+            vec![(DATA, 16, R)],
+            vec![(crate::virtio::testing::MEM_SIZE - 8, 16, W)],
+        ] {
+            let d = rng();
+            d.push(0, &bad);
+            d.kick(0);
+            assert!(d.wait_needs_reset());
+            // The queue is dead until reset; then the device works again.
+            d.reset();
+            d.init(FEATURES, &[16]);
+            d.push(0, &[(DATA, 8, W)]);
+            d.kick(0);
+            assert_eq!(d.wait_used(0, 1), (0, 8));
+        }
+    }
+}
