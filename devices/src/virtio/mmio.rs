@@ -451,10 +451,10 @@ impl BusDevice for MmioTransport {
             return;
         }
         // Registers are 32 bits wide and aligned; anything else reads as zero.
-        match <&mut [u8; 4]>::try_from(data) {
-            Ok(word) if offset % 4 == 0 => *word = self.read_register(offset).to_le_bytes(),
-            Ok(word) => word.fill(0),
-            Err(_) => {}
+        if data.len() == 4 && offset % 4 == 0 {
+            data.copy_from_slice(&self.read_register(offset).to_le_bytes());
+        } else {
+            data.fill(0);
         }
     }
 
@@ -580,10 +580,13 @@ mod tests {
         let mut word = [0u8; 4];
         d.read(CONFIG + 2, &mut word);
         assert_eq!(word, [0xa2, 0xa3, 0xa4, 0]);
-        // Narrow or misaligned register accesses are ignored.
+        // Narrow, wide or misaligned register accesses read as zero and write nothing.
         let mut half = [0xffu8; 2];
         d.read(MAGIC_VALUE, &mut half);
-        assert_eq!(half, [0xff, 0xff]);
+        assert_eq!(half, [0, 0]);
+        let mut wide = [0xffu8; 8];
+        d.read(MAGIC_VALUE, &mut wide);
+        assert_eq!(wide, [0; 8]);
         d.read(MAGIC_VALUE + 1, &mut word);
         assert_eq!(word, [0; 4]);
         d.write(STATUS, &[1]);

@@ -279,6 +279,18 @@ impl Driver {
         self.mem.write_obj(idx, GuestAddress(avail + 2)).unwrap();
     }
 
+    /// Sets the used_event field (EVENT_IDX): interrupt only once the used index passes it.
+    pub fn set_used_event(&self, q: u16, value: u16) {
+        let size = self.queue(q).size;
+        let at = Self::ring_base(q) + AVAIL_OFFSET + 4 + u64::from(size) * 2;
+        self.mem.write_obj(value, GuestAddress(at)).unwrap();
+    }
+
+    /// Consumes a pending interrupt from the irqfd; false if none was raised.
+    pub fn take_interrupt(&self) -> bool {
+        self.with(|t| t.interrupt_event().read().is_ok())
+    }
+
     /// Notifies queue `q` through the QueueNotify register.
     pub fn kick(&self, q: u16) {
         self.write32(QUEUE_NOTIFY, u32::from(q));

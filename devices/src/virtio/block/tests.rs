@@ -648,3 +648,34 @@ fn byte_ranges_are_checked_without_overflow() {
     assert_eq!(disk.byte_range(u64::MAX, 0), Err(S_IOERR));
     assert_eq!(disk.byte_range(u64::MAX / 512, 1024), Err(S_IOERR));
 }
+
+#[test]
+fn interrupts_respect_used_event() {
+    let dir = TempDir::new().unwrap();
+    let d = start(&image(&dir, "disk"), false);
+    assert_eq!(request(&d, T_FLUSH, 0, &[]), (1, S_OK));
+    assert!(d.wait_for(|| d.read32(0x060) & 1 == 1));
+    assert!(d.take_interrupt());
+    d.write32(0x064, 1);
+    assert_eq!(d.read32(0x060), 0);
+    // The driver wants an interrupt only after the used index passes 3.
+    d.set_used_event(0, 3);
+    for n in 2..=3 {
+        assert_eq!(request(&d, T_FLUSH, 0, &[]), (1, S_OK));
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!d.take_interrupt(), "request {n}");
+    }
+    assert_eq!(request(&d, T_FLUSH, 0, &[]), (1, S_OK));
+    assert!(d.wait_for(|| d.take_interrupt()));
+}
+
+#[test]
+fn without_event_idx_every_batch_interrupts() {
+    let dir = TempDir::new().unwrap();
+    let d = Driver::new(Box::new(Block::new(image(&dir, "disk"), false).unwrap()));
+    d.init(features::VERSION_1 | F_FLUSH, &[16]);
+    for _ in 0..3 {
+        assert_eq!(request(&d, T_FLUSH, 0, &[]), (1, S_OK));
+        assert!(d.wait_for(|| d.take_interrupt()));
+    }
+}
