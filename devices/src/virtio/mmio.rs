@@ -239,7 +239,7 @@ impl MmioTransport {
             DEVICE_FEATURES => self.device_features_window(),
             QUEUE_NUM_MAX => self.selected_queue().map_or(0, |q| u32::from(q.max_size)),
             QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready)),
-            INTERRUPT_STATUS => self.interrupt.status(),
+            INTERRUPT_STATUS => self.interrupt_status(),
             STATUS => self.status_register(),
             // No shared memory regions: their length and base read as all ones (-1).
             SHM_LEN_LOW..=SHM_BASE_HIGH => u32::MAX,
@@ -262,6 +262,15 @@ impl MmioTransport {
                 self.write_queue_register(offset, value)
             }
             _ => {}
+        }
+    }
+
+    fn interrupt_status(&self) -> u32 {
+        let bypass = self.worker.is_some() && self.device.signals_irqfd_directly();
+        if bypass {
+            self.interrupt.status() | super::INT_USED_BUFFER
+        } else {
+            self.interrupt.status()
         }
     }
 
@@ -483,6 +492,7 @@ mod tests {
     struct Dummy {
         log: Sender<String>,
         fail: bool,
+        direct_irq: bool,
     }
 
     struct DummyWorker {
@@ -540,11 +550,19 @@ mod tests {
         fn reset(&mut self) {
             let _ = self.log.send("reset".into());
         }
+        fn signals_irqfd_directly(&self) -> bool {
+            self.direct_irq
+        }
     }
 
     fn dummy(fail: bool) -> (Driver, Receiver<String>) {
         let (log, rx) = channel();
-        (Driver::new(Box::new(Dummy { log, fail })), rx)
+        let dev = Dummy {
+            log,
+            fail,
+            direct_irq: false,
+        };
+        (Driver::new(Box::new(dev)), rx)
     }
 
     fn next(rx: &Receiver<String>) -> String {
@@ -738,11 +756,33 @@ mod tests {
     fn dropping_the_transport_stops_its_worker() {
         let thread = DeviceThread::start().unwrap();
         let (log, rx) = channel();
-        let d = Driver::with_thread(Box::new(Dummy { log, fail: false }), &thread);
+        let dev = Dummy {
+            log,
+            fail: false,
+            direct_irq: false,
+        };
+        let d = Driver::with_thread(Box::new(dev), &thread);
         d.init(features::VERSION_1, &[16, 8]);
         next(&rx);
         drop(d);
         assert_eq!(next(&rx), "stopped");
         thread.stop().unwrap();
+    }
+
+    #[test]
+    fn backends_that_signal_the_irqfd_report_used_buffers() {
+        let (log, rx) = channel();
+        let dev = Dummy {
+            log,
+            fail: false,
+            direct_irq: true,
+        };
+        let d = Driver::new(Box::new(dev));
+        assert_eq!(d.read32(INTERRUPT_STATUS), 0);
+        d.init(features::VERSION_1, &[16, 8]);
+        next(&rx);
+        assert_eq!(d.read32(INTERRUPT_STATUS), 1);
+        d.reset();
+        assert_eq!(d.read32(INTERRUPT_STATUS), 0);
     }
 }

@@ -144,6 +144,14 @@ pub trait VirtioDevice: Send {
 
     /// Returns the device to its initial state after its worker was removed.
     fn reset(&mut self) {}
+
+    /// True for devices whose backend signals the irqfd itself (vhost-user: the
+    /// [`Interrupt::event`] is the vring "call" fd), so [`Interrupt::signal_used`] is never
+    /// called. InterruptStatus then always reports "used buffer" while the device runs, or
+    /// the guest would discard those interrupts as not its own.
+    fn signals_irqfd_directly(&self) -> bool {
+        false
+    }
 }
 
 /// Registers each queue's notification `EventFd` with the device thread, tagged with its

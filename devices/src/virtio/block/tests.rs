@@ -679,3 +679,81 @@ fn without_event_idx_every_batch_interrupts() {
         assert!(d.wait_for(|| d.take_interrupt()));
     }
 }
+
+/// A small deterministic generator for the random-ring test.
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// An address that is often a sensible buffer, sometimes near or past the end of memory.
+    fn addr(&mut self) -> u64 {
+        match self.next() % 8 {
+            0 => MEM_SIZE - self.next() % 64,
+            1 => self.next(),
+            2 => DATA + 0x2_0000 + (self.next() % 0x100) * 16,
+            _ => DATA + self.next() % 0x8_0000,
+        }
+    }
+}
+
+#[test]
+fn random_rings_never_panic_or_escape_the_file() {
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestAddress;
+
+    let dir = TempDir::new().unwrap();
+    let path = image(&dir, "disk");
+    let block = Block::new(&path, false).unwrap();
+    let disk = Disk {
+        image: block.image.clone(),
+        write_through: false,
+        discard: true,
+        write_zeroes: true,
+    };
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+    let irq = Interrupt::new().unwrap();
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+    for _ in 0..2000 {
+        let vq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+        for i in 0..16 {
+            // NEXT and WRITE half of the time each, INDIRECT now and then.
+            let flags = (rng.next() % 4) as u16 | if rng.next() % 16 == 0 { 4 } else { 0 };
+            let len = match rng.next() % 4 {
+                0 => rng.next() as u32,
+                1 => 16,
+                _ => (rng.next() % 4096) as u32,
+            };
+            let desc = Descriptor::new(rng.addr(), len, flags, (rng.next() % 20) as u16);
+            vq.desc_table()
+                .store(i, virtio_queue::desc::RawDescriptor::from(desc))
+                .unwrap();
+        }
+        // Random indirect tables, headers and segments in the data area.
+        let mut junk = vec![0u8; 0x1000];
+        junk.iter_mut().for_each(|b| *b = rng.next() as u8);
+        mem.write_slice(&junk, GuestAddress(DATA + 0x2_0000))
+            .unwrap();
+        let mut hdr = [0u8; 16];
+        hdr[..4].copy_from_slice(&[0u32, 1, 4, 8, 11, 13][(rng.next() % 6) as usize].to_le_bytes());
+        hdr[8..].copy_from_slice(&(rng.next() % (SECTORS + 4)).to_le_bytes());
+        mem.write_slice(&hdr, GuestAddress(DATA + 0x2_0000))
+            .unwrap();
+        for slot in 0..16 {
+            vq.avail()
+                .ring()
+                .ref_at(slot)
+                .unwrap()
+                .store((rng.next() % 17) as u16);
+        }
+        vq.avail().idx().store((rng.next() % 20) as u16);
+        let mut queue: Queue = vq.create_queue().unwrap();
+        let _ = drain_queue(&mut queue, &mem, &irq, |chain| disk.handle(&mem, chain));
+    }
+    assert_eq!(fs::metadata(&path).unwrap().len(), SECTORS * SECTOR_SIZE);
+}
