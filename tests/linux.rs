@@ -16,19 +16,18 @@ mod linux {
 
 use linux::harness::{self, Test};
 
-const TESTS: &[Test] = &[
-    Test {
-        name: "smoke_bzimage_two_vcpus",
-        run: linux::smoke::bzimage_two_vcpus,
-    },
-    Test {
-        name: "smoke_elf_vmlinux",
-        run: linux::smoke::elf_vmlinux,
-    },
-    Test {
-        name: "panic_is_reported_as_reset",
-        run: linux::smoke::panic_is_reported_as_reset,
-    },
+/// The tests, named after their functions.
+macro_rules! tests {
+    ($($module:ident::$test:ident),* $(,)?) => {
+        &[$(Test { name: stringify!($test), run: linux::$module::$test }),*]
+    };
+}
+
+const TESTS: &[Test] = tests![
+    smoke::bzimage_two_vcpus,
+    smoke::elf_vmlinux,
+    smoke::panic_is_reported_as_reset,
+    smoke::default_reboot_is_reported_as_reset,
 ];
 
 fn main() -> std::process::ExitCode {

@@ -114,7 +114,9 @@ impl Bus {
 /// Locks a device, recovering from a poisoned lock: a device whose previous user panicked is
 /// still better answered than the whole VMM brought down.
 fn lock(device: &SharedDevice) -> std::sync::MutexGuard<'_, dyn BusDevice + 'static> {
-    device.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    device
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
@@ -164,7 +166,10 @@ mod tests {
         assert_eq!(bus.insert(dev(), 0x10f, 1), Err(BusError::Overlap(0x10f)));
         assert_eq!(bus.insert(dev(), 0xf8, 0x10), Err(BusError::Overlap(0xf8)));
         assert_eq!(bus.insert(dev(), 0x0, 0), Err(BusError::EmptyRange(0)));
-        assert!(matches!(bus.insert(dev(), u64::MAX, 2), Err(BusError::Overflow { .. })));
+        assert!(matches!(
+            bus.insert(dev(), u64::MAX, 2),
+            Err(BusError::Overflow { .. })
+        ));
         bus.insert(dev(), 0x110, 1).unwrap();
         bus.insert(dev(), 0xf0, 0x10).unwrap();
     }

@@ -90,7 +90,10 @@ impl VmExit {
 
     /// The reason the VM is ending, once one was requested.
     pub fn reason(&self) -> Option<ExitReason> {
-        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Becomes readable when an exit is requested.
@@ -108,7 +111,10 @@ impl VmExit {
 
     /// The phases marked so far, in order, with their host timestamps.
     pub fn markers(&self) -> Vec<(BootPhase, Instant)> {
-        self.markers.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.markers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 

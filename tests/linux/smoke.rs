@@ -90,3 +90,32 @@ pub fn panic_is_reported_as_reset() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// `reboot -f` with no `reboot=` option: Linux's default path on a hardware-reduced ACPI machine
+/// without EFI ends at the BIOS reset vector, where kvmbuild's stub resets the VM (exit 125).
+pub fn default_reboot_is_reported_as_reset() {
+    let kernel = cloud_kernel();
+    let dir = scratch("reboot");
+    let initrd = dir.join("initrd.cpio");
+    std::fs::write(
+        &initrd,
+        busybox_initrd("echo KVMBUILD-REBOOT\n/bin/busybox reboot -f\n"),
+    )
+    .unwrap();
+    let run = boot(
+        &kernel.bzimage,
+        &initrd,
+        "console=ttyS0 quiet",
+        &["--mem", "256"],
+        GUARD,
+    );
+    run.check(
+        run.console.contains("KVMBUILD-REBOOT"),
+        "init should have run",
+    );
+    run.check(
+        run.status == Some(125),
+        "a reboot should end as a reset (exit 125)",
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -70,7 +70,7 @@ pub enum AcpiError {
     /// Device names `V000`..`VFFF` are used up.
     #[error("{0} virtio-mmio devices are more than the DSDT can name")]
     TooManyDevices(usize),
-    /// The tables do not fit between `ACPI_START` and `ACPI_END`.
+    /// The tables do not fit between `ACPI_START` and `ACPI_TABLES_END`.
     #[error("ACPI tables need {needed:#x} bytes, only {room:#x} are reserved")]
     TooLarge {
         /// Bytes the tables need.
@@ -136,7 +136,7 @@ const MAX_VIRTIO_DEVICES: usize = 0x1000;
 // The MADT holds 32-bit APIC addresses and the tables must fit in 32-bit pointers as well.
 const _: () = assert!(layout::LAPIC_ADDR <= u32::MAX as u64);
 const _: () = assert!(layout::IOAPIC_ADDR <= u32::MAX as u64);
-const _: () = assert!(layout::ACPI_START % 16 == 0 && layout::ACPI_START < layout::ACPI_END);
+const _: () = assert!(layout::ACPI_START % 16 == 0 && layout::ACPI_START < layout::ACPI_TABLES_END);
 
 /// Builds the ACPI tables for `vcpus` vCPUs and the `virtio` devices and writes them into
 /// `mem` at [`layout::ACPI_START`]. Returns the RSDP's address, for `boot_params.acpi_rsdp_addr`.
@@ -158,10 +158,10 @@ pub fn write_acpi_tables<M: GuestMemory>(
     let madt_addr = align(fadt_addr + acpi_tables::fadt::FADT::len() as u64);
     let dsdt_addr = align(madt_addr + madt.len() as u64);
     let end = dsdt_addr + dsdt.len() as u64;
-    if end > layout::ACPI_END {
+    if end > layout::ACPI_TABLES_END {
         return Err(AcpiError::TooLarge {
             needed: end - layout::ACPI_START,
-            room: layout::ACPI_END - layout::ACPI_START,
+            room: layout::ACPI_TABLES_END - layout::ACPI_START,
         });
     }
 
@@ -395,7 +395,7 @@ mod tests {
             "{} checksum",
             String::from_utf8_lossy(signature)
         );
-        assert!(addr >= layout::ACPI_START && addr + len as u64 <= layout::ACPI_END);
+        assert!(addr >= layout::ACPI_START && addr + len as u64 <= layout::ACPI_TABLES_END);
         bytes
     }
 

@@ -26,8 +26,12 @@ pub const CMDLINE_MAX: u64 = 0x10000;
 pub const LOW_RAM_END: u64 = 0x9fc00;
 /// ACPI tables, starting with the RSDP, which Linux also finds by scanning 0xe0000..0x100000.
 pub const ACPI_START: u64 = 0xe0000;
-/// End of the ACPI table area.
+/// End of the area the e820 map reports as ACPI (the PC's BIOS area ends here too).
 pub const ACPI_END: u64 = 0x10_0000;
+/// The x86 reset vector (f000:fff0), where kvmbuild puts its reset stub (see `firmware`).
+pub const RESET_VECTOR: u64 = 0xf_fff0;
+/// The ACPI tables must end before the reset stub.
+pub const ACPI_TABLES_END: u64 = RESET_VECTOR;
 /// Where the protected-mode kernel of a bzImage is loaded.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO hole; RAM beyond this continues at [`HIGH_RAM_START`].

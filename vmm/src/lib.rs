@@ -6,11 +6,13 @@
 pub mod acpi;
 pub mod boot_params;
 pub mod cpuid;
+pub mod firmware;
 pub mod kvm;
 pub mod layout;
 pub mod loader;
 pub mod memory;
 pub mod vcpu;
+pub mod virtio_mmio;
 pub mod vm;
 
 /// Why a VM ended, shared with the devices that end it.

@@ -19,11 +19,13 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi::{self, AcpiError};
 use crate::boot_params::{self, BootInfo, BootParamsError};
+use crate::firmware;
 use crate::kvm::{self, KvmError};
 use crate::layout;
 use crate::loader::{self, LoaderError};
 use crate::memory::{self, MemoryError};
 use crate::vcpu::{self, VcpuContext, VcpuError};
+use crate::virtio_mmio::{self, DiskConfig, VirtioDevices, VirtioMmioError};
 
 /// The most vCPUs kvmbuild gives a guest: xAPIC IDs and the MADT's entries are 8 bits wide.
 pub const MAX_VCPUS: u8 = 254;
@@ -42,6 +44,12 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// Where the serial console's output goes.
     pub console: Box<dyn Write + Send>,
+    /// Raw disk images for virtio-blk, in order (the first is /dev/vda).
+    pub disks: Vec<DiskConfig>,
+    /// Where a virtio-console (hvc0) writes, if the guest gets one.
+    pub virtio_console: Option<Box<dyn Write + Send>>,
+    /// Whether the guest gets a virtio-rng.
+    pub rng: bool,
     /// End the VM after this long.
     pub timeout: Option<Duration>,
 }
@@ -99,8 +107,11 @@ pub enum VmError {
     /// The zero page could not be built.
     #[error(transparent)]
     BootParams(#[from] BootParamsError),
+    /// A virtio device could not be attached.
+    #[error(transparent)]
+    Virtio(#[from] VirtioMmioError),
     /// Writing boot structures into guest memory failed.
-    #[error("cannot write the zero page: {0}")]
+    #[error("cannot write the boot structures into guest memory: {0}")]
     ZeroPage(vm_memory::GuestMemoryError),
 }
 
@@ -121,7 +132,10 @@ impl VmError {
         match self {
             VmError::Kvm(_) => ErrorClass::KvmUnavailable,
             VmError::Loader(LoaderError::GuestWrite { .. }) => ErrorClass::Internal,
-            VmError::Loader(_) | VmError::BadMemorySize(..) | VmError::BadVcpuCount(..) => {
+            VmError::Loader(_)
+            | VmError::BadMemorySize(..)
+            | VmError::BadVcpuCount(..)
+            | VmError::Virtio(VirtioMmioError::Disk { .. } | VirtioMmioError::TooMany(_)) => {
                 ErrorClass::BadInput
             }
             _ => ErrorClass::Internal,
@@ -197,6 +211,7 @@ struct Vm {
     fd: VmFd,
     mem: GuestMemoryMmap,
     pio: Bus,
+    virtio: VirtioDevices,
     serial: Arc<Mutex<Serial>>,
     exit: Arc<VmExit>,
 }
@@ -268,12 +283,13 @@ fn attach_legacy_devices(
 
 fn load_guest(vm: &Vm, config: &VmConfig, mem_size: u64) -> Result<loader::LoadedKernel, VmError> {
     let kernel = loader::load_kernel(&vm.mem, &config.kernel)?;
-    let cmdline_len = loader::load_cmdline(&vm.mem, &kernel, &config.cmdline)?;
+    let cmdline = format!("{}{}", config.cmdline, vm.virtio.cmdline);
+    let cmdline_len = loader::load_cmdline(&vm.mem, &kernel, &cmdline)?;
     let initrd = match &config.initrd {
         Some(path) => Some(loader::load_initrd(&vm.mem, mem_size, &kernel, path)?),
         None => None,
     };
-    let rsdp = acpi::write_acpi_tables(&vm.mem, config.vcpus, &[])?;
+    let rsdp = acpi::write_acpi_tables(&vm.mem, config.vcpus, &vm.virtio.acpi)?;
     let params = boot_params::build(&BootInfo {
         mem_size,
         setup_header: kernel.setup_header,
@@ -285,6 +301,7 @@ fn load_guest(vm: &Vm, config: &VmConfig, mem_size: u64) -> Result<loader::Loade
         .write_obj(params, GuestAddress(layout::ZERO_PAGE))
         .map_err(VmError::ZeroPage)?;
     vcpu::write_boot_tables(&vm.mem)?;
+    firmware::write_reset_vector(&vm.mem).map_err(VmError::ZeroPage)?;
     Ok(kernel)
 }
 
@@ -299,7 +316,7 @@ fn start_vcpus(
         .map_err(kvm_err("read the supported CPUID"))?;
     let ctx = VcpuContext {
         pio: Arc::new(vm.pio.clone()),
-        mmio: Arc::new(Bus::new()),
+        mmio: Arc::new(vm.virtio.bus.clone()),
         exit: vm.exit.clone(),
         mem: vm.mem.clone(),
     };
@@ -359,10 +376,14 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
     let mut config = config;
     let console = std::mem::replace(&mut config.console, Box::new(std::io::sink()));
     let (pio, serial) = attach_legacy_devices(&fd, console, &exit)?;
-    let vm = Vm {
+    let virtio_list =
+        virtio_mmio::build_devices(&config.disks, config.virtio_console.take(), config.rng)?;
+    let virtio = virtio_mmio::attach(&fd, &mem, virtio_list)?;
+    let mut vm = Vm {
         fd,
         mem,
         pio,
+        virtio,
         serial,
         exit,
     };
@@ -377,6 +398,10 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
     }
     for thread in threads {
         let _ = thread.join();
+    }
+    if let Some(thread) = vm.virtio.thread.take() {
+        // The guest is gone; a device thread that cannot stop cleanly changes nothing for it.
+        let _ = thread.stop();
     }
     let console_error = vm
         .serial

@@ -1,0 +1,208 @@
+//! Placing virtio-mmio devices: a 4 KiB window and a GSI each, KVM's ioeventfds and irqfds, and
+//! the two announcements Linux needs (the ACPI DSDT and the kernel command line).
+//!
+//! Queue notifications are KVM ioeventfds on each window's QueueNotify register and interrupts
+//! are irqfds, so neither ever passes through a vCPU thread; the devices' work runs on the one
+//! device thread.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use devices::bus::Bus;
+use devices::virtio::{
+    Block, Console, DeviceThread, MmioTransport, Rng, VirtioDevice, MMIO_WINDOW_LEN,
+    QUEUE_NOTIFY_OFFSET,
+};
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vm_memory::GuestMemoryMmap;
+
+use crate::acpi::MmioDeviceAcpi;
+use crate::layout;
+
+/// Errors from attaching virtio devices.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioMmioError {
+    /// A disk image cannot be used.
+    #[error("--disk {path}: {source}")]
+    Disk {
+        path: PathBuf,
+        source: devices::virtio::BlockError,
+    },
+    /// More devices than free GSIs.
+    #[error("too many virtio devices: at most {0}")]
+    TooMany(u32),
+    /// The device thread could not start.
+    #[error("cannot start the virtio device thread: {0}")]
+    Thread(devices::virtio::ThreadError),
+    /// The transport could not be created.
+    #[error("cannot create a virtio-mmio transport: {0}")]
+    Transport(devices::virtio::MmioError),
+    /// KVM refused an ioeventfd or irqfd.
+    #[error("cannot {what} for the virtio device at {addr:#x}: {source}")]
+    Kvm {
+        what: &'static str,
+        addr: u64,
+        source: kvm_ioctls::Error,
+    },
+    /// Two windows overlap on the bus (a bug in the placement).
+    #[error("cannot map the virtio device at {addr:#x}: {source}")]
+    Bus {
+        addr: u64,
+        source: devices::bus::BusError,
+    },
+}
+
+/// A raw disk image for virtio-blk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The image file.
+    pub path: PathBuf,
+    /// Attach read-only (`VIRTIO_BLK_F_RO`).
+    pub read_only: bool,
+}
+
+/// The virtio devices of one VM, once attached.
+pub struct VirtioDevices {
+    /// The MMIO bus holding every transport.
+    pub bus: Bus,
+    /// What the DSDT must describe.
+    pub acpi: Vec<MmioDeviceAcpi>,
+    /// `virtio_mmio.device=` entries to append to the command line.
+    pub cmdline: String,
+    /// The thread that runs the devices; None when there are none.
+    pub thread: Option<DeviceThread>,
+}
+
+/// The `index`th device's window and GSI.
+fn placement(index: u32) -> Result<(u64, u32), VirtioMmioError> {
+    let gsi = layout::FIRST_DEVICE_GSI + index;
+    if gsi > layout::LAST_DEVICE_GSI {
+        return Err(VirtioMmioError::TooMany(
+            layout::LAST_DEVICE_GSI - layout::FIRST_DEVICE_GSI + 1,
+        ));
+    }
+    Ok((
+        layout::VIRTIO_MMIO_BASE + u64::from(index) * layout::VIRTIO_MMIO_SIZE,
+        gsi,
+    ))
+}
+
+/// The kernel command-line entry announcing one device.
+fn cmdline_entry(addr: u64, gsi: u32) -> String {
+    format!(
+        "virtio_mmio.device={}K@{addr:#x}:{gsi}",
+        MMIO_WINDOW_LEN / 1024
+    )
+}
+
+/// Builds the devices in their guest-visible order: disks first (so the first is /dev/vda),
+/// then the console, then the RNG.
+pub fn build_devices(
+    disks: &[DiskConfig],
+    console: Option<Box<dyn std::io::Write + Send>>,
+    rng: bool,
+) -> Result<Vec<Box<dyn VirtioDevice>>, VirtioMmioError> {
+    let mut list: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    for disk in disks {
+        let block =
+            Block::new(&disk.path, disk.read_only).map_err(|source| VirtioMmioError::Disk {
+                path: disk.path.clone(),
+                source,
+            })?;
+        list.push(Box::new(block));
+    }
+    if let Some(out) = console {
+        list.push(Box::new(Console::new(out)));
+    }
+    if rng {
+        list.push(Box::new(Rng::new()));
+    }
+    Ok(list)
+}
+
+/// Attaches `list` to the VM: transports on the MMIO bus, notifications and interrupts wired
+/// through KVM.
+pub fn attach(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    list: Vec<Box<dyn VirtioDevice>>,
+) -> Result<VirtioDevices, VirtioMmioError> {
+    let mut devices = VirtioDevices {
+        bus: Bus::new(),
+        acpi: Vec::new(),
+        cmdline: String::new(),
+        thread: None,
+    };
+    if list.is_empty() {
+        return Ok(devices);
+    }
+    let thread = DeviceThread::start().map_err(VirtioMmioError::Thread)?;
+    for (index, device) in (0u32..).zip(list) {
+        let (addr, gsi) = placement(index)?;
+        let transport = MmioTransport::new(device, mem.clone(), thread.handle())
+            .map_err(VirtioMmioError::Transport)?;
+        let kvm_err = |what| move |source| VirtioMmioError::Kvm { what, addr, source };
+        vm.register_irqfd(transport.interrupt_event(), gsi)
+            .map_err(kvm_err("route the interrupt"))?;
+        let notify = IoEventAddress::Mmio(addr + QUEUE_NOTIFY_OFFSET);
+        for (queue, event) in (0u32..).zip(transport.queue_notify_events()) {
+            vm.register_ioevent(event, &notify, queue)
+                .map_err(kvm_err("register a queue notification"))?;
+        }
+        devices
+            .bus
+            .insert(Arc::new(Mutex::new(transport)), addr, MMIO_WINDOW_LEN)
+            .map_err(|source| VirtioMmioError::Bus { addr, source })?;
+        devices.acpi.push(MmioDeviceAcpi {
+            addr,
+            len: MMIO_WINDOW_LEN,
+            gsi,
+        });
+        devices.cmdline.push(' ');
+        devices.cmdline.push_str(&cmdline_entry(addr, gsi));
+    }
+    devices.thread = Some(thread);
+    Ok(devices)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_get_consecutive_windows_and_gsis_up_to_the_ioapics_last_pin() {
+        assert_eq!(placement(0).unwrap(), (0xd000_0000, 5));
+        assert_eq!(placement(2).unwrap(), (0xd000_2000, 7));
+        assert_eq!(placement(18).unwrap(), (0xd001_2000, 23));
+        assert!(matches!(placement(19), Err(VirtioMmioError::TooMany(19))));
+    }
+
+    #[test]
+    fn windows_stay_in_the_mmio_hole_below_the_ioapic() {
+        let (last, _) = placement(18).unwrap();
+        const { assert!(layout::VIRTIO_MMIO_BASE >= layout::MMIO_HOLE_START) };
+        assert!(last + MMIO_WINDOW_LEN <= layout::IOAPIC_ADDR);
+    }
+
+    #[test]
+    fn command_line_entry_is_what_virtio_mmio_parses() {
+        assert_eq!(
+            cmdline_entry(0xd000_1000, 6),
+            "virtio_mmio.device=4K@0xd0001000:6"
+        );
+    }
+
+    #[test]
+    fn a_missing_disk_is_named() {
+        let disk = DiskConfig {
+            path: "/nonexistent/disk.img".into(),
+            read_only: false,
+        };
+        let err = build_devices(&[disk], None, false).err().unwrap();
+        assert!(
+            err.to_string()
+                .starts_with("--disk /nonexistent/disk.img: "),
+            "{err}"
+        );
+    }
+}
