@@ -6,9 +6,10 @@
 //! ones overriding earlier ones:
 //!
 //! 1. `/etc/kvmbuild/config` inside the initrd, one pair per line (blank lines and lines
-//!    starting with `#` are ignored). The host can write it into the image, or append it as a
-//!    second, tiny cpio archive (the kernel unpacks concatenated archives in order) so one
-//!    cached base image serves every run; see [`Config::archive`].
+//!    starting with `#` are ignored). The host can write it into the image, or put it in a
+//!    tiny cpio archive of its own in front of a cached base image (the kernel unpacks
+//!    concatenated archives in order), so one base image serves every run; see
+//!    [`Config::archive`].
 //! 2. The kernel command line (`/proc/cmdline`): whitespace-separated words, double quotes
 //!    group words as the kernel's own parser does, words not starting with `kvmbuild.` are
 //!    ignored and `--` ends the scan (what follows belongs to init's argv).
@@ -201,7 +202,9 @@ impl Config {
         self.words().join(" ")
     }
 
-    /// A cpio archive holding only the config file, to append to a base initrd.
+    /// An uncompressed cpio archive holding only the config file, to put **in front of** a base
+    /// initrd: `settings ++ base`. The kernel accepts an uncompressed archive before a
+    /// compressed one, but not after one (it then expects another compressed stream).
     pub fn archive(&self) -> Vec<u8> {
         let mut archive = crate::cpio::Archive::new();
         archive
