@@ -12,6 +12,7 @@ mod linux {
     pub mod guest;
     pub mod harness;
     pub mod smoke;
+    pub mod virtio;
 }
 
 use linux::harness::{self, Test};
@@ -28,6 +29,8 @@ const TESTS: &[Test] = tests![
     smoke::elf_vmlinux,
     smoke::panic_is_reported_as_reset,
     smoke::default_reboot_is_reported_as_reset,
+    virtio::ext4_made_in_the_guest_and_a_read_only_disk,
+    virtio::hvc0_console_and_hwrng,
 ];
 
 fn main() -> std::process::ExitCode {

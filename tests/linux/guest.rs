@@ -5,6 +5,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use initrd::cpio::{Archive, Kind};
+use initrd::modules::ModuleTree;
 
 use super::harness::repo_root;
 
@@ -16,14 +17,17 @@ pub struct Kernel {
     pub bzimage: PathBuf,
     pub vmlinux: PathBuf,
     pub release: String,
+    /// `lib/modules/<release>`, with modules.dep.
+    pub modules: PathBuf,
 }
 
 /// Environment variables naming the cloud kernel's files, set once by [`resolve_kernels`] so
 /// that tests (and the copy of this binary inside the test host) need not ask again.
-const CLOUD_VARS: [(&str, &str); 3] = [
+const CLOUD_VARS: [(&str, &str); 4] = [
     ("KERNEL_VMLINUZ", "KVMBUILD_TEST_CLOUD_BZIMAGE"),
     ("KERNEL_VMLINUX", "KVMBUILD_TEST_CLOUD_VMLINUX"),
     ("KERNEL_RELEASE", "KVMBUILD_TEST_CLOUD_RELEASE"),
+    ("KERNEL_MODULES", "KVMBUILD_TEST_CLOUD_MODULES"),
 ];
 
 /// Asks scripts/guest-kernels (fetching into the cache if cold) for the cloud kernel and sets
@@ -69,26 +73,84 @@ pub fn cloud_kernel() -> Kernel {
         bzimage: var("KVMBUILD_TEST_CLOUD_BZIMAGE").into(),
         vmlinux: var("KVMBUILD_TEST_CLOUD_VMLINUX").into(),
         release: var("KVMBUILD_TEST_CLOUD_RELEASE"),
+        modules: var("KVMBUILD_TEST_CLOUD_MODULES").into(),
     }
 }
 
-/// An initrd whose /init is the given busybox shell script.
+/// What goes into a test initrd besides busybox.
+#[derive(Default)]
+pub struct InitrdSpec<'a> {
+    /// Modules (and, through the closure, their dependencies) that /init loads first.
+    pub modules: &'a [&'a str],
+    /// The kernel whose modules those are.
+    pub kernel: Option<&'a Kernel>,
+    /// Host binaries to include at the same path, with the shared libraries `ldd` lists.
+    pub binaries: &'a [&'a str],
+}
+
+/// An initrd whose /init mounts proc, sys and devtmpfs, loads `spec.modules` in dependency
+/// order with busybox `insmod`, then runs the given busybox shell script.
 pub fn busybox_initrd(init_script: &str) -> Vec<u8> {
+    initrd_with(init_script, &InitrdSpec::default())
+}
+
+/// [`busybox_initrd`] with modules and host binaries.
+pub fn initrd_with(init_script: &str, spec: &InitrdSpec) -> Vec<u8> {
     let busybox = std::fs::read(BUSYBOX)
         .unwrap_or_else(|e| panic!("{BUSYBOX}: {e} (install busybox-static)"));
     let mut archive = Archive::new();
     archive.add_file("bin/busybox", busybox, 0o755).unwrap();
     archive.add_symlink("bin/sh", "busybox").unwrap();
-    archive.add_dir("proc", 0o755).unwrap();
-    archive.add_dir("sys", 0o755).unwrap();
+    for dir in ["proc", "sys", "dev", "mnt", "tmp"] {
+        archive.add_dir(dir, 0o755).unwrap();
+    }
     archive
         .add_node("dev/console", Kind::CharDevice(5, 1), 0o600)
         .unwrap();
-    let script = format!("#!/bin/busybox sh\nset -e\n{init_script}");
+    let mut prelude = String::from(
+        "/bin/busybox mount -t proc proc /proc\n\
+         /bin/busybox mount -t sysfs sys /sys\n\
+         /bin/busybox mount -t devtmpfs dev /dev\n",
+    );
+    if !spec.modules.is_empty() {
+        let kernel = spec.kernel.expect("modules need the kernel they belong to");
+        let tree = ModuleTree::open(&kernel.modules).unwrap();
+        for module in tree.closure(spec.modules).unwrap() {
+            let data = std::fs::read(kernel.modules.join(&module.path)).unwrap();
+            let guest_path = format!("lib/modules/{}", module.path);
+            archive.add_file(&guest_path, data, 0o644).unwrap();
+            prelude.push_str(&format!("/bin/busybox insmod /{guest_path}\n"));
+        }
+    }
+    for binary in spec.binaries {
+        for file in std::iter::once(binary.to_string()).chain(shared_libraries(binary)) {
+            if !archive.contains(file.trim_start_matches('/')) {
+                let data = std::fs::read(&file).unwrap_or_else(|e| panic!("{file}: {e}"));
+                archive
+                    .add_file(file.trim_start_matches('/'), data, 0o755)
+                    .unwrap();
+            }
+        }
+    }
+    let script = format!("#!/bin/busybox sh\nset -e\n{prelude}{init_script}");
     archive
         .add_file("init", script.into_bytes(), 0o755)
         .unwrap();
     archive.to_bytes()
+}
+
+/// The shared libraries (and the dynamic loader) `ldd` lists for `binary`, by absolute path.
+fn shared_libraries(binary: &str) -> Vec<String> {
+    let out = Command::new("ldd").arg(binary).output().expect("ldd runs");
+    assert!(out.status.success(), "ldd {binary} failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            line.split_whitespace()
+                .find(|w| w.starts_with('/'))
+                .map(str::to_string)
+        })
+        .collect()
 }
 
 /// A scratch directory for one test.
