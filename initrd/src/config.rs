@@ -164,12 +164,25 @@ impl Config {
             "cwd" => self.cwd = Some(decode(value)?.into()),
             "tty" => self.tty = Some(decode(value)?.into()),
             "verbose" => self.verbose = matches!(value, "1" | "yes" | "true" | ""),
-            "fs" => self
-                .shares
-                .push(parse_share(value).ok_or_else(|| bad("TAG:MOUNTPOINT[:OPTIONS]"))??),
-            "disk" => self.disks.push(
-                parse_disk(value).ok_or_else(|| bad("DEVICE:MOUNTPOINT[:FSTYPE[:OPTIONS]]"))??,
-            ),
+            "fs" => {
+                let f = fields(value, 3).ok_or_else(|| bad("TAG:MOUNTPOINT[:OPTIONS]"))?;
+                self.shares.push(Share {
+                    tag: decode(f[0])?,
+                    mountpoint: decode(f[1])?.into(),
+                    options: decode(f[2])?,
+                });
+            }
+            "disk" => {
+                let f =
+                    fields(value, 4).ok_or_else(|| bad("DEVICE:MOUNTPOINT[:FSTYPE[:OPTIONS]]"))?;
+                let fstype = decode(f[2])?;
+                self.disks.push(Disk {
+                    device: decode(f[0])?.into(),
+                    mountpoint: decode(f[1])?.into(),
+                    fstype: (!fstype.is_empty()).then_some(fstype),
+                    options: decode(f[3])?,
+                });
+            }
             _ => return Err(Error::UnknownKey(key.to_owned())),
         }
         Ok(())
@@ -280,36 +293,15 @@ fn push_options(word: &mut String, options: &OsString) {
     }
 }
 
-/// `TAG:MOUNTPOINT[:OPTIONS]`; `None` when the shape is wrong.
-fn parse_share(value: &str) -> Option<Result<Share, Error>> {
-    let parts: Vec<&str> = value.split(':').collect();
-    if !(2..=3).contains(&parts.len()) || parts[0].is_empty() || parts[1].is_empty() {
+/// Splits `A:B[:C...]` into exactly `max` fields, the missing optional ones empty; `None` when
+/// there are fewer than two, more than `max`, or the first two are empty.
+fn fields(value: &str, max: usize) -> Option<Vec<&str>> {
+    let mut parts: Vec<&str> = value.split(':').collect();
+    if parts.len() < 2 || parts.len() > max || parts[0].is_empty() || parts[1].is_empty() {
         return None;
     }
-    Some((|| {
-        Ok(Share {
-            tag: decode(parts[0])?,
-            mountpoint: decode(parts[1])?.into(),
-            options: decode(parts.get(2).unwrap_or(&""))?,
-        })
-    })())
-}
-
-/// `DEVICE:MOUNTPOINT[:FSTYPE[:OPTIONS]]`; `None` when the shape is wrong.
-fn parse_disk(value: &str) -> Option<Result<Disk, Error>> {
-    let parts: Vec<&str> = value.split(':').collect();
-    if !(2..=4).contains(&parts.len()) || parts[0].is_empty() || parts[1].is_empty() {
-        return None;
-    }
-    Some((|| {
-        let fstype = decode(parts.get(2).unwrap_or(&""))?;
-        Ok(Disk {
-            device: decode(parts[0])?.into(),
-            mountpoint: decode(parts[1])?.into(),
-            fstype: (!fstype.is_empty()).then_some(fstype),
-            options: decode(parts.get(3).unwrap_or(&""))?,
-        })
-    })())
+    parts.resize(max, "");
+    Some(parts)
 }
 
 /// Splits a kernel command line into words as the kernel does: at whitespace outside double

@@ -227,6 +227,11 @@ fn run(ports: sys::Ports) -> Result<u8, Error> {
     ports.mark(COMMAND_STARTED);
     let status = exec::run(prepared, &log)?;
     ports.mark(COMMAND_FINISHED);
+    if let Some(tty) = &config.tty {
+        if let Ok(file) = std::fs::File::open(tty) {
+            drain_terminals(vec![file]);
+        }
+    }
     log.step(format_args!("command exited with status {status}"));
     Ok(status)
 }
@@ -348,11 +353,44 @@ fn mount_all(config: &Config, log: &Log) -> Result<(), Error> {
 /// Flushes data and ends the VM: the exit port first, then a power-off; if both fail, exiting
 /// PID 1 makes the kernel panic, which a `panic=N` command line turns into a reset.
 fn finish(ports: sys::Ports, status: u8) -> ! {
+    let console: Vec<_> = [1, 2].iter().filter_map(|&fd| dup_fd(fd)).collect();
+    drain_terminals(console);
     sys::sync();
     ports.exit(status);
     let error = sys::power_off();
     eprintln!("kvmbuild-init: cannot power off: {error}");
     std::process::exit(i32::from(status))
+}
+
+/// The longest the init waits for terminals to send their output.
+const DRAIN_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Waits, for at most [`DRAIN_LIMIT`], until the terminals have sent what was written to them.
+/// A serial driver transmits from a buffer as the UART asks for more, while the exit port ends
+/// the VM at once: without this, a command's last lines could be lost.
+fn drain_terminals(files: Vec<std::fs::File>) {
+    use std::os::fd::AsRawFd;
+    let (done, wait) = std::sync::mpsc::channel();
+    // A thread, so a terminal that never drains (flow control) cannot hang the init.
+    std::thread::spawn(move || {
+        for file in &files {
+            // Not a terminal (ENOTTY) means nothing is buffered.
+            let _ = sys::drain(file.as_raw_fd());
+        }
+        let _ = done.send(());
+    });
+    let _ = wait.recv_timeout(DRAIN_LIMIT);
+}
+
+/// A new handle on this process's descriptor `fd`, if it is open.
+fn dup_fd(fd: std::os::fd::RawFd) -> Option<std::fs::File> {
+    use std::os::fd::BorrowedFd;
+    if !sys::fd_is_open(fd) {
+        return None;
+    }
+    // SAFETY: `fd` was just checked to be open, and the borrow ends before this returns.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    borrowed.try_clone_to_owned().ok().map(std::fs::File::from)
 }
 
 #[cfg(test)]
@@ -442,6 +480,14 @@ mod tests {
             check_mount_points(&config),
             Err(Error::RootMountPoint)
         ));
+    }
+
+    #[test]
+    fn draining_non_terminals_returns_at_once() {
+        let start = std::time::Instant::now();
+        drain_terminals(vec![std::fs::File::open("/dev/null").unwrap()]);
+        assert!(start.elapsed() < DRAIN_LIMIT);
+        assert!(dup_fd(-1).is_none());
     }
 
     #[test]

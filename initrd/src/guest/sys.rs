@@ -151,6 +151,13 @@ pub fn power_off() -> io::Error {
     io::Error::last_os_error()
 }
 
+/// Waits until everything written to the terminal `fd` has been transmitted (tcdrain).
+pub fn drain(fd: libc::c_int) -> io::Result<()> {
+    // SAFETY: tcdrain takes no pointers; on a non-terminal it fails with ENOTTY.
+    let ret = unsafe { libc::tcdrain(fd) };
+    check(ret.into())
+}
+
 /// Waits for any child; returns its pid and wait status.
 pub fn wait_any() -> io::Result<(libc::pid_t, i32)> {
     let mut status = 0;
