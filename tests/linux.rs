@@ -11,6 +11,7 @@
 mod linux {
     pub mod guest;
     pub mod harness;
+    pub mod init;
     pub mod smoke;
     pub mod virtio;
 }
@@ -31,6 +32,9 @@ const TESTS: &[Test] = tests![
     smoke::default_reboot_is_reported_as_reset,
     virtio::ext4_made_in_the_guest_and_a_read_only_disk,
     virtio::hvc0_console_and_hwrng,
+    init::init_runs_an_included_command,
+    init::init_passes_the_exit_status_through,
+    init::init_reports_a_missing_command,
 ];
 
 fn main() -> std::process::ExitCode {

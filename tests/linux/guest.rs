@@ -139,10 +139,15 @@ pub fn initrd_with(init_script: &str, spec: &InitrdSpec) -> Vec<u8> {
     archive.to_bytes()
 }
 
-/// The shared libraries (and the dynamic loader) `ldd` lists for `binary`, by absolute path.
+/// The shared libraries (and the dynamic loader) `ldd` lists for `binary`, by absolute path;
+/// none for a static binary.
 fn shared_libraries(binary: &str) -> Vec<String> {
     let out = Command::new("ldd").arg(binary).output().expect("ldd runs");
-    assert!(out.status.success(), "ldd {binary} failed");
+    let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    if said.contains("not a dynamic executable") {
+        return Vec::new();
+    }
+    assert!(out.status.success(), "ldd {binary} failed: {said}");
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|line| {
@@ -205,4 +210,62 @@ pub fn boot(kernel: &Path, initrd: &Path, cmdline: &str, extra: &[&str], guard: 
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         elapsed: started.elapsed(),
     }
+}
+
+/// Builds kvmbuild's static init (once, on the host: the test host would take minutes) into
+/// its own target directory, so the build never waits for the lock of the `cargo test` that
+/// runs this. Sets `KVMBUILD_INIT`, which `kvmbuild initrd` reads.
+pub fn build_static_init() -> &'static str {
+    const VAR: &str = "KVMBUILD_INIT";
+    if std::env::var_os(VAR).is_some() {
+        return VAR;
+    }
+    let target_dir = repo_root().join("target/static-init");
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "kvmbuild-initrd",
+            "--bin",
+            "kvmbuild-init",
+        ])
+        .args(["--target", "x86_64-unknown-linux-gnu", "--target-dir"])
+        .arg(&target_dir)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .current_dir(repo_root())
+        .status()
+        .expect("cargo starts");
+    assert!(status.success(), "building the static kvmbuild-init failed");
+    let init = target_dir.join("x86_64-unknown-linux-gnu/release/kvmbuild-init");
+    // Set before any test runs; the harness runs tests on this one thread.
+    std::env::set_var(VAR, &init);
+    VAR
+}
+
+/// `kvmbuild initrd` with the cloud kernel's default modules and `includes`.
+pub fn kvmbuild_initrd(kernel: &Kernel, includes: &[String], out: &Path) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvmbuild"));
+    cmd.arg("initrd")
+        .arg("--modules-dir")
+        .arg(&kernel.modules)
+        .arg("-o")
+        .arg(out);
+    for include in includes {
+        cmd.args(["--include", include]);
+    }
+    let out = cmd.output().expect("kvmbuild starts");
+    assert!(
+        out.status.success(),
+        "kvmbuild initrd failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `binary` and its shared libraries, as `--include` arguments at the same paths.
+pub fn includes_for(binary: &str) -> Vec<String> {
+    std::iter::once(binary.to_string())
+        .chain(shared_libraries(binary))
+        .collect()
 }

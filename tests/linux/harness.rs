@@ -102,7 +102,11 @@ pub fn main(tests: &[Test]) -> ExitCode {
     let path = choose_path();
     let pass_on = match path {
         Path_::Unavailable(_) => Vec::new(),
-        _ => super::guest::resolve_kernels(),
+        _ => {
+            let mut vars = super::guest::resolve_kernels();
+            vars.push(super::guest::build_static_init());
+            vars
+        }
     };
     match path {
         Path_::TestHost => return cross_into_test_host(&pass_on),

@@ -17,3 +17,5 @@ pub mod vm;
 
 /// Why a VM ended, shared with the devices that end it.
 pub use devices::exit;
+/// The guest-visible I/O ports of kvmbuild's fixed devices.
+pub use devices::ports;

@@ -33,7 +33,7 @@ const ELF_CMDLINE_SIZE: usize = 2048;
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
     /// The kernel or initrd could not be opened or read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -42,7 +42,7 @@ pub enum LoaderError {
     #[error("{0}: not a bzImage or ELF kernel")]
     UnknownFormat(PathBuf),
     /// linux-loader rejected the kernel.
-    #[error("{path}: cannot load the kernel: {source}")]
+    #[error("{path}: cannot load the kernel")]
     Load {
         path: PathBuf,
         source: linux_loader::loader::Error,
@@ -64,7 +64,7 @@ pub enum LoaderError {
     #[error("the command line contains a NUL byte")]
     CmdlineNul,
     /// Writing into guest memory failed (a bug: addresses are checked before writing).
-    #[error("cannot write the {what} into guest memory: {source}")]
+    #[error("cannot write the {what} into guest memory")]
     GuestWrite {
         what: &'static str,
         source: vm_memory::GuestMemoryError,

@@ -20,16 +20,16 @@ pub enum MemoryError {
     #[error("cannot create the guest memory file: {0}")]
     Memfd(std::io::Error),
     /// Sizing the memfd failed.
-    #[error("cannot size the guest memory file to {size} bytes: {source}")]
+    #[error("cannot size the guest memory file to {size} bytes")]
     Resize { size: u64, source: std::io::Error },
     /// The host refused the mapping.
-    #[error("cannot map {size} bytes of guest memory: {source}")]
+    #[error("cannot map {size} bytes of guest memory")]
     Map {
         size: u64,
         source: vm_memory::mmap::FromRangesError,
     },
     /// KVM refused a memory slot.
-    #[error("KVM refused guest memory slot {slot}: {source}")]
+    #[error("KVM refused guest memory slot {slot}")]
     Register {
         slot: u32,
         source: kvm_ioctls::Error,

@@ -24,7 +24,7 @@ use crate::{cpuid, layout};
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
     /// A KVM vCPU ioctl failed.
-    #[error("vCPU {index}: cannot {what}: {source}")]
+    #[error("vCPU {index}: cannot {what}")]
     Kvm {
         index: u8,
         what: &'static str,
@@ -40,7 +40,7 @@ pub enum VcpuError {
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
     /// A vCPU thread could not be started.
-    #[error("cannot start the vCPU {index} thread: {source}")]
+    #[error("cannot start the vCPU {index} thread")]
     Spawn { index: u8, source: std::io::Error },
 }
 

@@ -23,7 +23,7 @@ use crate::layout;
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioMmioError {
     /// A disk image cannot be used.
-    #[error("--disk {path}: {source}")]
+    #[error("--disk {path}")]
     Disk {
         path: PathBuf,
         source: devices::virtio::BlockError,
@@ -38,14 +38,14 @@ pub enum VirtioMmioError {
     #[error("cannot create a virtio-mmio transport: {0}")]
     Transport(devices::virtio::MmioError),
     /// KVM refused an ioeventfd or irqfd.
-    #[error("cannot {what} for the virtio device at {addr:#x}: {source}")]
+    #[error("cannot {what} for the virtio device at {addr:#x}")]
     Kvm {
         what: &'static str,
         addr: u64,
         source: kvm_ioctls::Error,
     },
     /// Two windows overlap on the bus (a bug in the placement).
-    #[error("cannot map the virtio device at {addr:#x}: {source}")]
+    #[error("cannot map the virtio device at {addr:#x}")]
     Bus {
         addr: u64,
         source: devices::bus::BusError,

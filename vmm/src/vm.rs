@@ -90,7 +90,7 @@ pub enum VmError {
     #[error(transparent)]
     Memory(#[from] MemoryError),
     /// A KVM VM-level ioctl failed.
-    #[error("cannot {what}: {source}")]
+    #[error("cannot {what}")]
     KvmIoctl {
         what: &'static str,
         source: kvm_ioctls::Error,

@@ -1,0 +1,203 @@
+//! `kvmbuild run`: boot a kernel and run the guest until it ends.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use vmm::exit::{ExitReason, ResetSource};
+use vmm::virtio_mmio::DiskConfig;
+use vmm::vm::{self, ErrorClass, RunReport, VmConfig};
+
+use crate::{exit_code, fail};
+
+/// What follows `console=ttyS0` or `console=hvc0` when `--cmdline` is not given.
+const DEFAULT_CMDLINE: &str = "panic=1";
+
+pub const RUN_HELP: &str = concat!(
+    "Examples:
+  kvmbuild run --kernel bzImage --initrd initrd.img --cmdline 'console=ttyS0 panic=1'
+  kvmbuild run --kernel vmlinux --mem 2048 --cpus 2 --console boot.log --timeout 60
+  kvmbuild run --kernel bzImage --initrd initrd.img --disk disk.img --disk base.img,ro --rng
+
+",
+    exit_code::help_table!()
+);
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Kernel to boot: a bzImage or an ELF vmlinux.
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+    /// Initial ramdisk to load.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line, passed as given (kvmbuild appends its virtio_mmio.device= entries)
+    /// [default: "console=ttyS0 panic=1", or console=hvc0 with --console-device hvc0].
+    #[arg(long, value_name = "STR")]
+    cmdline: Option<String>,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 512)]
+    mem: u64,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u64,
+    /// Where the console goes: stdout, none, or a file path.
+    #[arg(long, value_name = "stdout|none|PATH", default_value = "stdout")]
+    console: String,
+    /// Which device carries the console: the serial port (ttyS0) or a virtio-console (hvc0).
+    /// Both write to --console.
+    #[arg(long, value_enum, default_value_t = ConsoleDevice::Ttys0)]
+    console_device: ConsoleDevice,
+    /// A raw disk image on virtio-blk, `,ro` for read-only; repeat for more (the first is
+    /// /dev/vda).
+    #[arg(long, value_name = "PATH[,ro]", value_parser = parse_disk)]
+    disk: Vec<DiskConfig>,
+    /// Give the guest a virtio-rng fed from the host's getrandom.
+    #[arg(long)]
+    rng: bool,
+    /// End the guest after this many seconds (fractions allowed).
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+    timeout: Option<Duration>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ConsoleDevice {
+    /// The 8250 serial port, COM1.
+    #[value(name = "ttyS0")]
+    Ttys0,
+    /// A virtio-console.
+    #[value(name = "hvc0")]
+    Hvc0,
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("'{s}' is not a positive number of seconds"))
+}
+
+fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    let (path, read_only) = match s.rsplit_once(',') {
+        Some((path, "ro")) => (path, true),
+        Some((_, option)) => return Err(format!("unknown disk option '{option}' (only 'ro')")),
+        None => (s, false),
+    };
+    Ok(DiskConfig {
+        path: path.into(),
+        read_only,
+    })
+}
+
+/// The console destination, opened once and shared by every device that writes to it.
+enum ConsoleSink {
+    Stdout,
+    Nowhere,
+    File(File),
+}
+
+impl ConsoleSink {
+    fn open(spec: &str) -> anyhow::Result<Self> {
+        Ok(match spec {
+            "stdout" => Self::Stdout,
+            "none" => Self::Nowhere,
+            path => Self::File(
+                File::create(path)
+                    .with_context(|| format!("--console {path}: cannot create the file"))?,
+            ),
+        })
+    }
+
+    fn writer(&self) -> anyhow::Result<Box<dyn Write + Send>> {
+        Ok(match self {
+            Self::Stdout => Box::new(std::io::stdout()),
+            Self::Nowhere => Box::new(std::io::sink()),
+            Self::File(f) => Box::new(f.try_clone().context("--console: cannot share the file")?),
+        })
+    }
+}
+
+fn vm_config(args: RunArgs) -> Result<VmConfig, ExitCode> {
+    let sink = ConsoleSink::open(&args.console)
+        .map_err(|e| fail(exit_code::BAD_INPUT, format!("{e:#}")))?;
+    let hvc0 = args.console_device == ConsoleDevice::Hvc0;
+    let writer = || {
+        sink.writer()
+            .map_err(|e| fail(exit_code::INTERNAL, format!("{e:#}")))
+    };
+    let vcpus = vm::vcpu_count(args.cpus).map_err(|e| fail(exit_code::BAD_INPUT, e))?;
+    let cmdline = args.cmdline.unwrap_or_else(|| {
+        let console = if hvc0 { "hvc0" } else { "ttyS0" };
+        format!("console={console} {DEFAULT_CMDLINE}")
+    });
+    Ok(VmConfig {
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cmdline,
+        mem_mib: args.mem,
+        vcpus,
+        console: writer()?,
+        disks: args.disk,
+        virtio_console: if hvc0 { Some(writer()?) } else { None },
+        rng: args.rng,
+        timeout: args.timeout,
+    })
+}
+
+pub fn run(args: RunArgs) -> ExitCode {
+    let timeout = args.timeout;
+    let config = match vm_config(args) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    if vmm::kvm::is_pvm_host() {
+        eprintln!("kvmbuild: warning: {}", vmm::kvm::PVM_WARNING);
+    }
+    match vm::run(config) {
+        Ok(report) => report_outcome(&report, timeout),
+        Err(e) => {
+            let code = match e.class() {
+                ErrorClass::KvmUnavailable => exit_code::KVM_UNAVAILABLE,
+                ErrorClass::BadInput => exit_code::BAD_INPUT,
+                ErrorClass::Internal => exit_code::INTERNAL,
+            };
+            fail(code, format!("{:#}", anyhow::Error::from(e)))
+        }
+    }
+}
+
+fn report_outcome(report: &RunReport, timeout: Option<Duration>) -> ExitCode {
+    if let Some(e) = &report.console_error {
+        eprintln!("kvmbuild: warning: console output was lost: {e}");
+    }
+    match &report.reason {
+        ExitReason::PowerOff => ExitCode::from(exit_code::SUCCESS),
+        ExitReason::GuestStatus(status) => ExitCode::from(*status),
+        ExitReason::Reset(source) => {
+            let how = match source {
+                ResetSource::I8042 => "through the i8042 controller",
+                ResetSource::AcpiReset => "through the ACPI reset register",
+                ResetSource::TripleFault => "by triple-faulting",
+            };
+            fail(
+                exit_code::GUEST_RESET,
+                format!("the guest reset itself {how}; kvmbuild does not reboot guests"),
+            )
+        }
+        ExitReason::Timeout => fail(
+            exit_code::TIMEOUT,
+            format!(
+                "the guest was stopped after the {:?} timeout",
+                timeout.unwrap_or_default()
+            ),
+        ),
+        ExitReason::Internal(message) => fail(exit_code::INTERNAL, message),
+    }
+}
