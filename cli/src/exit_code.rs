@@ -27,7 +27,8 @@ macro_rules! help_table {
   69     KVM is not available (no software-emulation fallback)
   70     internal error, or KVM could not run or emulate the guest
   124    --timeout elapsed
-  125    the guest rebooted, reset or triple-faulted (e.g. a panic with panic=1)"
+  125    the guest rebooted, reset or triple-faulted (e.g. a panic with panic=1)
+  128+N  kvmbuild stopped the guest on signal N (130 SIGINT, 143 SIGTERM, 129 SIGHUP)"
     };
 }
 pub(crate) use help_table;

@@ -3,6 +3,7 @@
 mod exit_code;
 mod initrd;
 mod run;
+mod terminal;
 
 use std::process::ExitCode;
 

@@ -9,9 +9,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use vmm::exit::{ExitReason, ResetSource};
-use vmm::virtio_mmio::DiskConfig;
+use vmm::virtio_mmio::{ConsoleConfig, DiskConfig};
 use vmm::vm::{self, ErrorClass, RunReport, VmConfig};
 
+use crate::terminal::{self, RawishStdin};
 use crate::{exit_code, fail};
 
 /// What follows `console=ttyS0` or `console=hvc0` when `--cmdline` is not given.
@@ -124,7 +125,7 @@ impl ConsoleSink {
     }
 }
 
-fn vm_config(args: RunArgs) -> Result<VmConfig, ExitCode> {
+fn vm_config(args: RunArgs, stdin: Option<&RawishStdin>) -> Result<VmConfig, ExitCode> {
     let sink = ConsoleSink::open(&args.console)
         .map_err(|e| fail(exit_code::BAD_INPUT, format!("{e:#}")))?;
     let hvc0 = args.console_device == ConsoleDevice::Hvc0;
@@ -145,7 +146,13 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, ExitCode> {
         vcpus,
         console: writer()?,
         disks: args.disk,
-        virtio_console: if hvc0 { Some(writer()?) } else { None },
+        virtio_console: match hvc0 {
+            true => Some(ConsoleConfig {
+                output: writer()?,
+                input: stdin.and_then(|t| t.input().ok()).map(|f| Box::new(f) as _),
+            }),
+            false => None,
+        },
         rng: args.rng,
         timeout: args.timeout,
     })
@@ -153,14 +160,27 @@ fn vm_config(args: RunArgs) -> Result<VmConfig, ExitCode> {
 
 pub fn run(args: RunArgs) -> ExitCode {
     let timeout = args.timeout;
-    let config = match vm_config(args) {
+    if let Err(e) = terminal::stop_vm_on_signals() {
+        return fail(
+            exit_code::INTERNAL,
+            format!("cannot install signal handlers: {e}"),
+        );
+    }
+    // Only a virtio-console reads input; the terminal is restored when `stdin` drops, before
+    // any message below is printed.
+    let stdin = (args.console_device == ConsoleDevice::Hvc0)
+        .then(RawishStdin::enter)
+        .flatten();
+    let config = match vm_config(args, stdin.as_ref()) {
         Ok(config) => config,
         Err(code) => return code,
     };
     if vmm::kvm::is_pvm_host() {
         eprintln!("kvmbuild: warning: {}", vmm::kvm::PVM_WARNING);
     }
-    match vm::run(config) {
+    let result = vm::run(config);
+    drop(stdin);
+    match result {
         Ok(report) => report_outcome(&report, timeout),
         Err(e) => {
             let code = match e.class() {
@@ -199,5 +219,9 @@ fn report_outcome(report: &RunReport, timeout: Option<Duration>) -> ExitCode {
             ),
         ),
         ExitReason::Internal(message) => fail(exit_code::INTERNAL, message),
+        ExitReason::Signal(signal) => fail(
+            (128 + signal).clamp(0, 255) as u8,
+            format!("stopped the guest on {}", terminal::signal_name(*signal)),
+        ),
     }
 }

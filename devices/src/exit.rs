@@ -32,6 +32,8 @@ pub enum ExitReason {
     Reset(ResetSource),
     /// `--timeout` elapsed.
     Timeout,
+    /// kvmbuild itself was asked to stop by this signal (SIGINT, SIGTERM, SIGHUP).
+    Signal(i32),
     /// A vCPU or device failed in a way the VMM cannot recover from.
     Internal(String),
 }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use devices::bus::Bus;
 use devices::virtio::{
-    Block, Console, DeviceThread, MmioTransport, Rng, VirtioDevice, MMIO_WINDOW_LEN,
+    Block, Console, ConsoleInput, DeviceThread, MmioTransport, Rng, VirtioDevice, MMIO_WINDOW_LEN,
     QUEUE_NOTIFY_OFFSET,
 };
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -61,6 +61,14 @@ pub struct DiskConfig {
     pub read_only: bool,
 }
 
+/// A virtio-console (hvc0).
+pub struct ConsoleConfig {
+    /// Where the guest's output goes.
+    pub output: Box<dyn std::io::Write + Send>,
+    /// What the guest reads, if anything: an unbuffered descriptor such as a dup of stdin.
+    pub input: Option<Box<dyn ConsoleInput>>,
+}
+
 /// The virtio devices of one VM, once attached.
 pub struct VirtioDevices {
     /// The MMIO bus holding every transport.
@@ -99,7 +107,7 @@ fn cmdline_entry(addr: u64, gsi: u32) -> String {
 /// then the console, then the RNG.
 pub fn build_devices(
     disks: &[DiskConfig],
-    console: Option<Box<dyn std::io::Write + Send>>,
+    console: Option<ConsoleConfig>,
     rng: bool,
 ) -> Result<Vec<Box<dyn VirtioDevice>>, VirtioMmioError> {
     let mut list: Vec<Box<dyn VirtioDevice>> = Vec::new();
@@ -111,8 +119,12 @@ pub fn build_devices(
             })?;
         list.push(Box::new(block));
     }
-    if let Some(out) = console {
-        list.push(Box::new(Console::new(out)));
+    if let Some(config) = console {
+        let console = Console::new(config.output);
+        list.push(Box::new(match config.input {
+            Some(input) => console.with_input(input),
+            None => console,
+        }));
     }
     if rng {
         list.push(Box::new(Rng::new()));

@@ -1,7 +1,9 @@
 //! The boot sequence, as one list, and the wait for the VM to end.
 
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,7 +27,7 @@ use crate::layout;
 use crate::loader::{self, LoaderError};
 use crate::memory::{self, MemoryError};
 use crate::vcpu::{self, VcpuContext, VcpuError};
-use crate::virtio_mmio::{self, DiskConfig, VirtioDevices, VirtioMmioError};
+use crate::virtio_mmio::{self, ConsoleConfig, DiskConfig, VirtioDevices, VirtioMmioError};
 
 /// The most vCPUs kvmbuild gives a guest: xAPIC IDs and the MADT's entries are 8 bits wide.
 pub const MAX_VCPUS: u8 = 254;
@@ -46,8 +48,8 @@ pub struct VmConfig {
     pub console: Box<dyn Write + Send>,
     /// Raw disk images for virtio-blk, in order (the first is /dev/vda).
     pub disks: Vec<DiskConfig>,
-    /// Where a virtio-console (hvc0) writes, if the guest gets one.
-    pub virtio_console: Option<Box<dyn Write + Send>>,
+    /// A virtio-console (hvc0), if the guest gets one.
+    pub virtio_console: Option<ConsoleConfig>,
     /// Whether the guest gets a virtio-rng.
     pub rng: bool,
     /// End the VM after this long.
@@ -337,10 +339,34 @@ fn start_vcpus(
     Ok(threads)
 }
 
-/// Waits until something requests an exit, or the timeout passes.
-fn wait_for_exit(exit: &VmExit, timeout: Option<Duration>) -> ExitReason {
+/// While a VM runs, the eventfd through which [`stop_from_signal`] stops it (else -1).
+static STOP_EVENT: AtomicI32 = AtomicI32::new(-1);
+/// The signal that asked the VM to stop.
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+/// Asks the running VM, if any, to stop because the process received `signal`. Safe to call
+/// from a signal handler: it only stores an integer and writes to an eventfd.
+pub fn stop_from_signal(signal: i32) {
+    STOP_SIGNAL.store(signal, Ordering::SeqCst);
+    let fd = STOP_EVENT.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a live u64 to an fd; write(2) is async-signal-safe. If
+        // the VM has just ended and the fd was closed, the write fails harmlessly (EBADF).
+        unsafe { libc::write(fd, std::ptr::addr_of!(one).cast(), 8) };
+    }
+}
+
+/// Waits until something requests an exit, a signal asks kvmbuild to stop, or the timeout
+/// passes.
+fn wait_for_exit(exit: &VmExit, stop: &EventFd, timeout: Option<Duration>) -> ExitReason {
     let deadline = timeout.map(|t| Instant::now() + t);
     loop {
+        // A signal that arrived while the VM was being set up counts too.
+        let signal = STOP_SIGNAL.load(Ordering::SeqCst);
+        if signal != 0 {
+            exit.request(ExitReason::Signal(signal));
+        }
         if let Some(reason) = exit.reason() {
             return reason;
         }
@@ -354,13 +380,13 @@ fn wait_for_exit(exit: &VmExit, timeout: Option<Duration>) -> ExitReason {
                 }
             },
         };
-        let mut pfd = libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(exit.event()),
+        let mut fds = [exit.event().as_raw_fd(), stop.as_raw_fd()].map(|fd| libc::pollfd {
+            fd,
             events: libc::POLLIN,
             revents: 0,
-        };
-        // SAFETY: `pfd` is one valid pollfd that outlives the call.
-        unsafe { libc::poll(&mut pfd, 1, wait_ms) };
+        });
+        // SAFETY: `fds` is an array of valid pollfds that outlives the call.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait_ms) };
         let _ = exit.event().read();
     }
 }
@@ -368,6 +394,7 @@ fn wait_for_exit(exit: &VmExit, timeout: Option<Duration>) -> ExitReason {
 /// Boots the guest and runs it until it ends.
 pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
     let started = Instant::now();
+    STOP_SIGNAL.store(0, Ordering::SeqCst);
     let kvm = kvm::open()?;
     check_vcpu_count(&kvm, config.vcpus)?;
     let mem_size = check_memory_size(config.mem_mib)?;
@@ -391,7 +418,10 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
     let threads = start_vcpus(&kvm, &vm, config.vcpus, kernel.entry)?;
     let guest_started = Instant::now();
 
-    let reason = wait_for_exit(&vm.exit, config.timeout);
+    let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("stop event"))?;
+    STOP_EVENT.store(stop.as_raw_fd(), Ordering::SeqCst);
+    let reason = wait_for_exit(&vm.exit, &stop, config.timeout);
+    STOP_EVENT.store(-1, Ordering::SeqCst);
     let ended = Instant::now();
     for thread in &threads {
         vcpu::kick(thread);
