@@ -211,10 +211,11 @@ mod tests {
             read_only: false,
         };
         let err = build_devices(&[disk], None, false).err().unwrap();
+        assert_eq!(err.to_string(), "--disk /nonexistent/disk.img");
+        let cause = std::error::Error::source(&err).expect("the block device's error is the cause");
         assert!(
-            err.to_string()
-                .starts_with("--disk /nonexistent/disk.img: "),
-            "{err}"
+            cause.to_string().contains("/nonexistent/disk.img"),
+            "{cause}"
         );
     }
 }
