@@ -447,3 +447,28 @@ fn emulation_failure_shows_the_instruction_bytes_on_pvm() {
         "RIP {rip:#x} is not in the guest's code\n{run}"
     );
 }
+
+#[test]
+fn pvh_note_selects_the_32_bit_pvh_entry() {
+    require_kvm!();
+    let elf = support::pvh_guest();
+    let run = run_guest(&elf, MEM_MIB, TIMEOUT_S, &["--cmdline", "hello pvh"]);
+    run.assert_code(42);
+    run.assert_stdout_has("pvh: start info magic ok\n");
+    run.assert_stdout_has("pvh: paging off\n");
+    run.assert_stdout_has("pvh: cmdline: hello pvh\n");
+    // 64 MiB: low RAM, the ACPI area, RAM from 1 MiB; no initrd.
+    run.assert_stdout_has("pvh: memmap entries 3, modules 0\n");
+
+    let initrd = support::scratch_path("pvh-initrd");
+    fs::write(&initrd, [0x5au8; 4096]).unwrap();
+    let run = run_guest(
+        &elf,
+        MEM_MIB,
+        TIMEOUT_S,
+        &["--initrd", initrd.to_str().unwrap()],
+    );
+    run.assert_code(42);
+    run.assert_stdout_has(", modules 1\n");
+    fs::remove_file(initrd).unwrap();
+}

@@ -148,6 +148,25 @@ fn build(name: &str) -> Guest {
     }
 }
 
+/// The PVH guest (tests/guests/pvh.s), an ELF linked with tests/guests/pvh.ld.
+pub fn pvh_guest() -> PathBuf {
+    let scratch = work_dir().join(format!("build-pvh-{}", std::process::id()));
+    fs::create_dir_all(&scratch).unwrap();
+    let obj = assemble("pvh", &scratch);
+    let elf = work_dir().join(format!("pvh-{}.elf", std::process::id()));
+    run_tool(
+        Command::new("ld")
+            .args(["-m", "elf_x86_64", "-z", "max-page-size=0x1000", "-T"])
+            .arg(guests_dir().join("pvh.ld"))
+            .arg(format!("--defsym=LOAD_ADDR={ELF_LOAD_ADDR:#x}"))
+            .arg("-o")
+            .arg(&elf)
+            .arg(obj),
+    );
+    let _ = fs::remove_dir_all(&scratch);
+    elf
+}
+
 /// The guest built from `tests/guests/<name>.s` (built once per test process).
 pub fn guest(name: &str) -> Guest {
     static BUILT: OnceLock<Mutex<HashMap<String, Guest>>> = OnceLock::new();

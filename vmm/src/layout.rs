@@ -7,6 +7,14 @@
 pub const BOOT_GDT: u64 = 0x500;
 /// An empty IDT, loaded so an early exception triple-faults instead of jumping at random.
 pub const BOOT_IDT: u64 = 0x520;
+/// PVH boot: the `hvm_start_info`, passed to the kernel in `ebx`.
+pub const PVH_START_INFO: u64 = 0x6000;
+/// PVH boot: the module list (the initrd).
+pub const PVH_MODLIST: u64 = 0x6040;
+/// PVH boot: the memory map, up to [`PVH_MEMMAP_END`].
+pub const PVH_MEMMAP: u64 = 0x6080;
+/// End of the PVH memory map's room.
+pub const PVH_MEMMAP_END: u64 = ZERO_PAGE;
 /// The zero page (`struct boot_params`), passed to the kernel in `rsi`.
 pub const ZERO_PAGE: u64 = 0x7000;
 /// Identity-map page tables: PML4, then one PDPT, then one PD of 2 MiB pages (first 1 GiB).
@@ -86,6 +94,7 @@ mod tests {
         let areas = [
             (BOOT_GDT, 0x20),
             (BOOT_IDT, 0x10),
+            (PVH_START_INFO, PVH_MEMMAP_END - PVH_START_INFO),
             (ZERO_PAGE, 0x1000),
             (PML4, 0x1000),
             (PDPT, 0x1000),

@@ -11,6 +11,7 @@ pub mod kvm;
 pub mod layout;
 pub mod loader;
 pub mod memory;
+pub mod pvh;
 pub mod vcpu;
 pub mod virtio_mmio;
 pub mod vm;

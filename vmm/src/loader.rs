@@ -11,7 +11,8 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use linux_loader::loader::bootparam::setup_header;
-use linux_loader::loader::{bzimage::BzImage, elf::Elf, KernelLoader};
+use linux_loader::loader::elf::{Elf, PvhBootCapability};
+use linux_loader::loader::{bzimage::BzImage, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile};
 
 use crate::layout;
@@ -87,6 +88,8 @@ pub struct LoadedKernel {
     pub format: KernelFormat,
     /// The 64-bit entry point.
     pub entry: GuestAddress,
+    /// The 32-bit PVH entry point, for an ELF kernel with a `XEN_ELFNOTE_PHYS32_ENTRY` note.
+    pub pvh_entry: Option<GuestAddress>,
     /// First guest address past the kernel image.
     pub end: u64,
     /// A bzImage's setup header, copied into the zero page.
@@ -153,6 +156,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
             Ok(LoadedKernel {
                 format,
                 entry: GuestAddress(result.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET),
+                pvh_entry: None,
                 end: result.kernel_end,
                 setup_header: Some(hdr),
                 cmdline_limit,
@@ -164,6 +168,10 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
             Ok(LoadedKernel {
                 format,
                 entry: result.kernel_load,
+                pvh_entry: match result.pvh_boot_cap {
+                    PvhBootCapability::PvhEntryPresent(entry) => Some(entry),
+                    _ => None,
+                },
                 end: result.kernel_end,
                 setup_header: None,
                 cmdline_limit: ELF_CMDLINE_SIZE,
@@ -270,6 +278,7 @@ mod tests {
         LoadedKernel {
             format: KernelFormat::BzImage,
             entry: GuestAddress(layout::HIMEM_START + 0x200),
+            pvh_entry: None,
             end,
             setup_header: None,
             cmdline_limit: 2048,

@@ -46,9 +46,11 @@ pub enum VcpuError {
 
 // Segment descriptor flags (access byte + flags nibble) of the boot GDT.
 const CODE64_FLAGS: u16 = 0xa09b; // present, ring 0, code, execute/read, accessed, L, G
+const CODE32_FLAGS: u16 = 0xc09b; // present, ring 0, code, execute/read, accessed, D/B, G
 const DATA_FLAGS: u16 = 0xc093; // present, ring 0, data, read/write, accessed, D/B, G
 const TSS_FLAGS: u16 = 0x808b; // present, 64-bit busy TSS, G
 /// GDT indices; the kernel reloads its own GDT early, these only have to be valid.
+const GDT_CODE32: u16 = 1;
 const GDT_CODE: u16 = 2;
 const GDT_DATA: u16 = 3;
 const GDT_TSS: u16 = 4;
@@ -120,6 +122,7 @@ fn segment(index: u16, entry: u64) -> kvm_segment {
 
 fn boot_gdt() -> [u64; GDT_ENTRIES] {
     let mut gdt = [0u64; GDT_ENTRIES];
+    gdt[GDT_CODE32 as usize] = gdt_entry(CODE32_FLAGS, 0, 0xfffff);
     gdt[GDT_CODE as usize] = gdt_entry(CODE64_FLAGS, 0, 0xfffff);
     gdt[GDT_DATA as usize] = gdt_entry(DATA_FLAGS, 0, 0xfffff);
     gdt[GDT_TSS as usize] = gdt_entry(TSS_FLAGS, 0, 0xfffff);
@@ -142,14 +145,23 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), VcpuError> {
     Ok(())
 }
 
+/// How the boot vCPU enters the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BootEntry {
+    /// Linux's 64-bit boot protocol: long mode, identity-mapped, `rsi` = the zero page.
+    Linux64(GuestAddress),
+    /// PVH: 32-bit protected mode without paging, `ebx` = the `hvm_start_info`.
+    Pvh(GuestAddress),
+}
+
 /// Configures vCPU `index` of `count`: CPUID, MSRs, FPU and LAPIC for every vCPU, and the
-/// 64-bit entry state for the boot vCPU.
+/// entry state for the boot vCPU.
 pub fn configure(
     vcpu: &VcpuFd,
     index: u8,
     count: u8,
     supported_cpuid: &CpuId,
-    entry: GuestAddress,
+    entry: BootEntry,
 ) -> Result<(), VcpuError> {
     let kvm_err = |what| {
         move |source| VcpuError::Kvm {
@@ -170,15 +182,17 @@ pub fn configure(
     vcpu.set_fpu(&fpu).map_err(kvm_err("set FPU state"))?;
     set_lint_delivery(vcpu, index)?;
     if index == 0 {
-        set_long_mode(vcpu, index)?;
-        let regs = kvm_regs {
+        set_entry_mode(vcpu, index, entry)?;
+        let mut regs = kvm_regs {
             rflags: 0x2, // bit 1 is reserved and always set; interrupts off
-            rip: entry.0,
             rsp: layout::BOOT_STACK,
             rbp: layout::BOOT_STACK,
-            rsi: layout::ZERO_PAGE,
             ..Default::default()
         };
+        match entry {
+            BootEntry::Linux64(rip) => (regs.rip, regs.rsi) = (rip.0, layout::ZERO_PAGE),
+            BootEntry::Pvh(rip) => (regs.rip, regs.rbx) = (rip.0, layout::PVH_START_INFO),
+        }
         vcpu.set_regs(&regs).map_err(kvm_err("set registers"))?;
     }
     Ok(())
@@ -217,7 +231,9 @@ fn set_boot_msrs(vcpu: &VcpuFd, index: u8) -> Result<(), VcpuError> {
     }
 }
 
-fn set_long_mode(vcpu: &VcpuFd, index: u8) -> Result<(), VcpuError> {
+/// Segments, control registers and EFER for the entry: long mode with paging for
+/// [`BootEntry::Linux64`], flat 32-bit protected mode without paging for [`BootEntry::Pvh`].
+fn set_entry_mode(vcpu: &VcpuFd, index: u8, entry: BootEntry) -> Result<(), VcpuError> {
     let kvm_err = |what| {
         move |source| VcpuError::Kvm {
             index,
@@ -227,19 +243,31 @@ fn set_long_mode(vcpu: &VcpuFd, index: u8) -> Result<(), VcpuError> {
     };
     let mut sregs = vcpu.get_sregs().map_err(kvm_err("get special registers"))?;
     let gdt = boot_gdt();
-    let code = segment(GDT_CODE, gdt[GDT_CODE as usize]);
+    let code = match entry {
+        BootEntry::Linux64(_) => GDT_CODE,
+        BootEntry::Pvh(_) => GDT_CODE32,
+    };
     let data = segment(GDT_DATA, gdt[GDT_DATA as usize]);
     sregs.gdt.base = layout::BOOT_GDT;
     sregs.gdt.limit = (GDT_ENTRIES * 8 - 1) as u16;
     sregs.idt.base = layout::BOOT_IDT;
     sregs.idt.limit = 7;
-    sregs.cs = code;
+    sregs.cs = segment(code, gdt[code as usize]);
     (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
     sregs.tr = segment(GDT_TSS, gdt[GDT_TSS as usize]);
-    sregs.cr3 = layout::PML4;
-    sregs.cr4 |= CR4_PAE;
-    sregs.cr0 |= CR0_PE | CR0_ET | CR0_PG;
-    sregs.efer |= EFER_LME | EFER_LMA;
+    match entry {
+        BootEntry::Linux64(_) => {
+            sregs.cr3 = layout::PML4;
+            sregs.cr4 |= CR4_PAE;
+            sregs.cr0 |= CR0_PE | CR0_ET | CR0_PG;
+            sregs.efer |= EFER_LME | EFER_LMA;
+        }
+        BootEntry::Pvh(_) => {
+            sregs.cr0 = (sregs.cr0 | CR0_PE | CR0_ET) & !CR0_PG;
+            sregs.cr4 &= !CR4_PAE;
+            sregs.efer &= !(EFER_LME | EFER_LMA);
+        }
+    }
     vcpu.set_sregs(&sregs)
         .map_err(kvm_err("set special registers"))
 }
@@ -441,6 +469,11 @@ mod tests {
     #[test]
     fn gdt_entries_decode_to_the_segments_kvm_expects() {
         let gdt = boot_gdt();
+        let code32 = segment(GDT_CODE32, gdt[GDT_CODE32 as usize]);
+        assert_eq!(
+            (code32.selector, code32.l, code32.db, code32.type_),
+            (0x08, 0, 1, 0xb)
+        );
         let code = segment(GDT_CODE, gdt[GDT_CODE as usize]);
         assert_eq!(
             (

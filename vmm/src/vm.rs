@@ -26,7 +26,8 @@ use crate::kvm::{self, KvmError};
 use crate::layout;
 use crate::loader::{self, LoaderError};
 use crate::memory::{self, MemoryError};
-use crate::vcpu::{self, VcpuContext, VcpuError};
+use crate::pvh::{self, PvhError, PvhInfo};
+use crate::vcpu::{self, BootEntry, VcpuContext, VcpuError};
 use crate::virtio_mmio::{self, ConsoleConfig, DiskConfig, VirtioDevices, VirtioMmioError};
 
 /// The most vCPUs kvmbuild gives a guest: xAPIC IDs and the MADT's entries are 8 bits wide.
@@ -109,6 +110,9 @@ pub enum VmError {
     /// The zero page could not be built.
     #[error(transparent)]
     BootParams(#[from] BootParamsError),
+    /// The PVH start info could not be written.
+    #[error(transparent)]
+    Pvh(#[from] PvhError),
     /// A virtio device could not be attached.
     #[error(transparent)]
     Virtio(#[from] VirtioMmioError),
@@ -283,7 +287,10 @@ fn attach_legacy_devices(
     Ok((pio, serial))
 }
 
-fn load_guest(vm: &Vm, config: &VmConfig, mem_size: u64) -> Result<loader::LoadedKernel, VmError> {
+/// Loads the kernel, command line and initrd, and writes what the entry protocol wants: the
+/// PVH start info for an ELF kernel with a PVH note, the zero page otherwise. Returns how the
+/// boot vCPU enters the kernel.
+fn load_guest(vm: &Vm, config: &VmConfig, mem_size: u64) -> Result<BootEntry, VmError> {
     let kernel = loader::load_kernel(&vm.mem, &config.kernel)?;
     let cmdline = format!("{}{}", config.cmdline, vm.virtio.cmdline);
     let cmdline_len = loader::load_cmdline(&vm.mem, &kernel, &cmdline)?;
@@ -291,27 +298,39 @@ fn load_guest(vm: &Vm, config: &VmConfig, mem_size: u64) -> Result<loader::Loade
         Some(path) => Some(loader::load_initrd(&vm.mem, mem_size, &kernel, path)?),
         None => None,
     };
-    let rsdp = acpi::write_acpi_tables(&vm.mem, config.vcpus, &vm.virtio.acpi)?;
+    let initrd = initrd.map(|p| (p.addr, p.size));
+    let rsdp_addr = acpi::write_acpi_tables(&vm.mem, config.vcpus, &vm.virtio.acpi)?.0;
+    vcpu::write_boot_tables(&vm.mem)?;
+    firmware::write_reset_vector(&vm.mem).map_err(VmError::ZeroPage)?;
+    if let Some(entry) = kernel.pvh_entry {
+        pvh::write(
+            &vm.mem,
+            &PvhInfo {
+                mem_size,
+                initrd,
+                rsdp_addr,
+            },
+        )?;
+        return Ok(BootEntry::Pvh(entry));
+    }
     let params = boot_params::build(&BootInfo {
         mem_size,
         setup_header: kernel.setup_header,
         cmdline_len,
-        initrd: initrd.map(|p| (p.addr, p.size)),
-        rsdp_addr: rsdp.0,
+        initrd,
+        rsdp_addr,
     })?;
     vm.mem
         .write_obj(params, GuestAddress(layout::ZERO_PAGE))
         .map_err(VmError::ZeroPage)?;
-    vcpu::write_boot_tables(&vm.mem)?;
-    firmware::write_reset_vector(&vm.mem).map_err(VmError::ZeroPage)?;
-    Ok(kernel)
+    Ok(BootEntry::Linux64(kernel.entry))
 }
 
 fn start_vcpus(
     kvm: &Kvm,
     vm: &Vm,
     count: u8,
-    entry: GuestAddress,
+    entry: BootEntry,
 ) -> Result<Vec<std::thread::JoinHandle<()>>, VmError> {
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -414,8 +433,8 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
         serial,
         exit,
     };
-    let kernel = load_guest(&vm, &config, mem_size)?;
-    let threads = start_vcpus(&kvm, &vm, config.vcpus, kernel.entry)?;
+    let entry = load_guest(&vm, &config, mem_size)?;
+    let threads = start_vcpus(&kvm, &vm, config.vcpus, entry)?;
     let guest_started = Instant::now();
 
     let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("stop event"))?;

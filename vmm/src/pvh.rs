@@ -1,0 +1,167 @@
+//! The PVH boot protocol (Xen's, used by Linux's `pvh_start_xen`): an ELF kernel that carries a
+//! `XEN_ELFNOTE_PHYS32_ENTRY` note is entered at that 32-bit entry, in protected mode without
+//! paging, with `ebx` pointing at an `hvm_start_info` that names the command line, the initrd
+//! (as module 0), the memory map and the RSDP. It skips the kernel's own 64-bit set-up path and
+//! needs no zero page.
+
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::{boot_params, layout};
+
+/// `hvm_start_info.magic`.
+const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
+/// Version 1 has the memory-map fields.
+const START_INFO_VERSION: u32 = 1;
+
+/// Errors from writing the start info.
+#[derive(Debug, thiserror::Error)]
+pub enum PvhError {
+    /// More memory-map entries than the area holds.
+    #[error("the PVH memory map has {0} entries, more than fit")]
+    TooManyEntries(usize),
+    /// Writing to guest memory failed.
+    #[error("cannot write the PVH start info")]
+    Write(#[source] vm_memory::GuestMemoryError),
+}
+
+/// What the start info says about this boot.
+#[derive(Clone, Copy, Debug)]
+pub struct PvhInfo {
+    /// Guest RAM in bytes.
+    pub mem_size: u64,
+    /// The initrd's address and size, if there is one.
+    pub initrd: Option<(u64, u64)>,
+    /// Where the ACPI RSDP is.
+    pub rsdp_addr: u64,
+}
+
+/// The start info, its module list and its memory map, as they go into guest memory.
+pub fn build(
+    info: &PvhInfo,
+) -> (
+    hvm_start_info,
+    Vec<hvm_modlist_entry>,
+    Vec<hvm_memmap_table_entry>,
+) {
+    let modules: Vec<_> = info
+        .initrd
+        .map(|(paddr, size)| hvm_modlist_entry {
+            paddr,
+            size,
+            ..Default::default()
+        })
+        .into_iter()
+        .collect();
+    let memmap: Vec<_> = boot_params::e820_map(info.mem_size)
+        .into_iter()
+        .map(|(addr, size, type_)| hvm_memmap_table_entry {
+            addr,
+            size,
+            type_,
+            reserved: 0,
+        })
+        .collect();
+    let start_info = hvm_start_info {
+        magic: XEN_HVM_START_MAGIC,
+        version: START_INFO_VERSION,
+        nr_modules: modules.len() as u32,
+        modlist_paddr: if modules.is_empty() {
+            0
+        } else {
+            layout::PVH_MODLIST
+        },
+        cmdline_paddr: layout::CMDLINE,
+        rsdp_paddr: info.rsdp_addr,
+        memmap_paddr: layout::PVH_MEMMAP,
+        memmap_entries: memmap.len() as u32,
+        ..Default::default()
+    };
+    (start_info, modules, memmap)
+}
+
+/// Writes the start info at [`layout::PVH_START_INFO`], with its module list and memory map.
+pub fn write(mem: &GuestMemoryMmap, info: &PvhInfo) -> Result<(), PvhError> {
+    let (start_info, modules, memmap) = build(info);
+    let room = (layout::PVH_MEMMAP_END - layout::PVH_MEMMAP) as usize
+        / std::mem::size_of::<hvm_memmap_table_entry>();
+    if memmap.len() > room {
+        return Err(PvhError::TooManyEntries(memmap.len()));
+    }
+    mem.write_obj(start_info, GuestAddress(layout::PVH_START_INFO))
+        .map_err(PvhError::Write)?;
+    for (i, module) in (0u64..).zip(&modules) {
+        let at = layout::PVH_MODLIST + i * std::mem::size_of::<hvm_modlist_entry>() as u64;
+        mem.write_obj(*module, GuestAddress(at))
+            .map_err(PvhError::Write)?;
+    }
+    for (i, entry) in (0u64..).zip(&memmap) {
+        let at = layout::PVH_MEMMAP + i * std::mem::size_of::<hvm_memmap_table_entry>() as u64;
+        mem.write_obj(*entry, GuestAddress(at))
+            .map_err(PvhError::Write)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_info_names_cmdline_initrd_memmap_and_rsdp() {
+        let info = PvhInfo {
+            mem_size: 128 << 20,
+            initrd: Some((0x700_0000, 0x1234)),
+            rsdp_addr: 0xe0000,
+        };
+        let (start, modules, memmap) = build(&info);
+        assert_eq!((start.magic, start.version), (XEN_HVM_START_MAGIC, 1));
+        assert_eq!(
+            (start.cmdline_paddr, start.rsdp_paddr),
+            (layout::CMDLINE, 0xe0000)
+        );
+        assert_eq!(
+            (start.nr_modules, start.modlist_paddr),
+            (1, layout::PVH_MODLIST)
+        );
+        assert_eq!((modules[0].paddr, modules[0].size), (0x700_0000, 0x1234));
+        assert_eq!(start.memmap_entries as usize, memmap.len());
+        let e820 = boot_params::e820_map(128 << 20);
+        assert!(memmap
+            .iter()
+            .zip(&e820)
+            .all(|(m, e)| (m.addr, m.size, m.type_) == *e));
+    }
+
+    #[test]
+    fn no_initrd_means_no_module_list() {
+        let (start, modules, _) = build(&PvhInfo {
+            mem_size: 64 << 20,
+            initrd: None,
+            rsdp_addr: 0,
+        });
+        assert_eq!(
+            (start.nr_modules, start.modlist_paddr, modules.len()),
+            (0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn written_start_info_reads_back() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let info = PvhInfo {
+            mem_size: 6 << 30,
+            initrd: None,
+            rsdp_addr: 0xe0000,
+        };
+        write(&mem, &info).unwrap();
+        let start: hvm_start_info = mem.read_obj(GuestAddress(layout::PVH_START_INFO)).unwrap();
+        assert_eq!(start.memmap_entries, 5);
+        let last: hvm_memmap_table_entry = mem
+            .read_obj(GuestAddress(layout::PVH_MEMMAP + 4 * 24))
+            .unwrap();
+        assert_eq!((last.addr, last.size), (layout::HIGH_RAM_START, 3 << 30));
+    }
+}
