@@ -47,17 +47,16 @@ fn debugfs_cat(image: &std::path::Path, file: &str) -> Vec<u8> {
     out.stdout
 }
 
-/// The guest makes an ext4 file system on a virtio-blk disk and fills it; the host's e2fsck
-/// finds it clean and debugfs reads back the same bytes. A second, read-only disk refuses the
+/// The guest makes an ext4 file system on a virtio-blk disk (discarding it first) and fills it;
+/// the host's e2fsck finds it clean, debugfs reads back the same bytes and the discarded space
+/// is holes again. A second, read-only disk refuses the
 /// guest's write and is unchanged.
 pub fn ext4_made_in_the_guest_and_a_read_only_disk() {
     let kernel = cloud_kernel();
     let dir = scratch("disks");
     let (rw, ro) = (dir.join("rw.img"), dir.join("ro.img"));
-    std::fs::File::create(&rw)
-        .unwrap()
-        .set_len(DISK_MIB << 20)
-        .unwrap();
+    // Non-zero and fully allocated: only the guest's discards can turn it back into holes.
+    std::fs::write(&rw, vec![0xa5u8; (DISK_MIB << 20) as usize]).unwrap();
     let pattern: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
     std::fs::write(&ro, &pattern).unwrap();
 
@@ -115,6 +114,17 @@ pub fn ext4_made_in_the_guest_and_a_read_only_disk() {
         std::fs::read(&ro).unwrap(),
         pattern,
         "the read-only disk must not change"
+    );
+    // mkfs.ext4 discards the whole device when virtio-blk offers DISCARD; the device punches
+    // holes, so little of the image stays allocated (metadata and the two files).
+    let allocated = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&rw).unwrap()) * 512;
+    println!(
+        "disks: {} KiB of the {DISK_MIB} MiB image allocated after mkfs",
+        allocated >> 10
+    );
+    assert!(
+        allocated < (DISK_MIB << 20) / 4,
+        "the guest's discards should have punched holes: {allocated} bytes still allocated"
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
