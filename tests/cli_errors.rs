@@ -260,19 +260,19 @@ fn run_in_mount_namespace(setup: &str) -> Option<Run> {
     Some(run_command(cmd))
 }
 
+/// What the one line must say when KVM cannot be used, whatever the reason.
+const NO_KVM_MESSAGE: &[&str] = &[
+    "KVM is not available",
+    "/dev/kvm",
+    "no software-emulation fallback",
+];
+
 #[test]
 fn kvm_device_absent() {
     let Some(r) = run_in_mount_namespace("mount -t tmpfs none /dev") else {
         return;
     };
-    r.assert_error(
-        exit::NO_KVM,
-        &[
-            "KVM is not available",
-            "/dev/kvm",
-            "no software-emulation fallback",
-        ],
-    );
+    r.assert_error(exit::NO_KVM, NO_KVM_MESSAGE);
 }
 
 #[test]
@@ -281,12 +281,5 @@ fn kvm_device_is_not_kvm() {
     let Some(r) = run_in_mount_namespace("mount -t tmpfs none /dev && mknod /dev/kvm c 1 3") else {
         return;
     };
-    r.assert_error(
-        exit::NO_KVM,
-        &[
-            "KVM is not available",
-            "/dev/kvm",
-            "no software-emulation fallback",
-        ],
-    );
+    r.assert_error(exit::NO_KVM, NO_KVM_MESSAGE);
 }

@@ -350,31 +350,31 @@ fn poweroff_through_the_acpi_sleep_register_exits_0() {
     }
 }
 
+/// Boots `name`'s bzImage, which does something that must end the VM at once: asserts the
+/// exit code, that the guest got as far as `says`, and that it never ran past that point.
+fn assert_guest_ends(name: &str, code: i32, says: &str) {
+    let run = run_guest(&guest(name).bzimage, MEM_MIB, TIMEOUT_S, &[]);
+    run.assert_code(code);
+    run.assert_stdout_has(says);
+    assert!(!run.stdout.contains("still running"), "{run}");
+}
+
 #[test]
 fn reboot_through_the_i8042_exits_125() {
     require_kvm!();
-    let run = run_guest(&guest("reboot").bzimage, MEM_MIB, TIMEOUT_S, &[]);
-    run.assert_code(exit::RESET);
-    run.assert_stdout_has("reboot: writing 0xfe");
-    assert!(!run.stdout.contains("still running"), "{run}");
+    assert_guest_ends("reboot", exit::RESET, "reboot: writing 0xfe");
 }
 
 #[test]
 fn reset_through_the_acpi_reset_register_exits_125() {
     require_kvm!();
-    let run = run_guest(&guest("acpireset").bzimage, MEM_MIB, TIMEOUT_S, &[]);
-    run.assert_code(exit::RESET);
-    run.assert_stdout_has("acpireset: writing 1");
-    assert!(!run.stdout.contains("still running"), "{run}");
+    assert_guest_ends("acpireset", exit::RESET, "acpireset: writing 1");
 }
 
 #[test]
 fn triple_fault_exits_125() {
     require_kvm!();
-    let run = run_guest(&guest("triple").bzimage, MEM_MIB, TIMEOUT_S, &[]);
-    run.assert_code(exit::RESET);
-    run.assert_stdout_has("triple: loading an empty IDT");
-    assert!(!run.stdout.contains("still running"), "{run}");
+    assert_guest_ends("triple", exit::RESET, "triple: loading an empty IDT");
 }
 
 #[test]

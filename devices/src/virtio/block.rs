@@ -20,19 +20,17 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::{DescriptorChain, Queue};
+use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{
     Bytes, GuestMemory, GuestMemoryMmap, Permissions, ReadVolatile, VolatileMemoryError,
     VolatileSlice, WriteVolatile,
 };
-use vmm_sys_util::eventfd::EventFd;
 
-use super::chain::{drain_queue, read_stream, sub_range, write_stream, Chain, ChainError, Segment};
+use super::chain::{read_stream, sub_range, write_stream, Chain, ChainError, Segment};
+use super::worker::{RequestHandler, SingleQueueWorker};
 use super::{
-    device_type, features, read_config_bytes, register_queue_events, ActivateError, Activation,
-    DeviceWorker, Interrupt, VirtioDevice,
+    device_type, features, read_config_bytes, ActivateError, Activation, DeviceWorker, VirtioDevice,
 };
 
 /// Sector size of the virtio-blk protocol (always 512, whatever `blk_size` says).
@@ -236,67 +234,25 @@ impl VirtioDevice for Block {
         read_config_bytes(&self.config(), offset, data);
     }
 
-    fn activate(&mut self, mut a: Activation) -> Result<DeviceWorker, ActivateError> {
-        a.expect_queues(1)?;
-        Ok(Box::new(BlockWorker {
-            disk: Disk {
-                image: self.image.clone(),
-                // Without the FLUSH feature the driver assumes a write-through disk.
-                write_through: a.features & F_FLUSH == 0,
-                discard: a.features & F_DISCARD != 0,
-                write_zeroes: a.features & F_WRITE_ZEROES != 0,
-            },
-            mem: a.mem,
-            queue: a.queues.remove(0),
-            event: a.queue_events.remove(0),
-            interrupt: a.interrupt,
-            broken: false,
-        }))
+    fn activate(&mut self, a: Activation) -> Result<DeviceWorker, ActivateError> {
+        let disk = Disk {
+            image: self.image.clone(),
+            // Without the FLUSH feature the driver assumes a write-through disk.
+            write_through: a.features & F_FLUSH == 0,
+            discard: a.features & F_DISCARD != 0,
+            write_zeroes: a.features & F_WRITE_ZEROES != 0,
+        };
+        Ok(Box::new(SingleQueueWorker::new(disk, a)?))
     }
 }
 
-/// The running device: one request queue.
-struct BlockWorker {
-    disk: Disk,
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    event: EventFd,
-    interrupt: Interrupt,
-    /// Set once the guest broke the queue; nothing more is done until reset.
-    broken: bool,
-}
-
-impl BlockWorker {
-    fn run_queue(&mut self) {
-        if self.broken {
-            return;
-        }
-        let (disk, mem) = (&self.disk, &self.mem);
-        let result = drain_queue(&mut self.queue, mem, &self.interrupt, |chain| {
-            disk.handle(mem, chain)
-        });
-        if result.is_err() {
-            self.broken = true;
-            self.interrupt.set_needs_reset();
-        }
-    }
-}
-
-impl MutEventSubscriber for BlockWorker {
-    fn process(&mut self, _: Events, _: &mut EventOps) {
-        // Clear the kick; a failed read only means there was none.
-        let _ = self.event.read();
-        self.run_queue();
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        if !register_queue_events(ops, std::slice::from_ref(&self.event)) {
-            self.broken = true;
-            self.interrupt.set_needs_reset();
-            return;
-        }
-        // Requests published before activation would otherwise wait for the next kick.
-        self.run_queue();
+impl RequestHandler for Disk {
+    fn handle(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+    ) -> Result<u32, ChainError> {
+        self.serve(mem, chain)
     }
 }
 
@@ -319,7 +275,7 @@ struct Header {
 
 impl Disk {
     /// Serves one request chain; returns the bytes written into it, status byte included.
-    fn handle(
+    fn serve(
         &self,
         mem: &GuestMemoryMmap,
         chain: DescriptorChain<&GuestMemoryMmap>,

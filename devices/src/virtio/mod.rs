@@ -29,6 +29,7 @@ pub mod console;
 pub mod mmio;
 pub mod rng;
 pub mod thread;
+mod worker;
 
 #[cfg(test)]
 mod testing;

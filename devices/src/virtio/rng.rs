@@ -3,15 +3,13 @@
 
 use std::io;
 
-use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::{DescriptorChain, Queue};
+use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
-use super::chain::{drain_queue, write_stream, Chain, ChainError};
+use super::chain::{write_stream, Chain, ChainError};
+use super::worker::{RequestHandler, SingleQueueWorker};
 use super::{
-    device_type, features, read_config_bytes, register_queue_events, ActivateError, Activation,
-    DeviceWorker, Interrupt, VirtioDevice,
+    device_type, features, read_config_bytes, ActivateError, Activation, DeviceWorker, VirtioDevice,
 };
 
 /// Entries in the request queue.
@@ -59,43 +57,24 @@ impl VirtioDevice for Rng {
         read_config_bytes(&[], offset, data);
     }
 
-    fn activate(&mut self, mut a: Activation) -> Result<DeviceWorker, ActivateError> {
-        a.expect_queues(1)?;
-        Ok(Box::new(RngWorker {
-            mem: a.mem,
-            queue: a.queues.remove(0),
-            event: a.queue_events.remove(0),
-            interrupt: a.interrupt,
-            broken: false,
-            buf: Vec::new(),
-        }))
+    fn activate(&mut self, a: Activation) -> Result<DeviceWorker, ActivateError> {
+        Ok(Box::new(SingleQueueWorker::new(Entropy::default(), a)?))
     }
 }
 
-/// The running device: one request queue.
-struct RngWorker {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    event: EventFd,
-    interrupt: Interrupt,
-    /// Set once the guest broke the queue; nothing more is done until reset.
-    broken: bool,
+/// The running device's request handler, with a buffer reused across requests.
+#[derive(Default)]
+struct Entropy {
     buf: Vec<u8>,
 }
 
-impl RngWorker {
-    fn run_queue(&mut self) {
-        if self.broken {
-            return;
-        }
-        let (mem, buf) = (&self.mem, &mut self.buf);
-        let result = drain_queue(&mut self.queue, mem, &self.interrupt, |chain| {
-            fill(mem, chain, buf)
-        });
-        if result.is_err() {
-            self.broken = true;
-            self.interrupt.set_needs_reset();
-        }
+impl RequestHandler for Entropy {
+    fn handle(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+    ) -> Result<u32, ChainError> {
+        fill(mem, chain, &mut self.buf)
     }
 }
 
@@ -141,24 +120,6 @@ pub fn getrandom(buf: &mut [u8]) -> Result<(), RngError> {
         }
     }
     Ok(())
-}
-
-impl MutEventSubscriber for RngWorker {
-    fn process(&mut self, _: Events, _: &mut EventOps) {
-        // Clear the kick; a failed read only means there was none.
-        let _ = self.event.read();
-        self.run_queue();
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        if !register_queue_events(ops, std::slice::from_ref(&self.event)) {
-            self.broken = true;
-            self.interrupt.set_needs_reset();
-            return;
-        }
-        // Requests published before activation would otherwise wait for the next kick.
-        self.run_queue();
-    }
 }
 
 #[cfg(test)]

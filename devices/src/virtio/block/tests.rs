@@ -2,14 +2,16 @@
 //! directory, through the MMIO registers and the rings.
 
 use super::*;
-use crate::virtio::status;
+use crate::virtio::chain::drain_queue;
 use crate::virtio::testing::{Driver, DATA, MEM_SIZE, R, W};
 use crate::virtio::thread::DeviceThread;
+use crate::virtio::{status, Interrupt};
 use std::fs;
 use std::time::Duration;
 use tempfile::TempDir;
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
+use virtio_queue::Queue;
 
 /// Sectors in the test images.
 const SECTORS: u64 = 64;
@@ -753,7 +755,7 @@ fn random_rings_never_panic_or_escape_the_file() {
         }
         vq.avail().idx().store((rng.next() % 20) as u16);
         let mut queue: Queue = vq.create_queue().unwrap();
-        let _ = drain_queue(&mut queue, &mem, &irq, |chain| disk.handle(&mem, chain));
+        let _ = drain_queue(&mut queue, &mem, &irq, |chain| disk.serve(&mem, chain));
     }
     assert_eq!(fs::metadata(&path).unwrap().len(), SECTORS * SECTOR_SIZE);
 }
