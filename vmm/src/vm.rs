@@ -411,21 +411,21 @@ fn wait_for_exit(exit: &VmExit, stop: &EventFd, timeout: Option<Duration>) -> Ex
 }
 
 /// Boots the guest and runs it until it ends.
-pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
+pub fn run(mut config: VmConfig) -> Result<RunReport, VmError> {
     let started = Instant::now();
     STOP_SIGNAL.store(0, Ordering::SeqCst);
+    let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("stop event"))?;
     let kvm = kvm::open()?;
     check_vcpu_count(&kvm, config.vcpus)?;
     let mem_size = check_memory_size(config.mem_mib)?;
     let (fd, mem) = create_vm(&kvm, mem_size)?;
     let exit = Arc::new(VmExit::new().map_err(device_err("exit channel"))?);
-    let mut config = config;
     let console = std::mem::replace(&mut config.console, Box::new(std::io::sink()));
     let (pio, serial) = attach_legacy_devices(&fd, console, &exit)?;
     let virtio_list =
         virtio_mmio::build_devices(&config.disks, config.virtio_console.take(), config.rng)?;
     let virtio = virtio_mmio::attach(&fd, &mem, virtio_list)?;
-    let mut vm = Vm {
+    let vm = Vm {
         fd,
         mem,
         pio,
@@ -437,11 +437,25 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
     let threads = start_vcpus(&kvm, &vm, config.vcpus, entry)?;
     let guest_started = Instant::now();
 
-    let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("stop event"))?;
     STOP_EVENT.store(stop.as_raw_fd(), Ordering::SeqCst);
     let reason = wait_for_exit(&vm.exit, &stop, config.timeout);
     STOP_EVENT.store(-1, Ordering::SeqCst);
     let ended = Instant::now();
+    let markers = vm.exit.markers();
+    let console_error = tear_down(vm, threads);
+    Ok(RunReport {
+        reason,
+        started,
+        guest_started,
+        ended,
+        markers,
+        console_error,
+    })
+}
+
+/// Stops the vCPU threads and the device thread, and flushes the console. Returns a console
+/// write error, if there was one, for the caller to report.
+fn tear_down(mut vm: Vm, threads: Vec<std::thread::JoinHandle<()>>) -> Option<String> {
     for thread in &threads {
         vcpu::kick(thread);
     }
@@ -452,19 +466,6 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmError> {
         // The guest is gone; a device thread that cannot stop cleanly changes nothing for it.
         let _ = thread.stop();
     }
-    let console_error = vm
-        .serial
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .flush()
-        .err()
-        .map(|e| e.to_string());
-    Ok(RunReport {
-        reason,
-        started,
-        guest_started,
-        ended,
-        markers: vm.exit.markers(),
-        console_error,
-    })
+    let mut serial = vm.serial.lock().unwrap_or_else(|p| p.into_inner());
+    serial.flush().err().map(|e| e.to_string())
 }
