@@ -14,6 +14,7 @@ mod linux {
     pub mod init;
     pub mod smoke;
     pub mod virtio;
+    pub mod virtiofs;
 }
 
 use linux::harness::{self, Test};
@@ -32,6 +33,8 @@ const TESTS: &[Test] = tests![
     smoke::default_reboot_is_reported_as_reset,
     virtio::ext4_made_in_the_guest_and_a_read_only_disk,
     virtio::hvc0_console_and_hwrng,
+    virtiofs::guest_and_host_share_files_through_virtiofsd,
+    virtiofs::a_vanished_virtiofsd_ends_the_vm,
     init::init_runs_an_included_command,
     init::init_passes_the_exit_status_through,
     init::init_reports_a_missing_command,

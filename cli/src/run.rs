@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use vmm::exit::{ExitReason, ResetSource};
-use vmm::virtio_mmio::{ConsoleConfig, DiskConfig};
+use vmm::virtio_mmio::{ConsoleConfig, DiskConfig, ShareConfig};
 use vmm::vm::{self, ErrorClass, RunReport, VmConfig};
 
 use crate::terminal::{self, RawishStdin};
@@ -57,6 +57,10 @@ pub struct RunArgs {
     /// /dev/vda).
     #[arg(long, value_name = "PATH[,ro]", value_parser = parse_disk)]
     disk: Vec<DiskConfig>,
+    /// Share a file system served by a running vhost-user back end (virtiofsd) at SOCKET,
+    /// mounted in the guest by TAG; repeatable.
+    #[arg(long, value_name = "SOCKET,tag=TAG", value_parser = parse_share)]
+    vhost_user_fs: Vec<ShareConfig>,
     /// Give the guest a virtio-rng fed from the host's getrandom.
     #[arg(long)]
     rng: bool,
@@ -83,6 +87,16 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
         .ok()
         .filter(|d| !d.is_zero())
         .ok_or_else(|| format!("'{s}' is not a positive number of seconds"))
+}
+
+fn parse_share(s: &str) -> Result<ShareConfig, String> {
+    let (socket, tag) = s
+        .rsplit_once(",tag=")
+        .ok_or_else(|| format!("'{s}' is not SOCKET,tag=TAG"))?;
+    Ok(ShareConfig {
+        socket: socket.into(),
+        tag: tag.to_string(),
+    })
 }
 
 fn parse_disk(s: &str) -> Result<DiskConfig, String> {
@@ -146,6 +160,7 @@ fn vm_config(args: RunArgs, stdin: Option<&RawishStdin>) -> Result<VmConfig, Exi
         vcpus,
         console: writer()?,
         disks: args.disk,
+        shares: args.vhost_user_fs,
         virtio_console: match hvc0 {
             true => Some(ConsoleConfig {
                 output: writer()?,

@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use devices::bus::Bus;
+use devices::exit::VmExit;
+use devices::virtio::vhost_user_fs::VhostUserFs;
 use devices::virtio::{
     Block, Console, ConsoleInput, DeviceThread, MmioTransport, Rng, VirtioDevice, MMIO_WINDOW_LEN,
     QUEUE_NOTIFY_OFFSET,
@@ -28,6 +30,9 @@ pub enum VirtioMmioError {
         path: PathBuf,
         source: devices::virtio::BlockError,
     },
+    /// A vhost-user-fs back end cannot be used.
+    #[error("--vhost-user-fs")]
+    Share(#[source] devices::virtio::vhost_user_fs::VhostUserFsError),
     /// More devices than free GSIs.
     #[error("too many virtio devices: at most {0}")]
     TooMany(u32),
@@ -59,6 +64,15 @@ pub struct DiskConfig {
     pub path: PathBuf,
     /// Attach read-only (`VIRTIO_BLK_F_RO`).
     pub read_only: bool,
+}
+
+/// A file system shared through a vhost-user back end (virtiofsd) for virtio-fs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShareConfig {
+    /// The back end's Unix socket.
+    pub socket: PathBuf,
+    /// The tag the guest mounts (`mount -t virtiofs TAG /mnt`).
+    pub tag: String,
 }
 
 /// A virtio-console (hvc0).
@@ -104,11 +118,14 @@ fn cmdline_entry(addr: u64, gsi: u32) -> String {
 }
 
 /// Builds the devices in their guest-visible order: disks first (so the first is /dev/vda),
-/// then the console, then the RNG.
+/// then the shares, the console and the RNG. A share's back end that goes away ends the VM
+/// through `exit`.
 pub fn build_devices(
     disks: &[DiskConfig],
+    shares: &[ShareConfig],
     console: Option<ConsoleConfig>,
     rng: bool,
+    exit: &Arc<VmExit>,
 ) -> Result<Vec<Box<dyn VirtioDevice>>, VirtioMmioError> {
     let mut list: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for disk in disks {
@@ -118,6 +135,11 @@ pub fn build_devices(
                 source,
             })?;
         list.push(Box::new(block));
+    }
+    for share in shares {
+        let fs = VhostUserFs::connect(&share.socket, &share.tag, exit.clone())
+            .map_err(VirtioMmioError::Share)?;
+        list.push(Box::new(fs));
     }
     if let Some(config) = console {
         let console = Console::new(config.output);
@@ -210,7 +232,10 @@ mod tests {
             path: "/nonexistent/disk.img".into(),
             read_only: false,
         };
-        let err = build_devices(&[disk], None, false).err().unwrap();
+        let exit = Arc::new(VmExit::new().unwrap());
+        let err = build_devices(&[disk], &[], None, false, &exit)
+            .err()
+            .unwrap();
         assert_eq!(err.to_string(), "--disk /nonexistent/disk.img");
         let cause = std::error::Error::source(&err).expect("the block device's error is the cause");
         assert!(

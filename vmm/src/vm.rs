@@ -28,7 +28,9 @@ use crate::loader::{self, LoaderError};
 use crate::memory::{self, MemoryError};
 use crate::pvh::{self, PvhError, PvhInfo};
 use crate::vcpu::{self, BootEntry, VcpuContext, VcpuError};
-use crate::virtio_mmio::{self, ConsoleConfig, DiskConfig, VirtioDevices, VirtioMmioError};
+use crate::virtio_mmio::{
+    self, ConsoleConfig, DiskConfig, ShareConfig, VirtioDevices, VirtioMmioError,
+};
 
 /// The most vCPUs kvmbuild gives a guest: xAPIC IDs and the MADT's entries are 8 bits wide.
 pub const MAX_VCPUS: u8 = 254;
@@ -49,6 +51,8 @@ pub struct VmConfig {
     pub console: Box<dyn Write + Send>,
     /// Raw disk images for virtio-blk, in order (the first is /dev/vda).
     pub disks: Vec<DiskConfig>,
+    /// File systems shared through vhost-user back ends (virtio-fs).
+    pub shares: Vec<ShareConfig>,
     /// A virtio-console (hvc0), if the guest gets one.
     pub virtio_console: Option<ConsoleConfig>,
     /// Whether the guest gets a virtio-rng.
@@ -141,9 +145,11 @@ impl VmError {
             VmError::Loader(_)
             | VmError::BadMemorySize(..)
             | VmError::BadVcpuCount(..)
-            | VmError::Virtio(VirtioMmioError::Disk { .. } | VirtioMmioError::TooMany(_)) => {
-                ErrorClass::BadInput
-            }
+            | VmError::Virtio(
+                VirtioMmioError::Disk { .. }
+                | VirtioMmioError::Share(_)
+                | VirtioMmioError::TooMany(_),
+            ) => ErrorClass::BadInput,
             _ => ErrorClass::Internal,
         }
     }
@@ -422,8 +428,13 @@ pub fn run(mut config: VmConfig) -> Result<RunReport, VmError> {
     let exit = Arc::new(VmExit::new().map_err(device_err("exit channel"))?);
     let console = std::mem::replace(&mut config.console, Box::new(std::io::sink()));
     let (pio, serial) = attach_legacy_devices(&fd, console, &exit)?;
-    let virtio_list =
-        virtio_mmio::build_devices(&config.disks, config.virtio_console.take(), config.rng)?;
+    let virtio_list = virtio_mmio::build_devices(
+        &config.disks,
+        &config.shares,
+        config.virtio_console.take(),
+        config.rng,
+        &exit,
+    )?;
     let virtio = virtio_mmio::attach(&fd, &mem, virtio_list)?;
     let vm = Vm {
         fd,

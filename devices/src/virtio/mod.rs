@@ -29,6 +29,7 @@ pub mod console;
 pub mod mmio;
 pub mod rng;
 pub mod thread;
+pub mod vhost_user_fs;
 mod worker;
 
 #[cfg(test)]
@@ -48,6 +49,8 @@ pub mod device_type {
     pub const CONSOLE: u32 = 3;
     /// virtio-rng (entropy source).
     pub const RNG: u32 = 4;
+    /// virtio-fs.
+    pub const FS: u32 = 26;
 }
 
 /// Device status bits (virtio 1.2, section 2.1).
@@ -93,6 +96,9 @@ pub enum ActivateError {
     /// A host resource (an fd clone) could not be had.
     #[error("cannot set up the device")]
     Io(#[source] io::Error),
+    /// An external back end (vhost-user) refused the set-up.
+    #[error("the back end refused the set-up: {0}")]
+    Backend(String),
 }
 
 /// Everything a device needs to run, handed over at activation.

@@ -1,0 +1,189 @@
+//! virtio-fs through a real virtiofsd: kvmbuild's init mounts the share, the guest reads what the
+//! host put there and writes files that the host then reads.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::guest::{boot, cloud_kernel, includes_for, kvmbuild_initrd, scratch};
+
+const GUARD: Duration = Duration::from_secs(300);
+const TAG: &str = "shared";
+const FROM_HOST: &str = "written by the host for the guest";
+
+/// A virtiofsd serving one directory, killed when dropped.
+struct Virtiofsd {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Virtiofsd {
+    fn start(dir: &Path, socket: PathBuf) -> Self {
+        let binary = which_virtiofsd();
+        let child = Command::new(&binary)
+            .arg(format!("--socket-path={}", socket.display()))
+            .arg(format!("--shared-dir={}", dir.display()))
+            .args([
+                "--sandbox",
+                "none",
+                "--seccomp",
+                "none",
+                "--log-level",
+                "error",
+            ])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e} (run .ci/install-deps)", binary.display()));
+        let started = Instant::now();
+        while !socket.exists() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "virtiofsd made no socket"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, socket }
+    }
+}
+
+impl Drop for Virtiofsd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn which_virtiofsd() -> PathBuf {
+    let cargo_bin = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/virtiofsd"));
+    let path_dirs = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path_dirs)
+        .map(|d| d.join("virtiofsd"))
+        .chain(cargo_bin)
+        .find(|p| p.is_file())
+        .expect("virtiofsd is installed (cargo install virtiofsd)")
+}
+
+/// Percent-encodes a value for a `kvmbuild.*` setting: everything but a few safe bytes.
+fn encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'/' | b'.' | b'-' | b'_' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The guest reads a host file through virtio-fs and writes two files back; the host sees them.
+pub fn guest_and_host_share_files_through_virtiofsd() {
+    let kernel = cloud_kernel();
+    // The shared directory must not itself be on virtiofs (inside the test host the temporary
+    // directory is a tmpfs), or virtiofsd's file handles go stale.
+    let dir = scratch("virtiofs");
+    let share = dir.join("share");
+    std::fs::create_dir_all(&share).unwrap();
+    std::fs::write(share.join("from-host.txt"), format!("{FROM_HOST}\n")).unwrap();
+    let virtiofsd = Virtiofsd::start(&share, dir.join("fs.sock"));
+
+    let initrd = dir.join("initrd.img");
+    kvmbuild_initrd(&kernel, &includes_for("/bin/busybox"), &initrd);
+    let script = "/bin/busybox cat /mnt/from-host.txt && echo from-guest > /mnt/from-guest.txt \
+                  && /bin/busybox seq 1 50000 > /mnt/numbers.txt";
+    let cmdline = format!(
+        "console=ttyS0 panic=1 quiet kvmbuild.fs={TAG}:/mnt kvmbuild.env=PATH=/bin \
+         kvmbuild.cmd=/bin/busybox,sh,-c,{}",
+        encode(script)
+    );
+    let share_arg = format!("{},tag={TAG}", virtiofsd.socket.display());
+    let args = ["--mem", "256", "--vhost-user-fs", share_arg.as_str()];
+    let run = boot(&kernel.bzimage, &initrd, &cmdline, &args, GUARD);
+    println!(
+        "virtiofs: guest booted, shared files and exited in {:.1} s",
+        run.elapsed.as_secs_f64()
+    );
+    drop(virtiofsd);
+
+    run.check(run.status == Some(0), "the guest's command should succeed");
+    run.check(
+        run.console.contains(FROM_HOST),
+        "the guest should read the host's file through virtio-fs",
+    );
+    assert_eq!(
+        std::fs::read_to_string(share.join("from-guest.txt")).unwrap(),
+        "from-guest\n"
+    );
+    let numbers: String = (1..=50_000).map(|n| format!("{n}\n")).collect();
+    assert_eq!(
+        std::fs::read_to_string(share.join("numbers.txt")).unwrap(),
+        numbers
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// When virtiofsd dies under a running guest, the guest's file-system requests could never
+/// complete: kvmbuild ends the VM with an internal error naming the back end instead of hanging.
+pub fn a_vanished_virtiofsd_ends_the_vm() {
+    use std::io::{BufRead, BufReader};
+
+    let kernel = cloud_kernel();
+    let dir = scratch("virtiofs-gone");
+    let share = dir.join("share");
+    std::fs::create_dir_all(&share).unwrap();
+    let virtiofsd = Virtiofsd::start(&share, dir.join("fs.sock"));
+    let initrd = dir.join("initrd.img");
+    kvmbuild_initrd(&kernel, &includes_for("/bin/busybox"), &initrd);
+    let script = "echo KVMBUILD-SHARE-MOUNTED && while true; do /bin/busybox ls /mnt; /bin/busybox sleep 1; done";
+    let cmdline = format!(
+        "console=ttyS0 panic=1 quiet kvmbuild.fs={TAG}:/mnt kvmbuild.cmd=/bin/busybox,sh,-c,{}",
+        encode(script)
+    );
+    let share_arg = format!("{},tag={TAG}", virtiofsd.socket.display());
+    let mut kvmbuild = Command::new(env!("CARGO_BIN_EXE_kvmbuild"))
+        .args([
+            "run",
+            "--mem",
+            "256",
+            "--timeout",
+            "240",
+            "--vhost-user-fs",
+            &share_arg,
+        ])
+        .arg("--kernel")
+        .arg(&kernel.bzimage)
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--cmdline", &cmdline])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kvmbuild starts");
+    let console = BufReader::new(kvmbuild.stdout.take().unwrap());
+    let mut seen = Vec::new();
+    for line in console.lines().map_while(Result::ok) {
+        let ready = line.contains("KVMBUILD-SHARE-MOUNTED");
+        seen.push(line);
+        if ready {
+            break;
+        }
+    }
+    assert!(
+        seen.iter().any(|l| l.contains("KVMBUILD-SHARE-MOUNTED")),
+        "the share never mounted:\n{}",
+        seen.join("\n")
+    );
+    drop(virtiofsd);
+    let out = kvmbuild.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(70),
+        "kvmbuild should end with an internal error:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("went away"),
+        "the error should say the back end went away:\n{stderr}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
