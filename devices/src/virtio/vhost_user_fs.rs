@@ -61,7 +61,7 @@ pub struct VhostUserFs {
     frontend: Frontend,
     /// The back end's virtio features (without the vhost-user protocol bit).
     backend_features: u64,
-        /// Whether protocol features were negotiated (then vrings must be enabled explicitly).
+    /// Whether protocol features were negotiated (then vrings must be enabled explicitly).
     protocol_features: bool,
     /// Whether the back end was handed the vrings (and so has something to stop at reset).
     started: bool,
@@ -102,7 +102,7 @@ impl VhostUserFs {
             socket: socket.to_path_buf(),
             frontend,
             backend_features: raw_features & !VHOST_USER_F_PROTOCOL_FEATURES,
-                        protocol_features,
+            protocol_features,
             started: false,
             config: fs_config(tag),
             exit,
@@ -223,7 +223,7 @@ impl VirtioDevice for VhostUserFs {
 
     fn activate(&mut self, a: Activation) -> Result<DeviceWorker, ActivateError> {
         a.expect_queues(NUM_QUEUES)?;
-                self.started = true;
+        self.started = true;
         if let Err(e) = self.start(&a) {
             self.exit.request(ExitReason::Internal(error_chain(&e)));
             return Err(ActivateError::Backend(e.to_string()));
@@ -235,7 +235,7 @@ impl VirtioDevice for VhostUserFs {
         }))
     }
 
-        fn reset(&mut self) {
+    fn reset(&mut self) {
         // Linux resets the device at the start of every probe, before any set-up: then there is
         // nothing to stop. Otherwise get_vring_base stops each ring (vhost-user's way); the back
         // end keeps the connection and is set up afresh at the next DRIVER_OK.
