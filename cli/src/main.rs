@@ -2,6 +2,7 @@
 
 mod exit_code;
 mod initrd;
+mod qemu_compat;
 mod run;
 mod terminal;
 
@@ -26,6 +27,13 @@ enum Command {
     /// Boot a kernel and run the guest until it powers off.
     #[command(after_help = run::RUN_HELP)]
     Run(run::RunArgs),
+    /// Run a guest described by QEMU arguments (the subset nixpkgs' vmTools uses).
+    #[command(name = "qemu-compat", disable_help_flag = true)]
+    QemuCompat {
+        /// QEMU's arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<String>,
+    },
     /// Build an initrd with kvmbuild's init, kernel modules and host files.
     #[command(after_help = initrd::INITRD_HELP)]
     Initrd(initrd::InitrdArgs),
@@ -47,6 +55,16 @@ fn one_line(e: &clap::Error) -> String {
 }
 
 fn main() -> ExitCode {
+    // Under a QEMU binary's name (a symlink), the whole command line is QEMU's.
+    let argv0 = std::env::args().next().unwrap_or_default();
+    let name = std::path::Path::new(&argv0)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("");
+    if qemu_compat::QEMU_NAMES.contains(&name) {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        return qemu_compat::qemu_compat(&args);
+    }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if e.use_stderr() => return fail(exit_code::BAD_INPUT, one_line(&e)),
@@ -59,5 +77,6 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Initrd(args) => initrd::initrd(args),
+        Command::QemuCompat { args } => qemu_compat::qemu_compat(&args),
     }
 }

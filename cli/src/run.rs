@@ -32,45 +32,45 @@ pub const RUN_HELP: &str = concat!(
 pub struct RunArgs {
     /// Kernel to boot: a bzImage or an ELF vmlinux.
     #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    pub(crate) kernel: PathBuf,
     /// Initial ramdisk to load.
     #[arg(long, value_name = "PATH")]
-    initrd: Option<PathBuf>,
+    pub(crate) initrd: Option<PathBuf>,
     /// Kernel command line, passed as given (kvmbuild appends its virtio_mmio.device= entries)
     /// [default: "console=ttyS0 panic=1", or console=hvc0 with --console-device hvc0].
     #[arg(long, value_name = "STR")]
-    cmdline: Option<String>,
+    pub(crate) cmdline: Option<String>,
     /// Guest memory in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 512)]
-    mem: u64,
+    pub(crate) mem: u64,
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1)]
-    cpus: u64,
+    pub(crate) cpus: u64,
     /// Where the console goes: stdout, none, or a file path.
     #[arg(long, value_name = "stdout|none|PATH", default_value = "stdout")]
-    console: String,
+    pub(crate) console: String,
     /// Which device carries the console: the serial port (ttyS0) or a virtio-console (hvc0).
     /// Both write to --console.
     #[arg(long, value_enum, default_value_t = ConsoleDevice::Ttys0)]
-    console_device: ConsoleDevice,
+    pub(crate) console_device: ConsoleDevice,
     /// A raw disk image on virtio-blk, `,ro` for read-only; repeat for more (the first is
     /// /dev/vda).
     #[arg(long, value_name = "PATH[,ro]", value_parser = parse_disk)]
-    disk: Vec<DiskConfig>,
+    pub(crate) disk: Vec<DiskConfig>,
     /// Share a file system served by a running vhost-user back end (virtiofsd) at SOCKET,
     /// mounted in the guest by TAG; repeatable.
     #[arg(long, value_name = "SOCKET,tag=TAG", value_parser = parse_share)]
-    vhost_user_fs: Vec<ShareConfig>,
+    pub(crate) vhost_user_fs: Vec<ShareConfig>,
     /// Give the guest a virtio-rng fed from the host's getrandom.
     #[arg(long)]
-    rng: bool,
+    pub(crate) rng: bool,
     /// End the guest after this many seconds (fractions allowed).
     #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
-    timeout: Option<Duration>,
+    pub(crate) timeout: Option<Duration>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum ConsoleDevice {
+pub(crate) enum ConsoleDevice {
     /// The 8250 serial port, COM1.
     #[value(name = "ttyS0")]
     Ttys0,

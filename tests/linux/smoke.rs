@@ -119,3 +119,30 @@ pub fn default_reboot_is_reported_as_reset() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// 3.5 GiB of RAM (the test host has 4): the 512 MiB beyond 3 GiB continue above the 32-bit MMIO
+/// hole, and the kernel uses them (MemTotal exceeds everything that fits below the hole).
+pub fn memory_above_the_mmio_hole() {
+    let kernel = cloud_kernel();
+    let dir = scratch("highmem");
+    let initrd = dir.join("initrd.cpio");
+    let init = "/bin/busybox mount -t proc proc /proc\n\
+                echo \"KVMBUILD-MEMTOTAL $(/bin/busybox awk '/^MemTotal/ {print $2}' /proc/meminfo)\"\n\
+                /bin/busybox poweroff -f\n";
+    std::fs::write(&initrd, busybox_initrd(init)).unwrap();
+    let run = boot(&kernel.bzimage, &initrd, CMDLINE, &["--mem", "3584"], GUARD);
+    run.check(run.status == Some(0), "the guest should power off cleanly");
+    let kib: u64 = run
+        .console
+        .lines()
+        .find_map(|l| l.split("KVMBUILD-MEMTOTAL ").nth(1)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no MemTotal on the console:\n{}", run.console));
+    println!("highmem: MemTotal {kib} KiB with --mem 3584");
+    // At most 3 GiB fit below the hole (less the kernel's reservations); anything clearly above
+    // that must come from the RAM above 4 GiB.
+    assert!(
+        kib > 3 * 1024 * 1024 + 128 * 1024,
+        "MemTotal {kib} KiB: RAM above the hole is missing"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -187,3 +187,93 @@ pub fn a_vanished_virtiofsd_ends_the_vm() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// The vmTools shape through `kvmbuild qemu-compat`: QEMU's arguments for two virtiofsd shares
+/// (`store`, `xchg`), a virtio disk and virtio-rng. The guest reads the store, reports through
+/// `xchg/in-vm-exit` as vmTools' stage 2 does, and the host finds it there.
+pub fn qemu_compat_runs_the_vmtools_device_set() {
+    let kernel = cloud_kernel();
+    let dir = scratch("qemu-compat");
+    let (store, xchg) = (dir.join("store"), dir.join("xchg"));
+    std::fs::create_dir_all(&store).unwrap();
+    std::fs::create_dir_all(&xchg).unwrap();
+    std::fs::write(store.join("hello"), "KVMBUILD-FROM-STORE\n").unwrap();
+    let disk = dir.join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let store_fs = Virtiofsd::start(&store, dir.join("store.sock"));
+    let xchg_fs = Virtiofsd::start(&xchg, dir.join("xchg.sock"));
+
+    let initrd = dir.join("initrd.img");
+    kvmbuild_initrd(&kernel, &includes_for("/bin/busybox"), &initrd);
+    let script = "/bin/busybox cat /store/hello \
+                  && /bin/busybox cat /sys/block/vda/size > /xchg/vda-sectors \
+                  && /bin/busybox test -c /dev/hwrng \
+                  && echo 0 > /xchg/in-vm-exit";
+    let append = format!(
+        "console=ttyS0 panic=1 quiet kvmbuild.fs=store:/store kvmbuild.fs=xchg:/xchg \
+         kvmbuild.cmd=/bin/busybox,sh,-c,{}",
+        encode(script)
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_kvmbuild"))
+        .arg("qemu-compat")
+        .args([
+            "-cpu",
+            "max",
+            "-m",
+            "256",
+            "-smp",
+            "cpus=1",
+            "-nographic",
+            "-no-reboot",
+        ])
+        .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
+        .args([
+            "-machine",
+            "memory-backend=mem",
+            "-device",
+            "virtio-rng-pci",
+        ])
+        .arg("-chardev")
+        .arg(format!(
+            "socket,id=store,path={}",
+            store_fs.socket.display()
+        ))
+        .args(["-device", "vhost-user-fs-pci,chardev=store,tag=store"])
+        .arg("-chardev")
+        .arg(format!("socket,id=xchg,path={}", xchg_fs.socket.display()))
+        .args(["-device", "vhost-user-fs-pci,chardev=xchg,tag=xchg"])
+        .arg("-drive")
+        .arg(format!(
+            "file={},if=virtio,cache=unsafe,werror=report",
+            disk.display()
+        ))
+        .arg("-kernel")
+        .arg(&kernel.bzimage)
+        .arg("-initrd")
+        .arg(&initrd)
+        .args(["-append", &append])
+        .output()
+        .expect("kvmbuild starts");
+    drop((store_fs, xchg_fs));
+    let console = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let context = format!("--- console ---\n{console}\n--- stderr ---\n{stderr}");
+    assert_eq!(out.status.code(), Some(0), "{context}");
+    assert!(
+        console.contains("KVMBUILD-FROM-STORE"),
+        "the guest should read the store\n{context}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(xchg.join("in-vm-exit")).unwrap(),
+        "0\n",
+        "{context}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(xchg.join("vda-sectors")).unwrap(),
+        "16384\n"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
