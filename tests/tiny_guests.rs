@@ -472,3 +472,58 @@ fn pvh_note_selects_the_32_bit_pvh_entry() {
     run.assert_stdout_has(", modules 1\n");
     fs::remove_file(initrd).unwrap();
 }
+
+#[test]
+fn bench_reports_every_marked_phase_as_json_and_svg() {
+    require_kvm!();
+    let json = support::scratch_path("bench.json");
+    let svg = support::scratch_path("bench.svg");
+    let elf = guest("markers").elf;
+    let run = support::kvmbuild([
+        "bench",
+        "--kernel",
+        elf.to_str().unwrap(),
+        "--mem",
+        "64",
+        "--runs",
+        "3",
+        "--warmup",
+        "1",
+        "--json",
+        json.to_str().unwrap(),
+        "--svg",
+        svg.to_str().unwrap(),
+    ]);
+    run.assert_code(exit::OK);
+    let report: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&json).unwrap()).unwrap();
+    let phases: Vec<&str> = report["kvmbuild_phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["phase"].as_str().unwrap())
+        .collect();
+    // The markers guest marks all three phases, so every phase is measured, in boot order.
+    assert_eq!(
+        phases,
+        ["setup", "kernel", "init", "command", "exit", "teardown"],
+        "{report}"
+    );
+    for p in report["kvmbuild_phases"].as_array().unwrap() {
+        let (min, median, max) = (
+            p["min_ms"].as_f64().unwrap(),
+            p["median_ms"].as_f64().unwrap(),
+            p["max_ms"].as_f64().unwrap(),
+        );
+        assert!(0.0 <= min && min <= median && median <= max, "{p}");
+        assert_eq!(p["samples"], 3);
+    }
+    assert!(report["qemu_process_total"].is_null());
+    let plot = fs::read_to_string(&svg).unwrap();
+    assert!(
+        plot.starts_with("<svg") && plot.contains("kvmbuild teardown"),
+        "{plot}"
+    );
+    fs::remove_file(json).unwrap();
+    fs::remove_file(svg).unwrap();
+}

@@ -1,5 +1,6 @@
 //! The `kvmbuild` command.
 
+mod bench;
 mod exit_code;
 mod initrd;
 mod qemu_compat;
@@ -34,6 +35,9 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
         args: Vec<String>,
     },
+    /// Boot a kernel many times and report each boot phase (JSON, SVG), optionally beside QEMU.
+    #[command(after_help = bench::BENCH_HELP)]
+    Bench(bench::BenchArgs),
     /// Build an initrd with kvmbuild's init, kernel modules and host files.
     #[command(after_help = initrd::INITRD_HELP)]
     Initrd(initrd::InitrdArgs),
@@ -77,6 +81,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => run::run(args),
         Command::Initrd(args) => initrd::initrd(args),
+        Command::Bench(args) => bench::run_bench(args),
         Command::QemuCompat { args } => qemu_compat::qemu_compat(&args),
     }
 }

@@ -68,7 +68,7 @@ pub struct RunReport {
     pub reason: ExitReason,
     /// When set-up began (before KVM was opened).
     pub started: Instant,
-    /// When the first vCPU was started.
+    /// Just before the first vCPU thread was started.
     pub guest_started: Instant,
     /// When the exit was noticed.
     pub ended: Instant,
@@ -332,12 +332,14 @@ fn load_guest(vm: &Vm, config: &VmConfig, mem_size: u64) -> Result<BootEntry, Vm
     Ok(BootEntry::Linux64(kernel.entry))
 }
 
+/// Creates and configures every vCPU, then starts their threads. Returns the threads and the
+/// moment just before the first one started.
 fn start_vcpus(
     kvm: &Kvm,
     vm: &Vm,
     count: u8,
     entry: BootEntry,
-) -> Result<Vec<std::thread::JoinHandle<()>>, VmError> {
+) -> Result<(Vec<std::thread::JoinHandle<()>>, Instant), VmError> {
     let cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("read the supported CPUID"))?;
@@ -357,11 +359,13 @@ fn start_vcpus(
         vcpu::configure(&fd, index, count, &cpuid, entry)?;
         fds.push(fd);
     }
+    // Stamped before the first thread starts: a quick guest marks its first phase at once.
+    let started = Instant::now();
     let mut threads = Vec::with_capacity(fds.len());
     for (index, fd) in (0..).zip(fds) {
         threads.push(vcpu::spawn(fd, index, ctx.clone())?);
     }
-    Ok(threads)
+    Ok((threads, started))
 }
 
 /// While a VM runs, the eventfd through which [`stop_from_signal`] stops it (else -1).
@@ -445,8 +449,7 @@ pub fn run(mut config: VmConfig) -> Result<RunReport, VmError> {
         exit,
     };
     let entry = load_guest(&vm, &config, mem_size)?;
-    let threads = start_vcpus(&kvm, &vm, config.vcpus, entry)?;
-    let guest_started = Instant::now();
+    let (threads, guest_started) = start_vcpus(&kvm, &vm, config.vcpus, entry)?;
 
     STOP_EVENT.store(stop.as_raw_fd(), Ordering::SeqCst);
     let reason = wait_for_exit(&vm.exit, &stop, config.timeout);
