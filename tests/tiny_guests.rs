@@ -228,32 +228,24 @@ fn check_hello(run: &Run, cmdline: &str) {
     assert!(rsdp.ends_with("signature ok"), "{rsdp}\n{run}");
 }
 
-#[test]
-fn hello_as_bzimage_sees_its_boot_params() {
-    require_kvm!();
+/// Boots the hello guest from `kernel` without an initrd and checks what it reports.
+fn hello_sees_its_boot_params(kernel: &std::path::Path) {
     let cmdline = "hello from the test";
-    let run = run_guest(
-        &guest("hello").bzimage,
-        MEM_MIB,
-        TIMEOUT_S,
-        &["--cmdline", cmdline],
-    );
+    let run = run_guest(kernel, MEM_MIB, TIMEOUT_S, &["--cmdline", cmdline]);
     check_hello(&run, cmdline);
     run.assert_stdout_has("initrd: none\n");
 }
 
 #[test]
+fn hello_as_bzimage_sees_its_boot_params() {
+    require_kvm!();
+    hello_sees_its_boot_params(&guest("hello").bzimage);
+}
+
+#[test]
 fn hello_as_elf_sees_its_boot_params() {
     require_kvm!();
-    let cmdline = "hello from the test";
-    let run = run_guest(
-        &guest("hello").elf,
-        MEM_MIB,
-        TIMEOUT_S,
-        &["--cmdline", cmdline],
-    );
-    check_hello(&run, cmdline);
-    run.assert_stdout_has("initrd: none\n");
+    hello_sees_its_boot_params(&guest("hello").elf);
 }
 
 #[test]

@@ -622,12 +622,10 @@ mod tests {
         }
     }
 
-    /// Disassembles `dir/file` with `iasl -d` and returns the `.dsl` text.
-    fn disassemble(dir: &Path, file: &str, bytes: &[u8]) -> String {
-        std::fs::write(dir.join(file), bytes).unwrap();
+    /// Runs `iasl ARGS` in `dir`, asserts it succeeded, and returns everything it printed.
+    fn iasl(dir: &Path, args: &[&str]) -> String {
         let out = Command::new("iasl")
-            .arg("-d")
-            .arg(file)
+            .args(args)
             .current_dir(dir)
             .output()
             .unwrap();
@@ -636,7 +634,14 @@ mod tests {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(out.status.success(), "iasl -d {file} failed:\n{log}");
+        assert!(out.status.success(), "iasl {args:?} failed:\n{log}");
+        log
+    }
+
+    /// Disassembles `dir/file` with `iasl -d` and returns the `.dsl` text.
+    fn disassemble(dir: &Path, file: &str, bytes: &[u8]) -> String {
+        std::fs::write(dir.join(file), bytes).unwrap();
+        let log = iasl(dir, &["-d", file]);
         // iasl reports bad checksums and malformed tables as warnings, not failures.
         for bad in ["Incorrect checksum", "Invalid", "Error", "Warning"] {
             assert!(!log.contains(bad), "iasl -d {file} complained:\n{log}");
@@ -702,17 +707,7 @@ mod tests {
             );
 
             // Recompiling the disassembly checks the AML's semantics, not just its shape.
-            let out = Command::new("iasl")
-                .arg("dsdt.dsl")
-                .current_dir(&dir)
-                .output()
-                .unwrap();
-            let log = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            assert!(out.status.success(), "iasl dsdt.dsl failed:\n{log}");
+            let log = iasl(&dir, &["dsdt.dsl"]);
             assert!(
                 log.contains(" 0 Errors, 0 Warnings"),
                 "iasl dsdt.dsl:\n{log}"
