@@ -35,28 +35,28 @@ const VERSION: u32 = 2;
 /// PCI-SIG vendor id space is not used by virtio-mmio; Linux ignores this value.
 const VENDOR_ID: u32 = 0;
 
-// Register offsets (virtio 1.2, table 4.1).
+// Register offsets (virtio 1.2, table 4.1); the test driver writes them too.
 const MAGIC_VALUE: u64 = 0x000;
 const VERSION_REG: u64 = 0x004;
 const DEVICE_ID: u64 = 0x008;
 const VENDOR_ID_REG: u64 = 0x00c;
 const DEVICE_FEATURES: u64 = 0x010;
 const DEVICE_FEATURES_SEL: u64 = 0x014;
-const DRIVER_FEATURES: u64 = 0x020;
-const DRIVER_FEATURES_SEL: u64 = 0x024;
-const QUEUE_SEL: u64 = 0x030;
+pub(crate) const DRIVER_FEATURES: u64 = 0x020;
+pub(crate) const DRIVER_FEATURES_SEL: u64 = 0x024;
+pub(crate) const QUEUE_SEL: u64 = 0x030;
 const QUEUE_NUM_MAX: u64 = 0x034;
-const QUEUE_NUM: u64 = 0x038;
-const QUEUE_READY: u64 = 0x044;
+pub(crate) const QUEUE_NUM: u64 = 0x038;
+pub(crate) const QUEUE_READY: u64 = 0x044;
 const QUEUE_NOTIFY: u64 = QUEUE_NOTIFY_OFFSET;
 const INTERRUPT_STATUS: u64 = 0x060;
 const INTERRUPT_ACK: u64 = 0x064;
-const STATUS: u64 = 0x070;
-const QUEUE_DESC_LOW: u64 = 0x080;
+pub(crate) const STATUS: u64 = 0x070;
+pub(crate) const QUEUE_DESC_LOW: u64 = 0x080;
 const QUEUE_DESC_HIGH: u64 = 0x084;
-const QUEUE_AVAIL_LOW: u64 = 0x090;
+pub(crate) const QUEUE_AVAIL_LOW: u64 = 0x090;
 const QUEUE_AVAIL_HIGH: u64 = 0x094;
-const QUEUE_USED_LOW: u64 = 0x0a0;
+pub(crate) const QUEUE_USED_LOW: u64 = 0x0a0;
 const QUEUE_USED_HIGH: u64 = 0x0a4;
 const SHM_LEN_LOW: u64 = 0x0b0;
 const SHM_BASE_HIGH: u64 = 0x0bc;

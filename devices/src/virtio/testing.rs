@@ -11,7 +11,10 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::mmio::MmioTransport;
+use super::mmio::{
+    MmioTransport, DRIVER_FEATURES, DRIVER_FEATURES_SEL, QUEUE_AVAIL_LOW, QUEUE_DESC_LOW,
+    QUEUE_NOTIFY_OFFSET, QUEUE_NUM, QUEUE_READY, QUEUE_SEL, QUEUE_USED_LOW, STATUS,
+};
 use super::thread::DeviceThread;
 use super::{status, VirtioDevice};
 use crate::bus::BusDevice;
@@ -25,15 +28,6 @@ const AVAIL_OFFSET: u64 = 0x4000;
 const USED_OFFSET: u64 = 0x8000;
 /// Start of the area tests use for data buffers.
 pub const DATA: u64 = 0x10_0000;
-
-// Register offsets the driver uses.
-const DRIVER_FEATURES: u64 = 0x020;
-const DRIVER_FEATURES_SEL: u64 = 0x024;
-const QUEUE_SEL: u64 = 0x030;
-const QUEUE_NUM: u64 = 0x038;
-const QUEUE_READY: u64 = 0x044;
-const QUEUE_NOTIFY: u64 = 0x050;
-const STATUS: u64 = 0x070;
 
 /// A descriptor flag: the device writes this buffer.
 pub const W: bool = true;
@@ -131,9 +125,9 @@ impl Driver {
             self.write32(QUEUE_SEL, i);
             self.write32(QUEUE_NUM, u32::from(size));
             for (reg, addr) in [
-                (0x080, base),
-                (0x090, base + AVAIL_OFFSET),
-                (0x0a0, base + USED_OFFSET),
+                (QUEUE_DESC_LOW, base),
+                (QUEUE_AVAIL_LOW, base + AVAIL_OFFSET),
+                (QUEUE_USED_LOW, base + USED_OFFSET),
             ] {
                 self.write32(reg, addr as u32);
                 self.write32(reg + 4, (addr >> 32) as u32);
@@ -293,7 +287,7 @@ impl Driver {
 
     /// Notifies queue `q` through the QueueNotify register.
     pub fn kick(&self, q: u16) {
-        self.write32(QUEUE_NOTIFY, u32::from(q));
+        self.write32(QUEUE_NOTIFY_OFFSET, u32::from(q));
     }
 
     pub fn used_idx(&self, q: u16) -> u16 {
