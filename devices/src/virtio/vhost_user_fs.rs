@@ -78,10 +78,7 @@ impl VhostUserFs {
         }
         let mut frontend = Frontend::connect(socket, NUM_QUEUES as u64)
             .map_err(|e| VhostUserFsError::Connect(socket.to_path_buf(), e))?;
-        let request = |what| {
-            let path = socket.to_path_buf();
-            move |source| VhostUserFsError::Request { path, what, source }
-        };
+        let request = |what| request_err(socket, what);
         frontend.set_owner().map_err(request("set the owner"))?;
         let raw_features = frontend
             .get_features()
@@ -109,11 +106,6 @@ impl VhostUserFs {
         })
     }
 
-    fn request_err(&self, what: &'static str) -> impl FnOnce(vhost::Error) -> VhostUserFsError {
-        let path = self.socket.clone();
-        move |source| VhostUserFsError::Request { path, what, source }
-    }
-
     /// Hands the back end guest memory and the ready queues.
     fn start(&mut self, a: &Activation) -> Result<(), VhostUserFsError> {
         let mut acked = a.features & self.backend_features;
@@ -122,36 +114,42 @@ impl VhostUserFs {
         }
         self.frontend
             .set_features(acked)
-            .map_err(self.request_err("set features"))?;
+            .map_err(request_err(&self.socket, "set features"))?;
         let regions = memory_regions(&a.mem)?;
         self.frontend
             .set_mem_table(&regions)
-            .map_err(self.request_err("set the memory table"))?;
+            .map_err(request_err(&self.socket, "set the memory table"))?;
         for (index, (queue, kick)) in a.queues.iter().zip(&a.queue_events).enumerate() {
             let config = vring_config(&a.mem, queue);
             self.frontend
                 .set_vring_num(index, queue.size())
-                .map_err(self.request_err("set a vring's size"))?;
+                .map_err(request_err(&self.socket, "set a vring's size"))?;
             self.frontend
                 .set_vring_addr(index, &config)
-                .map_err(self.request_err("set a vring's addresses"))?;
+                .map_err(request_err(&self.socket, "set a vring's addresses"))?;
             self.frontend
                 .set_vring_base(index, 0)
-                .map_err(self.request_err("set a vring's base"))?;
+                .map_err(request_err(&self.socket, "set a vring's base"))?;
             self.frontend
                 .set_vring_call(index, a.interrupt.event())
-                .map_err(self.request_err("set a vring's call fd"))?;
+                .map_err(request_err(&self.socket, "set a vring's call fd"))?;
             self.frontend
                 .set_vring_kick(index, kick)
-                .map_err(self.request_err("set a vring's kick fd"))?;
+                .map_err(request_err(&self.socket, "set a vring's kick fd"))?;
             if self.protocol_features {
                 self.frontend
                     .set_vring_enable(index, true)
-                    .map_err(self.request_err("enable a vring"))?;
+                    .map_err(request_err(&self.socket, "enable a vring"))?;
             }
         }
         Ok(())
     }
+}
+
+/// Turns a failed vhost-user request to the back end at `socket` into an error naming both.
+fn request_err(socket: &Path, what: &'static str) -> impl FnOnce(vhost::Error) -> VhostUserFsError {
+    let path = socket.to_path_buf();
+    move |source| VhostUserFsError::Request { path, what, source }
 }
 
 /// The configuration space: the tag, NUL-padded, then the number of request queues.
