@@ -63,17 +63,9 @@ fn which_virtiofsd() -> PathBuf {
         .expect("virtiofsd is installed (cargo install virtiofsd)")
 }
 
-/// Percent-encodes a value for a `kvmbuild.*` setting: everything but a few safe bytes.
+/// Percent-encodes a value for a `kvmbuild.*` setting, as the init's own format does.
 fn encode(value: &str) -> String {
-    value
-        .bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'/' | b'.' | b'-' | b'_' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    initrd::config::encode(value.as_bytes())
 }
 
 /// The guest reads a host file through virtio-fs and writes two files back; the host sees them.
