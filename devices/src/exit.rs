@@ -5,6 +5,7 @@
 //! `EventFd`. Boot-phase markers are timestamped here too, so `bench` reads them from one place.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -65,6 +66,8 @@ impl BootPhase {
 /// The exit channel shared by every vCPU, device and the run loop.
 pub struct VmExit {
     reason: Mutex<Option<ExitReason>>,
+    /// Set with `reason`: lets vCPU threads check on every KVM exit without taking the lock.
+    requested: AtomicBool,
     markers: Mutex<Vec<(BootPhase, Instant)>>,
     event: EventFd,
 }
@@ -74,6 +77,7 @@ impl VmExit {
     pub fn new() -> io::Result<Self> {
         Ok(Self {
             reason: Mutex::new(None),
+            requested: AtomicBool::new(false),
             markers: Mutex::new(Vec::new()),
             event: EventFd::new(EFD_NONBLOCK)?,
         })
@@ -85,9 +89,15 @@ impl VmExit {
         let mut current = self.reason.lock().unwrap_or_else(|p| p.into_inner());
         if current.is_none() {
             *current = Some(reason);
+            self.requested.store(true, Ordering::Release);
             // A full eventfd counter only means the loop is already being woken.
             let _ = self.event.write(1);
         }
+    }
+
+    /// Whether an exit was requested: a lock-free check for hot paths.
+    pub fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
     }
 
     /// The reason the VM is ending, once one was requested.
@@ -128,9 +138,11 @@ mod tests {
     fn first_reason_wins_and_wakes_the_loop() {
         let exit = VmExit::new().unwrap();
         assert_eq!(exit.reason(), None);
+        assert!(!exit.is_requested());
         exit.request(ExitReason::GuestStatus(7));
         exit.request(ExitReason::PowerOff);
         assert_eq!(exit.reason(), Some(ExitReason::GuestStatus(7)));
+        assert!(exit.is_requested());
         assert_eq!(exit.event().read().unwrap(), 1);
     }
 

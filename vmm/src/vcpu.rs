@@ -356,7 +356,7 @@ enum Step {
 
 fn run_until_exit(vcpu: &mut VcpuFd, index: u8, ctx: &VcpuContext) -> Option<ExitReason> {
     loop {
-        if ctx.exit.reason().is_some() {
+        if ctx.exit.is_requested() {
             return None;
         }
         let step = match vcpu.run() {
