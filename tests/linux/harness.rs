@@ -13,8 +13,8 @@ pub struct Test {
     pub run: fn(),
 }
 
-/// Where /dev/kvm can run an ordinary Linux kernel.
-enum Path_ {
+/// Where the tests can reach a KVM that runs an ordinary Linux kernel.
+enum Route {
     /// Here: /dev/kvm has hardware-virtualisation semantics.
     Direct(&'static str),
     /// Through the test host: /dev/kvm here is PVM.
@@ -34,21 +34,21 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn choose_path() -> Path_ {
+fn choose_route() -> Route {
     if std::env::var_os(IN_TEST_HOST).is_some() {
-        return Path_::Direct("inside the test host (nested SVM)");
+        return Route::Direct("inside the test host (nested SVM)");
     }
     if let Err(e) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
     {
-        return Path_::Unavailable(format!("/dev/kvm: {e}"));
+        return Route::Unavailable(format!("/dev/kvm: {e}"));
     }
     if Path::new("/sys/module/kvm_pvm").exists() {
-        Path_::TestHost
+        Route::TestHost
     } else {
-        Path_::Direct("directly (/dev/kvm is hardware-backed)")
+        Route::Direct("directly (/dev/kvm is hardware-backed)")
     }
 }
 
@@ -99,28 +99,28 @@ pub fn main(tests: &[Test]) -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    let path = choose_path();
-    let pass_on = match path {
-        Path_::Unavailable(_) => Vec::new(),
+    let route = choose_route();
+    let pass_on = match route {
+        Route::Unavailable(_) => Vec::new(),
         _ => {
             let mut vars = super::guest::resolve_kernels();
             vars.push(super::guest::build_static_init());
             vars
         }
     };
-    match path {
-        Path_::TestHost => return cross_into_test_host(&pass_on),
-        Path_::Unavailable(why) if in_ci() => {
+    match route {
+        Route::TestHost => return cross_into_test_host(&pass_on),
+        Route::Unavailable(why) if in_ci() => {
             eprintln!(
                 "linux tests: FAILED: no usable KVM ({why}); under CI real-Linux tests never skip"
             );
             return ExitCode::FAILURE;
         }
-        Path_::Unavailable(why) => {
+        Route::Unavailable(why) => {
             println!("linux tests: skipped: no usable KVM ({why})");
             return ExitCode::SUCCESS;
         }
-        Path_::Direct(how) => println!("linux tests: running {how}"),
+        Route::Direct(how) => println!("linux tests: running {how}"),
     }
     run_all(tests, filter().as_deref())
 }

@@ -122,7 +122,7 @@ pub enum VmError {
     Virtio(#[from] VirtioMmioError),
     /// Writing boot structures into guest memory failed.
     #[error("cannot write the boot structures into guest memory: {0}")]
-    ZeroPage(vm_memory::GuestMemoryError),
+    BootStructures(vm_memory::GuestMemoryError),
 }
 
 /// The class of a [`VmError`], which decides the process exit status.
@@ -307,7 +307,7 @@ fn load_guest(vm: &Vm, config: &VmConfig, mem_size: u64) -> Result<BootEntry, Vm
     let initrd = initrd.map(|p| (p.addr, p.size));
     let rsdp_addr = acpi::write_acpi_tables(&vm.mem, config.vcpus, &vm.virtio.acpi)?.0;
     vcpu::write_boot_tables(&vm.mem)?;
-    firmware::write_reset_vector(&vm.mem).map_err(VmError::ZeroPage)?;
+    firmware::write_reset_vector(&vm.mem).map_err(VmError::BootStructures)?;
     if let Some(entry) = kernel.pvh_entry {
         pvh::write(
             &vm.mem,
@@ -328,7 +328,7 @@ fn load_guest(vm: &Vm, config: &VmConfig, mem_size: u64) -> Result<BootEntry, Vm
     })?;
     vm.mem
         .write_obj(params, GuestAddress(layout::ZERO_PAGE))
-        .map_err(VmError::ZeroPage)?;
+        .map_err(VmError::BootStructures)?;
     Ok(BootEntry::Linux64(kernel.entry))
 }
 
