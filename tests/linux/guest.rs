@@ -1,7 +1,7 @@
 //! Booting a Debian kernel with kvmbuild from a test: kernels, initrds and the run itself.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use initrd::cpio::{Archive, Kind};
@@ -187,7 +187,6 @@ impl Run {
 /// Boots `kernel` with `initrd` and returns what happened. A hang guard kills kvmbuild after
 /// `guard` (kvmbuild's own --timeout is set a little shorter, so a hang shows as exit 124).
 pub fn boot(kernel: &Path, initrd: &Path, cmdline: &str, extra: &[&str], guard: Duration) -> Run {
-    let started = Instant::now();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvmbuild"));
     cmd.arg("run")
         .arg("--kernel")
@@ -203,11 +202,52 @@ pub fn boot(kernel: &Path, initrd: &Path, cmdline: &str, extra: &[&str], guard: 
                 .to_string(),
         )
         .args(extra);
-    let out: Output = cmd.output().expect("kvmbuild starts");
+    run_guarded(cmd, guard)
+}
+
+/// Runs `cmd` to completion, killing it if it is still running after `guard`: a hung VMM then
+/// fails its test with what it printed (status None, and a note in `stderr`) instead of
+/// stalling the whole suite. Output is drained while it runs, so a full pipe cannot block it.
+pub fn run_guarded(mut cmd: Command, guard: Duration) -> Run {
+    let started = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the command starts");
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            String::from_utf8_lossy(&bytes).into_owned()
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for the command") {
+            break status.code();
+        }
+        if started.elapsed() > guard {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = stderr.join().expect("the stderr reader");
+    if status.is_none() {
+        stderr.push_str(&format!(
+            "\n[test harness: killed after the {guard:?} hang guard]\n"
+        ));
+    }
     Run {
-        status: out.status.code(),
-        console: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        status,
+        console: stdout.join().expect("the stdout reader"),
+        stderr,
         elapsed: started.elapsed(),
     }
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::guest::{boot, cloud_kernel, includes_for, kvmbuild_initrd, scratch};
+use super::guest::{boot, cloud_kernel, includes_for, kvmbuild_initrd, run_guarded, scratch};
 
 const GUARD: Duration = Duration::from_secs(300);
 const TAG: &str = "shared";
@@ -209,8 +209,8 @@ pub fn qemu_compat_runs_the_vmtools_device_set() {
          kvmbuild.cmd=/bin/busybox,sh,-c,{}",
         encode(script)
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_kvmbuild"))
-        .arg("qemu-compat")
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvmbuild"));
+    cmd.arg("qemu-compat")
         .args([
             "-cpu",
             "max",
@@ -246,22 +246,17 @@ pub fn qemu_compat_runs_the_vmtools_device_set() {
         .arg(&kernel.bzimage)
         .arg("-initrd")
         .arg(&initrd)
-        .args(["-append", &append])
-        .output()
-        .expect("kvmbuild starts");
+        .args(["-append", &append]);
+    let run = run_guarded(cmd, GUARD);
     drop((store_fs, xchg_fs));
-    let console = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let context = format!("--- console ---\n{console}\n--- stderr ---\n{stderr}");
-    assert_eq!(out.status.code(), Some(0), "{context}");
-    assert!(
-        console.contains("KVMBUILD-FROM-STORE"),
-        "the guest should read the store\n{context}"
+    run.check(run.status == Some(0), "kvmbuild qemu-compat should exit 0");
+    run.check(
+        run.console.contains("KVMBUILD-FROM-STORE"),
+        "the guest should read the store",
     );
     assert_eq!(
         std::fs::read_to_string(xchg.join("in-vm-exit")).unwrap(),
-        "0\n",
-        "{context}"
+        "0\n"
     );
     assert_eq!(
         std::fs::read_to_string(xchg.join("vda-sectors")).unwrap(),
