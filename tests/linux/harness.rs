@@ -134,6 +134,8 @@ fn run_all(tests: &[Test], filter: Option<&str>) -> ExitCode {
     println!("\nrunning {} tests", selected.len());
     let mut failed = Vec::new();
     for test in &selected {
+        // Named before it runs too, so that a run that stops shows where.
+        println!("starting {}", test.name);
         let t0 = Instant::now();
         let ok = std::panic::catch_unwind(test.run).is_ok();
         println!(
