@@ -162,6 +162,44 @@ fn command_line_longer_than_the_kernel_accepts() {
 }
 
 #[test]
+fn missing_disk_image() {
+    require_kvm!();
+    let k = kernel();
+    let r = run(&["run", "--kernel", s(&k), "--disk", "/nonexistent/disk.img"]);
+    r.assert_error(exit::BAD_INPUT, &["/nonexistent/disk.img"]);
+}
+
+#[test]
+fn disk_image_in_use_by_another_process() {
+    use std::os::unix::io::AsRawFd;
+    require_kvm!();
+    let k = kernel();
+    let image = support::scratch_path("locked-disk");
+    let file = fs::File::options()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&image)
+        .unwrap();
+    file.set_len(1 << 20).unwrap();
+    // The kind of lock a second kvmbuild (or QEMU) writing this image holds.
+    // SAFETY: flock is plain data; all-zero is valid and the fields used are set below.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_WRLCK as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: the fd is open; F_OFD_SETLK only reads the flock.
+    let locked = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
+    assert_eq!(locked, 0, "{}", std::io::Error::last_os_error());
+    for disk in [s(&image).to_string(), format!("{},ro", s(&image))] {
+        let r = run(&["run", "--kernel", s(&k), "--disk", &disk, "--timeout", "10"]);
+        r.assert_error(exit::BAD_INPUT, &[s(&image), "in use by another process"]);
+    }
+    drop(file);
+    fs::remove_file(image).unwrap();
+}
+
+#[test]
 fn memory_size_zero() {
     let k = kernel();
     let r = run(&["run", "--kernel", s(&k), "--mem", "0"]);

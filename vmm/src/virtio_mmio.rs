@@ -25,7 +25,7 @@ use crate::layout;
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioMmioError {
     /// A disk image cannot be used.
-    #[error("--disk {path}")]
+    #[error("--disk")]
     Disk {
         path: PathBuf,
         source: devices::virtio::BlockError,

@@ -96,6 +96,16 @@ pub enum BlockError {
         #[source]
         source: io::Error,
     },
+    /// Another process holds a conflicting lock on the image.
+    #[error("disk image {path} is in use by another process (it holds a {held} lock on it)")]
+    Locked { path: PathBuf, held: &'static str },
+    /// Taking the lock failed for another reason.
+    #[error("cannot lock disk image {path}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// The open image, shared between the device model and its running worker.
@@ -127,6 +137,7 @@ impl Block {
                 path: path.clone(),
                 source,
             })?;
+        lock_image(&file, read_only, &path)?;
         let size_err = |source| BlockError::Size {
             path: path.clone(),
             source,
@@ -531,6 +542,57 @@ impl WriteVolatile for FileAt<'_> {
 }
 
 /// Deallocates `[offset, offset + len)` of `file`, keeping its size; reads return zeroes.
+/// Locks the whole image for as long as `file` stays open: shared for a read-only disk,
+/// exclusive for a writable one, so that two VMs never write one image and none reads an
+/// image another is writing. Open-file-description locks rather than `flock`, because QEMU
+/// takes these (on a few bytes of the image) and a whole-file lock conflicts with them both
+/// ways. A file system without lock support gets no lock, as with QEMU.
+fn lock_image(file: &File, read_only: bool, path: &Path) -> Result<(), BlockError> {
+    let kind = if read_only {
+        libc::F_RDLCK
+    } else {
+        libc::F_WRLCK
+    };
+    // SAFETY: flock is plain data; all-zero is a valid value, and the fields we rely on are
+    // set below.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = kind as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    // l_start 0 and l_len 0: the whole file, however it grows.
+    // SAFETY: F_OFD_SETLK reads the flock we pass and does not keep the pointer; the fd is
+    // open for the duration of the call.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) } == 0 {
+        return Ok(());
+    }
+    let error = io::Error::last_os_error();
+    match error.raw_os_error() {
+        Some(libc::EAGAIN | libc::EACCES) => Err(BlockError::Locked {
+            path: path.to_path_buf(),
+            held: conflicting_lock(file, kind),
+        }),
+        Some(libc::ENOLCK | libc::EOPNOTSUPP | libc::EINVAL) => Ok(()),
+        _ => Err(BlockError::Lock {
+            path: path.to_path_buf(),
+            source: error,
+        }),
+    }
+}
+
+/// Names the kind of lock that blocks a `kind` lock on the whole of `file`.
+fn conflicting_lock(file: &File, kind: libc::c_int) -> &'static str {
+    // SAFETY: as in lock_image.
+    let mut probe: libc::flock = unsafe { std::mem::zeroed() };
+    probe.l_type = kind as libc::c_short;
+    probe.l_whence = libc::SEEK_SET as libc::c_short;
+    // SAFETY: F_OFD_GETLK fills in the flock we pass and does not keep the pointer.
+    let found = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut probe) } == 0;
+    match (found, i32::from(probe.l_type)) {
+        (true, libc::F_RDLCK) => "read",
+        (true, libc::F_WRLCK) => "write",
+        _ => "conflicting",
+    }
+}
+
 fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     fallocate(
         file,

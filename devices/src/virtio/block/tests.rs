@@ -137,6 +137,33 @@ fn open_errors_name_the_path() {
 }
 
 #[test]
+fn writers_exclude_everyone_and_readers_share() {
+    let dir = TempDir::new().unwrap();
+    let path = image(&dir, "disk");
+    let writer = Block::new(&path, false).unwrap();
+    for read_only in [false, true] {
+        let err = Block::new(&path, read_only).err().unwrap();
+        assert!(
+            matches!(err, BlockError::Locked { held: "write", .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("in use by another process"));
+    }
+    drop(writer);
+    let readers = [
+        Block::new(&path, true).unwrap(),
+        Block::new(&path, true).unwrap(),
+    ];
+    let err = Block::new(&path, false).err().unwrap();
+    assert!(
+        matches!(err, BlockError::Locked { held: "read", .. }),
+        "{err}"
+    );
+    drop(readers);
+    Block::new(&path, false).expect("the lock goes with the last reader");
+}
+
+#[test]
 fn reads_sectors_into_scattered_buffers() {
     let dir = TempDir::new().unwrap();
     let d = start(&image(&dir, "disk"), false);
@@ -191,6 +218,7 @@ fn get_id_returns_twenty_bytes() {
     assert_eq!((len, status), (21, S_OK));
     let meta = fs::metadata(&path).unwrap();
     assert_eq!(d.get(BUF, 20), derive_id(meta.dev(), meta.ino()));
+    drop(d);
     let named = start_device(
         Block::new(&path, false)
             .unwrap()
