@@ -236,7 +236,7 @@ mod tests {
         let err = build_devices(&[disk], &[], None, false, &exit)
             .err()
             .unwrap();
-        assert_eq!(err.to_string(), "--disk /nonexistent/disk.img");
+        assert_eq!(err.to_string(), "--disk", "the cause names the image");
         let cause = std::error::Error::source(&err).expect("the block device's error is the cause");
         assert!(
             cause.to_string().contains("/nonexistent/disk.img"),
