@@ -378,6 +378,7 @@ mod tests {
                 (BootPhase::CommandFinished, t0 + ms(35)),
             ],
             console_error: None,
+            stuck_vcpus: Vec::new(),
         };
         let s = sample(&report, t0 + ms(41));
         let expected = [2, 18, 5, 10, 5, 1].map(|n| Some(ms(n)));
@@ -396,6 +397,7 @@ mod tests {
             ended: t0 + ms(9),
             markers: vec![],
             console_error: None,
+            stuck_vcpus: Vec::new(),
         };
         let s = sample(&report, t0 + ms(10));
         assert_eq!(s.phases, [Some(ms(1)), None, None, None, None, Some(ms(1))]);

@@ -212,6 +212,11 @@ fn report_outcome(report: &RunReport, timeout: Option<Duration>) -> ExitCode {
     if let Some(e) = &report.console_error {
         eprintln!("kvmbuild: warning: console output was lost: {e}");
     }
+    for index in &report.stuck_vcpus {
+        eprintln!(
+            "kvmbuild: warning: vCPU {index} did not leave KVM_RUN after the VM ended (stuck in the host kernel); exiting without it"
+        );
+    }
     match &report.reason {
         ExitReason::PowerOff => ExitCode::from(exit_code::SUCCESS),
         ExitReason::GuestStatus(status) => ExitCode::from(*status),

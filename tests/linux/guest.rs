@@ -1,7 +1,9 @@
 //! Booting a Debian kernel with kvmbuild from a test: kernels, initrds and the run itself.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use initrd::cpio::{Archive, Kind};
@@ -207,7 +209,9 @@ pub fn boot(kernel: &Path, initrd: &Path, cmdline: &str, extra: &[&str], guard: 
 
 /// Runs `cmd` to completion, killing it if it is still running after `guard`: a hung VMM then
 /// fails its test with what it printed (status None, and a note in `stderr`) instead of
-/// stalling the whole suite. Output is drained while it runs, so a full pipe cannot block it.
+/// stalling the whole suite. Output is drained while it runs, so a full pipe cannot block it,
+/// and no step waits without a bound: a process that survives SIGKILL (stuck in the kernel) is
+/// reported with where its threads are, and left behind.
 pub fn run_guarded(mut cmd: Command, guard: Duration) -> Run {
     let started = Instant::now();
     let mut child = cmd
@@ -216,39 +220,95 @@ pub fn run_guarded(mut cmd: Command, guard: Duration) -> Run {
         .stderr(Stdio::piped())
         .spawn()
         .expect("the command starts");
-    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            if let Some(mut pipe) = pipe {
-                let _ = pipe.read_to_end(&mut bytes);
-            }
-            String::from_utf8_lossy(&bytes).into_owned()
-        })
-    };
-    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
-    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("waiting for the command") {
-            break status.code();
-        }
-        if started.elapsed() > guard {
+    let stdout = Drain::start(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = Drain::start(child.stderr.take().map(|p| Box::new(p) as _));
+    let mut notes = String::new();
+    let status = match wait_until(&mut child, started + guard) {
+        Some(status) => status.code(),
+        None => {
+            notes.push_str(&format!(
+                "\n[test harness: killed after the {guard:?} hang guard]\n"
+            ));
+            let stacks = kernel_stacks(child.id());
             let _ = child.kill();
-            let _ = child.wait();
-            break None;
+            if wait_until(&mut child, Instant::now() + Duration::from_secs(10)).is_none() {
+                notes.push_str(&format!(
+                    "[test harness: it survived SIGKILL for 10 s; its threads before the kill:]\n{stacks}"
+                ));
+            }
+            None
         }
-        std::thread::sleep(Duration::from_millis(50));
     };
-    let mut stderr = stderr.join().expect("the stderr reader");
-    if status.is_none() {
-        stderr.push_str(&format!(
-            "\n[test harness: killed after the {guard:?} hang guard]\n"
-        ));
-    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut stderr = stderr.take(deadline);
+    stderr.push_str(&notes);
     Run {
         status,
-        console: stdout.join().expect("the stdout reader"),
+        console: stdout.take(deadline),
         stderr,
         elapsed: started.elapsed(),
+    }
+}
+
+/// Waits for `child` to exit until `deadline`.
+fn wait_until(child: &mut std::process::Child, deadline: Instant) -> Option<ExitStatus> {
+    loop {
+        if let Some(status) = child.try_wait().expect("waiting for the command") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Each thread of process `pid` with its state, wait channel and kernel stack (from /proc).
+fn kernel_stacks(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return String::new();
+    };
+    let read = |path: PathBuf| std::fs::read_to_string(path).unwrap_or_default();
+    let mut out = String::new();
+    for task in tasks.flatten().map(|t| t.path()) {
+        let stat = read(task.join("stat"));
+        let wchan = read(task.join("wchan"));
+        out.push_str(&format!("  {} wchan {wchan}\n", stat.trim_end()));
+        for frame in read(task.join("stack")).lines().take(12) {
+            out.push_str(&format!("      {frame}\n"));
+        }
+    }
+    out
+}
+
+/// A thread reading one of a child's pipes to its end, into a buffer that can also be taken
+/// early (a grandchild may hold the pipe open after the child has gone).
+struct Drain {
+    bytes: Arc<Mutex<Vec<u8>>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Drain {
+    fn start(pipe: Option<Box<dyn Read + Send>>) -> Self {
+        let bytes = Arc::new(Mutex::new(Vec::new()));
+        let sink = bytes.clone();
+        let thread = std::thread::spawn(move || {
+            let Some(mut pipe) = pipe else { return };
+            let mut chunk = [0u8; 8192];
+            while let Ok(n @ 1..) = pipe.read(&mut chunk) {
+                sink.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        });
+        Self { bytes, thread }
+    }
+
+    /// What was read by the end of the pipe, or by `deadline` if the pipe stays open.
+    fn take(self, deadline: Instant) -> String {
+        while !self.thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let bytes = self.bytes.lock().unwrap();
+        String::from_utf8_lossy(&bytes).into_owned()
     }
 }
 

@@ -323,12 +323,18 @@ fn kick_signal() -> libc::c_int {
     SIGRTMIN()
 }
 
-/// Starts the thread that runs `vcpu`.
-pub fn spawn(mut vcpu: VcpuFd, index: u8, ctx: VcpuContext) -> Result<JoinHandle<()>, VcpuError> {
+/// Installs the handler of the kick signal (once per process); without it, a kick would kill
+/// the process.
+pub(crate) fn install_kick_handler() -> Result<(), VcpuError> {
     static HANDLER: Once = Once::new();
     let mut installed = Ok(());
     HANDLER.call_once(|| installed = register_signal_handler(kick_signal(), handle_kick));
-    installed.map_err(VcpuError::Signal)?;
+    installed.map_err(VcpuError::Signal)
+}
+
+/// Starts the thread that runs `vcpu`.
+pub fn spawn(mut vcpu: VcpuFd, index: u8, ctx: VcpuContext) -> Result<JoinHandle<()>, VcpuError> {
+    install_kick_handler()?;
     std::thread::Builder::new()
         .name(format!("vcpu{index}"))
         .spawn(move || {

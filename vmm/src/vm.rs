@@ -76,6 +76,9 @@ pub struct RunReport {
     pub markers: Vec<(BootPhase, Instant)>,
     /// A problem writing the console, noticed at exit.
     pub console_error: Option<String>,
+    /// vCPUs that did not leave `KVM_RUN` when the VM ended (stuck in the host kernel); the
+    /// process should exit rather than wait for them.
+    pub stuck_vcpus: Vec<usize>,
 }
 
 /// Errors that stop a VM from being built or run.
@@ -456,7 +459,10 @@ pub fn run(mut config: VmConfig) -> Result<RunReport, VmError> {
     STOP_EVENT.store(-1, Ordering::SeqCst);
     let ended = Instant::now();
     let markers = vm.exit.markers();
-    let console_error = tear_down(vm, threads);
+    let TearDown {
+        stuck_vcpus,
+        console_error,
+    } = tear_down(vm, threads);
     Ok(RunReport {
         reason,
         started,
@@ -464,22 +470,103 @@ pub fn run(mut config: VmConfig) -> Result<RunReport, VmError> {
         ended,
         markers,
         console_error,
+        stuck_vcpus,
     })
 }
 
-/// Stops the vCPU threads and the device thread, and flushes the console. Returns a console
-/// write error, if there was one, for the caller to report.
-fn tear_down(mut vm: Vm, threads: Vec<std::thread::JoinHandle<()>>) -> Option<String> {
-    for thread in &threads {
-        vcpu::kick(thread);
+/// How long vCPU threads get to leave `KVM_RUN` once the VM has ended. They take
+/// microseconds; one that takes longer is stuck in the host kernel, and waiting on it would
+/// turn a finished VM into a hung kvmbuild.
+const VCPU_STOP_GRACE: Duration = Duration::from_secs(5);
+/// vCPUs still running are kicked again this often, so a kick lost in a race with entering
+/// `KVM_RUN` (or any other way) costs this long, not the whole grace period.
+const REKICK_INTERVAL: Duration = Duration::from_millis(10);
+
+/// Kicks the vCPU threads out of `KVM_RUN` and joins them. Returns the indices of those still
+/// running after `grace`; they are left behind (detached) for process exit to end.
+fn stop_vcpus(threads: Vec<std::thread::JoinHandle<()>>, grace: Duration) -> Vec<usize> {
+    let started = Instant::now();
+    let mut running: Vec<_> = threads.into_iter().enumerate().collect();
+    let mut last_kick: Option<Instant> = None;
+    let mut pause = Duration::from_micros(20);
+    while !running.is_empty() && started.elapsed() < grace {
+        if last_kick.is_none_or(|at| at.elapsed() >= REKICK_INTERVAL) {
+            running.iter().for_each(|(_, thread)| vcpu::kick(thread));
+            last_kick = Some(Instant::now());
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(REKICK_INTERVAL);
+        let (finished, still): (Vec<_>, Vec<_>) =
+            running.into_iter().partition(|(_, t)| t.is_finished());
+        finished.into_iter().for_each(|(_, thread)| {
+            let _ = thread.join();
+        });
+        running = still;
     }
-    for thread in threads {
-        let _ = thread.join();
+    running.into_iter().map(|(index, _)| index).collect()
+}
+
+/// Stops the vCPU threads and the device thread, and flushes the console. Returns what went
+/// wrong on the way, for the caller to report.
+fn tear_down(mut vm: Vm, threads: Vec<std::thread::JoinHandle<()>>) -> TearDown {
+    let stuck_vcpus = stop_vcpus(threads, VCPU_STOP_GRACE);
+    if !stuck_vcpus.is_empty() {
+        // The device thread and guest memory stay as they are: a stuck vCPU may still use them.
+        std::mem::forget(vm);
+        return TearDown {
+            stuck_vcpus,
+            console_error: None,
+        };
     }
     if let Some(thread) = vm.virtio.thread.take() {
         // The guest is gone; a device thread that cannot stop cleanly changes nothing for it.
         let _ = thread.stop();
     }
     let mut serial = vm.serial.lock().unwrap_or_else(|p| p.into_inner());
-    serial.flush().err().map(|e| e.to_string())
+    TearDown {
+        stuck_vcpus: Vec::new(),
+        console_error: serial.flush().err().map(|e| e.to_string()),
+    }
+}
+
+/// What [`tear_down`] could not do cleanly.
+struct TearDown {
+    stuck_vcpus: Vec<usize>,
+    console_error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    #[test]
+    fn finished_vcpu_threads_are_joined_and_stuck_ones_reported() {
+        vcpu::install_kick_handler().unwrap();
+        let release = Arc::new(AtomicBool::new(false));
+        let quick = std::thread::spawn(|| {});
+        let stuck = std::thread::spawn({
+            let release = release.clone();
+            move || {
+                while !release.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        });
+        let started = Instant::now();
+        let grace = Duration::from_millis(200);
+        assert_eq!(stop_vcpus(vec![quick, stuck], grace), vec![1]);
+        let waited = started.elapsed();
+        assert!(waited >= grace && waited < grace * 10, "{waited:?}");
+        release.store(true, Ordering::SeqCst);
+    }
+
+    #[test]
+    fn threads_that_stop_at_once_cost_no_grace() {
+        vcpu::install_kick_handler().unwrap();
+        let threads = (0..4).map(|_| std::thread::spawn(|| {})).collect();
+        let started = Instant::now();
+        assert!(stop_vcpus(threads, Duration::from_secs(5)).is_empty());
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
 }
