@@ -1,5 +1,6 @@
 //! Choosing where the real-Linux tests run, and running them.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Instant;
@@ -52,16 +53,82 @@ fn choose_route() -> Route {
     }
 }
 
-/// Runs this same binary inside the test host and passes its status on.
-fn cross_into_test_host(pass_on: &[&str]) -> ExitCode {
-    let exe = std::env::current_exe().expect("the test binary knows its path");
+/// Names the tests a run inside the test host is to run (comma-separated), so that a second
+/// test host can take over the tests a stalled one did not finish.
+const ONLY_TESTS: &str = "KVMBUILD_LINUX_TESTS";
+/// The file in the test host's results directory where each finished test is recorded.
+const PROGRESS_FILE: &str = "linux-progress";
+/// tests/host-vm/run's exit status when the test host stopped responding (no heartbeat).
+const TEST_HOST_STALLED: i32 = 123;
+/// Test hosts the suite may use: a stalled one (a freeze of the TCG machine itself, seen here
+/// about once in ten runs, never a failed test) hands its unfinished tests to the next.
+const TEST_HOST_ATTEMPTS: usize = 3;
+
+/// Runs this same binary inside the test host and passes its status on. When the test host
+/// stops responding, the tests it had not finished run again in a new one; tests that failed
+/// stay failed.
+fn cross_into_test_host(tests: &[Test], pass_on: &[&str]) -> ExitCode {
     let runner = repo_root().join("tests/host-vm/run");
     println!(
         "linux tests: /dev/kvm here is PVM; running them inside the test host ({})",
         runner.display()
     );
-    let mut cmd = Command::new(&runner);
-    cmd.args(["--timeout", "2400", "-e", &format!("{IN_TEST_HOST}=1")]);
+    let mut pending: Vec<&str> = selected(tests, filter().as_deref())
+        .iter()
+        .map(|t| t.name)
+        .collect();
+    let mut failed = Vec::new();
+    for attempt in 1..=TEST_HOST_ATTEMPTS {
+        let results =
+            std::env::temp_dir().join(format!("kvmbuild-linux-{}-{attempt}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&results);
+        std::fs::create_dir_all(&results).expect("a results directory for the test host");
+        let status = run_in_test_host(&runner, &results, &pending, pass_on);
+        let finished = read_progress(&results.join(PROGRESS_FILE));
+        let _ = std::fs::remove_dir_all(&results);
+        let Some(status) = status else {
+            return ExitCode::FAILURE;
+        };
+        failed.extend(
+            finished
+                .iter()
+                .filter(|(_, ok)| !ok)
+                .map(|(n, _)| n.clone()),
+        );
+        if status != TEST_HOST_STALLED {
+            if attempt > 1 {
+                println!("linux tests: the selected tests ran in {attempt} test hosts");
+            }
+            if !failed.is_empty() {
+                println!("linux tests: failed: {}", failed.join(", "));
+                return ExitCode::FAILURE;
+            }
+            return ExitCode::from(status.clamp(0, 255) as u8);
+        }
+        pending.retain(|name| !finished.iter().any(|(n, _)| n == name));
+        println!(
+            "linux tests: the test host stopped responding (its kernel froze, not a test: \
+             its vCPUs are printed above); {} unfinished tests go to a new test host",
+            pending.len()
+        );
+    }
+    println!("linux tests: FAILED: {TEST_HOST_ATTEMPTS} test hosts in a row stopped responding");
+    ExitCode::FAILURE
+}
+
+/// One run of the runner; its exit status, or None if it could not start.
+fn run_in_test_host(
+    runner: &Path,
+    results: &Path,
+    tests: &[&str],
+    pass_on: &[&str],
+) -> Option<i32> {
+    let exe = std::env::current_exe().expect("the test binary knows its path");
+    let mut cmd = Command::new(runner);
+    cmd.args(["--timeout", "2400", "--results"])
+        .arg(results)
+        .args(["-e", &format!("{IN_TEST_HOST}=1")])
+        .args(["-e", &format!("{ONLY_TESTS}={}", tests.join(","))]);
     for var in ["CI", "RUST_BACKTRACE", "XDG_CACHE_HOME", "HOME"]
         .iter()
         .chain(pass_on)
@@ -78,13 +145,54 @@ fn cross_into_test_host(pass_on: &[&str]) -> ExitCode {
                 "linux tests: test host finished in {:.1} s with {status}",
                 started.elapsed().as_secs_f64()
             );
-            ExitCode::from(status.code().map_or(1, |c| c.clamp(0, 255) as u8))
+            Some(status.code().unwrap_or(1))
         }
         Err(e) => {
             eprintln!("linux tests: cannot start {}: {e}", runner.display());
-            ExitCode::FAILURE
+            None
         }
     }
+}
+
+/// The tests a run recorded as finished, with whether each passed.
+fn read_progress(path: &Path) -> Vec<(String, bool)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|line| match line.split_once(' ') {
+            Some(("ok", name)) => Some((name.to_string(), true)),
+            Some(("FAILED", name)) => Some((name.to_string(), false)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Records a finished test where the host can read it (inside the test host only).
+fn record_progress(name: &str, ok: bool) {
+    let Some(dir) = std::env::var_os("KVMBUILD_RESULTS") else {
+        return;
+    };
+    let line = format!("{} {name}\n", if ok { "ok" } else { "FAILED" });
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(Path::new(&dir).join(PROGRESS_FILE));
+    if let Ok(mut file) = file {
+        let _ = file.write_all(line.as_bytes());
+    }
+}
+
+/// The tests to run: those matching the name filter and, inside the test host, those the
+/// host asked for.
+fn selected<'a>(tests: &'a [Test], filter: Option<&str>) -> Vec<&'a Test> {
+    let only = std::env::var(ONLY_TESTS).ok();
+    tests
+        .iter()
+        .filter(|t| filter.is_none_or(|f| t.name.contains(f)))
+        .filter(|t| {
+            only.as_deref()
+                .is_none_or(|list| list.split(',').any(|n| n == t.name))
+        })
+        .collect()
 }
 
 /// The name filter libtest would take: the first argument that is not a flag.
@@ -109,7 +217,7 @@ pub fn main(tests: &[Test]) -> ExitCode {
         }
     };
     match route {
-        Route::TestHost => return cross_into_test_host(&pass_on),
+        Route::TestHost => return cross_into_test_host(tests, &pass_on),
         Route::Unavailable(why) if in_ci() => {
             eprintln!(
                 "linux tests: FAILED: no usable KVM ({why}); under CI real-Linux tests never skip"
@@ -126,10 +234,7 @@ pub fn main(tests: &[Test]) -> ExitCode {
 }
 
 fn run_all(tests: &[Test], filter: Option<&str>) -> ExitCode {
-    let selected: Vec<_> = tests
-        .iter()
-        .filter(|t| filter.is_none_or(|f| t.name.contains(f)))
-        .collect();
+    let selected = selected(tests, filter);
     let started = Instant::now();
     println!("\nrunning {} tests", selected.len());
     let mut failed = Vec::new();
@@ -144,6 +249,7 @@ fn run_all(tests: &[Test], filter: Option<&str>) -> ExitCode {
             if ok { "ok" } else { "FAILED" },
             t0.elapsed().as_secs_f64()
         );
+        record_progress(test.name, ok);
         if !ok {
             failed.push(test.name);
         }
