@@ -519,3 +519,67 @@ fn bench_reports_every_marked_phase_as_json_and_svg() {
     fs::remove_file(json).unwrap();
     fs::remove_file(svg).unwrap();
 }
+
+// ---- the serial port's input ----
+
+/// A pseudo-terminal: (master, slave).
+fn open_pty() -> (fs::File, fs::File) {
+    use std::os::fd::FromRawFd;
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two descriptors into the given ints; the other arguments may be
+    // null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors are fresh and owned by nothing else.
+    unsafe { (fs::File::from_raw_fd(master), fs::File::from_raw_fd(slave)) }
+}
+
+/// Whether the terminal on `fd` is in canonical (line-editing) mode.
+fn canonical(fd: &fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: termios is plain data, filled by tcgetattr.
+    let mut mode: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid terminal fd and a termios to fill.
+    assert_eq!(unsafe { libc::tcgetattr(fd.as_raw_fd(), &mut mode) }, 0);
+    mode.c_lflag & libc::ICANON != 0
+}
+
+#[test]
+fn typing_on_the_terminal_reaches_the_serial_port() {
+    use std::io::{BufRead, BufReader, Write};
+    require_kvm!();
+    let g = guest("echo");
+    let (mut master, slave) = open_pty();
+    let mut child = Command::new(support::KVMBUILD)
+        .args(["run", "--mem", "64", "--timeout", "30", "--kernel"])
+        .arg(&g.bzimage)
+        .stdin(slave.try_clone().unwrap())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("echo: ready") {
+        line.clear();
+        assert_ne!(stdout.read_line(&mut line).unwrap(), 0, "no 'echo: ready'");
+    }
+    // Enter sends a carriage return; more than the UART's 64-byte FIFO, typed at once.
+    let typed = "kvmbuild-".repeat(12);
+    master.write_all(typed.as_bytes()).unwrap();
+    master.write_all(b"\r").unwrap();
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert!(rest.contains(&typed), "the guest echoed {rest:?}");
+    assert_eq!(status.code(), Some(typed.len() as i32));
+    assert!(canonical(&slave), "the terminal's mode is restored");
+}

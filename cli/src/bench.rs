@@ -180,6 +180,7 @@ fn boot_once(args: &BenchArgs) -> anyhow::Result<Sample> {
         mem_mib: args.mem,
         vcpus: vm::vcpu_count(args.cpus)?,
         console: Box::new(std::io::sink()),
+        serial_input: None,
         disks: Vec::new(),
         shares: Vec::new(),
         virtio_console: None,

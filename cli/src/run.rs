@@ -159,6 +159,10 @@ fn vm_config(args: RunArgs, stdin: Option<&RawishStdin>) -> Result<VmConfig, Exi
         mem_mib: args.mem,
         vcpus,
         console: writer()?,
+        serial_input: match hvc0 {
+            true => None,
+            false => stdin.and_then(|t| t.input().ok()),
+        },
         disks: args.disk,
         shares: args.vhost_user_fs,
         virtio_console: match hvc0 {
@@ -181,11 +185,9 @@ pub fn run(args: RunArgs) -> ExitCode {
             format!("cannot install signal handlers: {e}"),
         );
     }
-    // Only a virtio-console reads input; the terminal is restored when `stdin` drops, before
-    // any message below is printed.
-    let stdin = (args.console_device == ConsoleDevice::Hvc0)
-        .then(RawishStdin::enter)
-        .flatten();
+    // The terminal feeds the console device (the serial port or hvc0); it is restored when
+    // `stdin` drops, before any message below is printed.
+    let stdin = RawishStdin::enter();
     let config = match vm_config(args, stdin.as_ref()) {
         Ok(config) => config,
         Err(code) => return code,

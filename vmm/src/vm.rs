@@ -27,6 +27,7 @@ use crate::layout;
 use crate::loader::{self, LoaderError};
 use crate::memory::{self, MemoryError};
 use crate::pvh::{self, PvhError, PvhInfo};
+use crate::serial_input;
 use crate::vcpu::{self, BootEntry, VcpuContext, VcpuError};
 use crate::virtio_mmio::{
     self, ConsoleConfig, DiskConfig, ShareConfig, VirtioDevices, VirtioMmioError,
@@ -49,6 +50,8 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// Where the serial console's output goes.
     pub console: Box<dyn Write + Send>,
+    /// What the guest reads from the serial port (the user's terminal), if anything.
+    pub serial_input: Option<std::fs::File>,
     /// Raw disk images for virtio-blk, in order (the first is /dev/vda).
     pub disks: Vec<DiskConfig>,
     /// File systems shared through vhost-user back ends (virtio-fs).
@@ -453,6 +456,13 @@ pub fn run(mut config: VmConfig) -> Result<RunReport, VmError> {
     };
     let entry = load_guest(&vm, &config, mem_size)?;
     let (threads, guest_started) = start_vcpus(&kvm, &vm, config.vcpus, entry)?;
+    let input_pump = match config.serial_input.take() {
+        Some(input) => Some(
+            serial_input::start(input, vm.serial.clone(), vm.exit.clone())
+                .map_err(device_err("serial input"))?,
+        ),
+        None => None,
+    };
 
     STOP_EVENT.store(stop.as_raw_fd(), Ordering::SeqCst);
     let reason = wait_for_exit(&vm.exit, &stop, config.timeout);
@@ -463,6 +473,13 @@ pub fn run(mut config: VmConfig) -> Result<RunReport, VmError> {
         stuck_vcpus,
         console_error,
     } = tear_down(vm, threads);
+    if let Some(pump) = input_pump {
+        // It notices the exit within its poll interval; it only matters that it stops reading.
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while !pump.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
     Ok(RunReport {
         reason,
         started,
