@@ -11,7 +11,7 @@ use std::io::{self, Read};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use devices::exit::VmExit;
 use devices::serial::Serial;
@@ -31,6 +31,15 @@ pub fn start(
     std::thread::Builder::new()
         .name("serial-input".into())
         .spawn(move || pump(input, &serial, &exit))
+}
+
+/// Waits for the pump to notice that the VM has ended, so that it reads nothing more from the
+/// terminal once kvmbuild is done with it. Bounded: a pump stuck in a read is left behind.
+pub fn wait_stopped(pump: JoinHandle<()>) {
+    let deadline = Instant::now() + POLL_INTERVAL * 10;
+    while !pump.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 fn pump(mut input: File, serial: &Mutex<Serial>, exit: &VmExit) {
@@ -99,7 +108,6 @@ mod tests {
     use devices::bus::BusDevice;
     use devices::exit::ExitReason;
     use std::io::Write;
-    use std::time::Instant;
     use vmm_sys_util::eventfd::EventFd;
 
     /// Receiver buffer and line status registers, and LSR's data-ready bit.

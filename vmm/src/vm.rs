@@ -455,7 +455,6 @@ pub fn run(mut config: VmConfig) -> Result<RunReport, VmError> {
         exit,
     };
     let entry = load_guest(&vm, &config, mem_size)?;
-    let (threads, guest_started) = start_vcpus(&kvm, &vm, config.vcpus, entry)?;
     let input_pump = match config.serial_input.take() {
         Some(input) => Some(
             serial_input::start(input, vm.serial.clone(), vm.exit.clone())
@@ -463,6 +462,7 @@ pub fn run(mut config: VmConfig) -> Result<RunReport, VmError> {
         ),
         None => None,
     };
+    let (threads, guest_started) = start_vcpus(&kvm, &vm, config.vcpus, entry)?;
 
     STOP_EVENT.store(stop.as_raw_fd(), Ordering::SeqCst);
     let reason = wait_for_exit(&vm.exit, &stop, config.timeout);
@@ -474,11 +474,7 @@ pub fn run(mut config: VmConfig) -> Result<RunReport, VmError> {
         console_error,
     } = tear_down(vm, threads);
     if let Some(pump) = input_pump {
-        // It notices the exit within its poll interval; it only matters that it stops reading.
-        let deadline = Instant::now() + Duration::from_millis(500);
-        while !pump.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        serial_input::wait_stopped(pump);
     }
     Ok(RunReport {
         reason,
