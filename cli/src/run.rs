@@ -148,6 +148,8 @@ fn vm_config(args: RunArgs, stdin: Option<&RawishStdin>) -> Result<VmConfig, Exi
             .map_err(|e| fail(exit_code::INTERNAL, format!("{e:#}")))
     };
     let vcpus = vm::vcpu_count(args.cpus).map_err(|e| fail(exit_code::BAD_INPUT, e))?;
+    // What is typed goes to the console device: the serial port, or hvc0.
+    let mut terminal_input = stdin.and_then(|t| t.input().ok());
     let cmdline = args.cmdline.unwrap_or_else(|| {
         let console = if hvc0 { "hvc0" } else { "ttyS0" };
         format!("console={console} {DEFAULT_CMDLINE}")
@@ -159,16 +161,13 @@ fn vm_config(args: RunArgs, stdin: Option<&RawishStdin>) -> Result<VmConfig, Exi
         mem_mib: args.mem,
         vcpus,
         console: writer()?,
-        serial_input: match hvc0 {
-            true => None,
-            false => stdin.and_then(|t| t.input().ok()),
-        },
+        serial_input: if hvc0 { None } else { terminal_input.take() },
         disks: args.disk,
         shares: args.vhost_user_fs,
         virtio_console: match hvc0 {
             true => Some(ConsoleConfig {
                 output: writer()?,
-                input: stdin.and_then(|t| t.input().ok()).map(|f| Box::new(f) as _),
+                input: terminal_input.map(|f| Box::new(f) as _),
             }),
             false => None,
         },

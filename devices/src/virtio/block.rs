@@ -541,7 +541,6 @@ impl WriteVolatile for FileAt<'_> {
     }
 }
 
-/// Deallocates `[offset, offset + len)` of `file`, keeping its size; reads return zeroes.
 /// Locks the whole image for as long as `file` stays open: shared for a read-only disk,
 /// exclusive for a writable one, so that two VMs never write one image and none reads an
 /// image another is writing. Open-file-description locks rather than `flock`, because QEMU
@@ -553,12 +552,7 @@ fn lock_image(file: &File, read_only: bool, path: &Path) -> Result<(), BlockErro
     } else {
         libc::F_WRLCK
     };
-    // SAFETY: flock is plain data; all-zero is a valid value, and the fields we rely on are
-    // set below.
-    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-    lock.l_type = kind as libc::c_short;
-    lock.l_whence = libc::SEEK_SET as libc::c_short;
-    // l_start 0 and l_len 0: the whole file, however it grows.
+    let lock = whole_file_lock(kind);
     // SAFETY: F_OFD_SETLK reads the flock we pass and does not keep the pointer; the fd is
     // open for the duration of the call.
     if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) } == 0 {
@@ -578,12 +572,20 @@ fn lock_image(file: &File, read_only: bool, path: &Path) -> Result<(), BlockErro
     }
 }
 
+/// A `kind` lock (`F_RDLCK` or `F_WRLCK`) on the whole file: `l_start` and `l_len` 0 cover it
+/// however it grows.
+fn whole_file_lock(kind: libc::c_int) -> libc::flock {
+    // SAFETY: flock is plain data; all-zero is a valid value, and the fields that matter are
+    // set below.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = kind as libc::c_short;
+    lock.l_whence = libc::SEEK_SET as libc::c_short;
+    lock
+}
+
 /// Names the kind of lock that blocks a `kind` lock on the whole of `file`.
 fn conflicting_lock(file: &File, kind: libc::c_int) -> &'static str {
-    // SAFETY: as in lock_image.
-    let mut probe: libc::flock = unsafe { std::mem::zeroed() };
-    probe.l_type = kind as libc::c_short;
-    probe.l_whence = libc::SEEK_SET as libc::c_short;
+    let mut probe = whole_file_lock(kind);
     // SAFETY: F_OFD_GETLK fills in the flock we pass and does not keep the pointer.
     let found = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_GETLK, &mut probe) } == 0;
     match (found, i32::from(probe.l_type)) {
@@ -593,6 +595,7 @@ fn conflicting_lock(file: &File, kind: libc::c_int) -> &'static str {
     }
 }
 
+/// Deallocates `[offset, offset + len)` of `file`, keeping its size; reads return zeroes.
 fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
     fallocate(
         file,
