@@ -7,7 +7,10 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args;
 use initrd::compress::Compression;
-use initrd::{Include, InitrdSpec};
+use initrd::{Include, InitBinary, InitrdSpec};
+
+/// kvmbuild's static guest init, built by `build.rs` and carried inside kvmbuild itself.
+pub const EMBEDDED_INIT: &[u8] = include_bytes!(env!("KVMBUILD_EMBEDDED_INIT"));
 
 use crate::{exit_code, fail};
 
@@ -34,7 +37,7 @@ pub struct InitrdArgs {
     /// How to compress the image.
     #[arg(long, value_name = "none|gzip|zstd", default_value = "none")]
     compress: Compression,
-    /// The static init binary [default: $KVMBUILD_INIT, or kvmbuild-init beside kvmbuild].
+    /// The static init binary [default: $KVMBUILD_INIT, or the one built into kvmbuild].
     #[arg(long, value_name = "PATH")]
     init: Option<PathBuf>,
     /// Where to write the image.
@@ -44,9 +47,10 @@ pub struct InitrdArgs {
 
 fn build(args: InitrdArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    let init = args.init.or_else(initrd::find_init).context(
-        "no init binary: give --init, set KVMBUILD_INIT, or put kvmbuild-init beside kvmbuild",
-    )?;
+    let init = match args.init.or_else(initrd::init_from_env) {
+        Some(path) => InitBinary::File(path),
+        None => InitBinary::Embedded(EMBEDDED_INIT),
+    };
     let mut spec = InitrdSpec::new(init, args.modules_dir);
     if !args.modules.is_empty() {
         spec.modules = args.modules;

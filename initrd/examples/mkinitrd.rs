@@ -12,7 +12,7 @@
 use std::time::Instant;
 
 use initrd::config::Config;
-use initrd::InitrdSpec;
+use initrd::{InitBinary, InitrdSpec};
 
 fn main() {
     if let Err(e) = run() {
@@ -22,7 +22,7 @@ fn main() {
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let mut spec = InitrdSpec::new("", None);
+    let mut spec = InitrdSpec::new(InitBinary::File("".into()), None);
     let mut modules = Vec::new();
     let mut settings = Vec::new();
     let mut output = None;
@@ -32,7 +32,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     while let Some(flag) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
-            "--init" => spec.init = value()?.into(),
+            "--init" => spec.init = InitBinary::File(value()?.into()),
             "--modules-dir" => spec.modules_dir = Some(value()?.into()),
             "--module" => modules.push(value()?),
             "--include" => spec.includes.push(value()?.parse()?),

@@ -37,7 +37,7 @@ pub enum Error {
         source: io::Error,
     },
     /// The init binary needs a dynamic loader, which the initrd does not have.
-    #[error("{} is not statically linked; build it with RUSTFLAGS=\"-C target-feature=+crt-static\"", .0.display())]
+    #[error("{} is not statically linked: the initrd has no dynamic loader", .0.display())]
     InitNotStatic(PathBuf),
     /// An included path is a FIFO or socket, which an initrd cannot hold.
     #[error("cannot include {}: not a file, directory, symlink or device", .0.display())]
@@ -92,11 +92,38 @@ impl FromStr for Include {
     }
 }
 
+/// Where the init's bytes come from.
+#[derive(Clone, Debug)]
+pub enum InitBinary {
+    /// A file on the host (`--init`, `$KVMBUILD_INIT`).
+    File(PathBuf),
+    /// Bytes the caller already holds, such as the init embedded in kvmbuild itself.
+    Embedded(&'static [u8]),
+}
+
+impl InitBinary {
+    /// The binary's bytes.
+    pub fn bytes(&self) -> Result<std::borrow::Cow<'static, [u8]>, Error> {
+        match self {
+            Self::File(path) => read(path).map(std::borrow::Cow::Owned),
+            Self::Embedded(bytes) => Ok(std::borrow::Cow::Borrowed(bytes)),
+        }
+    }
+
+    /// How to name it in a message.
+    pub fn describe(&self) -> PathBuf {
+        match self {
+            Self::File(path) => path.clone(),
+            Self::Embedded(_) => PathBuf::from("(kvmbuild's embedded init)"),
+        }
+    }
+}
+
 /// What goes into an initrd.
 #[derive(Clone, Debug)]
 pub struct InitrdSpec {
     /// The init binary, installed as `/init`.
-    pub init: PathBuf,
+    pub init: InitBinary,
     /// A kernel's `lib/modules/VERSION` directory; `None` for a kernel that needs no modules.
     pub modules_dir: Option<PathBuf>,
     /// Module (or alias) names whose closure is included and loaded at boot.
@@ -116,9 +143,9 @@ pub struct InitrdSpec {
 
 impl InitrdSpec {
     /// A spec with kvmbuild's default modules from `modules_dir`, no includes, no compression.
-    pub fn new(init: impl Into<PathBuf>, modules_dir: Option<PathBuf>) -> Self {
+    pub fn new(init: InitBinary, modules_dir: Option<PathBuf>) -> Self {
         Self {
-            init: init.into(),
+            init,
             modules_dir,
             modules: modules::DEFAULT_MODULES
                 .iter()
@@ -184,12 +211,12 @@ fn add_skeleton(archive: &mut Archive) -> Result<(), Error> {
     Ok(())
 }
 
-fn add_init(archive: &mut Archive, path: &Path) -> Result<(), Error> {
-    let binary = read(path)?;
+fn add_init(archive: &mut Archive, init: &InitBinary) -> Result<(), Error> {
+    let binary = init.bytes()?;
     if !is_static_elf(&binary) {
-        return Err(Error::InitNotStatic(path.to_path_buf()));
+        return Err(Error::InitNotStatic(init.describe()));
     }
-    archive.add_file("init", binary, 0o755)?;
+    archive.add_file("init", binary.into_owned(), 0o755)?;
     Ok(())
 }
 
@@ -328,17 +355,11 @@ fn read(path: &Path) -> Result<Vec<u8>, Error> {
     })
 }
 
-/// Where the CLI finds the init binary: `$KVMBUILD_INIT`, else `kvmbuild-init` beside the
-/// running executable.
-pub fn find_init() -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os("KVMBUILD_INIT").filter(|p| !p.as_bytes().is_empty()) {
-        return Some(path.into());
-    }
-    let beside = std::env::current_exe()
-        .ok()?
-        .parent()?
-        .join("kvmbuild-init");
-    beside.is_file().then_some(beside)
+/// An init binary named by `$KVMBUILD_INIT`, which overrides the one embedded in kvmbuild.
+pub fn init_from_env() -> Option<PathBuf> {
+    std::env::var_os("KVMBUILD_INIT")
+        .filter(|p| !p.as_bytes().is_empty())
+        .map(PathBuf::from)
 }
 
 #[cfg(test)]
@@ -383,7 +404,7 @@ mod tests {
         fs::write(extra.join("sub/tool"), b"#!/bin/sh\n").unwrap();
         fs::set_permissions(extra.join("sub/tool"), fs::Permissions::from_mode(0o750)).unwrap();
         std::os::unix::fs::symlink("sub/tool", extra.join("link")).unwrap();
-        let mut spec = InitrdSpec::new(root.path().join("init"), Some(dir));
+        let mut spec = InitrdSpec::new(InitBinary::File(root.path().join("init")), Some(dir));
         spec.modules = vec!["c_d".into()];
         spec.includes = vec![format!("{}:/opt/extra", extra.display()).parse().unwrap()];
         (root, spec)
@@ -461,7 +482,7 @@ mod tests {
         );
         let (_root, mut spec) = fixture();
         spec.includes.push(Include {
-            host: spec.init.clone(),
+            host: spec.init.describe(),
             guest: "/init".into(),
         });
         assert!(matches!(

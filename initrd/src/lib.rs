@@ -52,18 +52,17 @@
 //!
 //! # Building the init
 //!
-//! It must be static, since the initrd holds no dynamic loader or libc. The toolchain here is
-//! glibc-only, so:
+//! It must be static, since the initrd holds no dynamic loader or libc. kvmbuild's `build.rs`
+//! (cli/build.rs) builds it with `-C target-feature=+crt-static` and an explicit `--target`
+//! (which keeps `crt-static` away from build scripts and proc macros, which must stay dynamic),
+//! and kvmbuild embeds the result. By hand:
 //!
 //! ```text
 //! RUSTFLAGS="-C target-feature=+crt-static" cargo build --release -p kvmbuild-initrd \
 //!     --bin kvmbuild-init --target x86_64-unknown-linux-gnu
-//! # → target/x86_64-unknown-linux-gnu/release/kvmbuild-init (static-pie; `ldd` says
-//! #   "statically linked")
 //! ```
 //!
-//! The explicit `--target` keeps `crt-static` away from build scripts and proc macros, which
-//! must stay dynamic. [`build_initrd`] refuses an init that has an ELF interpreter.
+//! [`build_initrd`] refuses an init that has an ELF interpreter.
 
 pub mod compress;
 pub mod config;
@@ -73,5 +72,5 @@ pub mod image;
 pub mod modules;
 pub mod status;
 
-pub use image::{build_initrd, find_init, Include, Initrd, InitrdSpec};
+pub use image::{build_initrd, init_from_env, Include, InitBinary, Initrd, InitrdSpec};
 pub use modules::DEFAULT_MODULES;

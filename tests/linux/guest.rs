@@ -312,38 +312,6 @@ impl Drain {
     }
 }
 
-/// Builds kvmbuild's static init (once, on the host: the test host would take minutes) into
-/// its own target directory, so the build never waits for the lock of the `cargo test` that
-/// runs this. Sets `KVMBUILD_INIT`, which `kvmbuild initrd` reads.
-pub fn build_static_init() -> &'static str {
-    const VAR: &str = "KVMBUILD_INIT";
-    if std::env::var_os(VAR).is_some() {
-        return VAR;
-    }
-    let target_dir = repo_root().join("target/static-init");
-    let status = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "-p",
-            "kvmbuild-initrd",
-            "--bin",
-            "kvmbuild-init",
-        ])
-        .args(["--target", "x86_64-unknown-linux-gnu", "--target-dir"])
-        .arg(&target_dir)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .current_dir(repo_root())
-        .status()
-        .expect("cargo starts");
-    assert!(status.success(), "building the static kvmbuild-init failed");
-    let init = target_dir.join("x86_64-unknown-linux-gnu/release/kvmbuild-init");
-    // Set before any test runs; the harness runs tests on this one thread.
-    std::env::set_var(VAR, &init);
-    VAR
-}
-
 /// `kvmbuild initrd` with the cloud kernel's default modules and `includes`.
 pub fn kvmbuild_initrd(kernel: &Kernel, includes: &[String], out: &Path) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvmbuild"));

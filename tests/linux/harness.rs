@@ -213,11 +213,7 @@ pub fn main(tests: &[Test]) -> ExitCode {
     let route = choose_route();
     let pass_on = match route {
         Route::Unavailable(_) => Vec::new(),
-        _ => {
-            let mut vars = super::guest::resolve_kernels();
-            vars.push(super::guest::build_static_init());
-            vars
-        }
+        _ => super::guest::resolve_kernels(),
     };
     match route {
         Route::TestHost => return cross_into_test_host(tests, &pass_on),
