@@ -27,6 +27,8 @@
 //! | `kvmbuild.fs` | `TAG:MOUNTPOINT[:OPTIONS]` | mount the virtio-fs share `TAG` at `MOUNTPOINT`; repeatable |
 //! | `kvmbuild.disk` | `DEVICE:MOUNTPOINT[:FSTYPE[:OPTIONS]]` | mount a block device; without `FSTYPE` each filesystem in `/proc/filesystems` is tried; repeatable |
 //! | `kvmbuild.tty` | `PATH` | the device to use as the command's stdin/stdout/stderr (default: init's own, `/dev/console`) |
+//! | `kvmbuild.stdio` | `ports` | the command's stdin, stdout and stderr are the virtio-console ports named `kvmbuild.stdin`, `kvmbuild.stdout` and `kvmbuild.stderr` (and the init's own errors go to `kvmbuild.stderr` too) |
+//! | `kvmbuild.root` | `TAG` | mount the virtio-fs share `TAG` read-only as the command's root, with tmpfs on `/tmp`, `/run` and `/var/tmp`; shares and disks are then mounted inside it |
 //! | `kvmbuild.verbose` | `0` or `1` | print each step on the console |
 //!
 //! `OPTIONS` is one string of comma-separated `mount(8)` options, decoded as a whole and then
@@ -112,7 +114,14 @@ pub struct Config {
     pub tty: Option<PathBuf>,
     /// Print each step.
     pub verbose: bool,
+    /// The virtio-fs tag of the command's root file system.
+    pub root: Option<OsString>,
+    /// Connect the command to the `kvmbuild.std*` virtio-console ports.
+    pub stdio_ports: bool,
 }
+
+/// The names of the virtio-console ports that carry the command's stdin, stdout and stderr.
+pub const STDIO_PORT_NAMES: [&str; 3] = ["kvmbuild.stdin", "kvmbuild.stdout", "kvmbuild.stderr"];
 
 impl Config {
     /// Applies the lines of a config file.
@@ -164,6 +173,18 @@ impl Config {
             "cwd" => self.cwd = Some(decode(value)?.into()),
             "tty" => self.tty = Some(decode(value)?.into()),
             "verbose" => self.verbose = matches!(value, "1" | "yes" | "true" | ""),
+            "stdio" => match value {
+                "ports" => self.stdio_ports = true,
+                "" | "console" => self.stdio_ports = false,
+                _ => return Err(bad("ports or console")),
+            },
+            "root" => {
+                let tag = decode(value)?;
+                if tag.is_empty() {
+                    return Err(bad("a virtio-fs tag"));
+                }
+                self.root = Some(tag);
+            }
             "fs" => {
                 let f = fields(value, 3).ok_or_else(|| bad("TAG:MOUNTPOINT[:OPTIONS]"))?;
                 self.shares.push(Share {
@@ -275,6 +296,12 @@ impl Config {
         }
         if self.verbose {
             words.push(format!("{PREFIX}verbose=1"));
+        }
+        if self.stdio_ports {
+            words.push(format!("{PREFIX}stdio=ports"));
+        }
+        if let Some(root) = &self.root {
+            words.push(format!("{PREFIX}root={}", encode(root.as_bytes())));
         }
         words
     }
@@ -460,12 +487,27 @@ mod tests {
             }],
             tty: Some("/dev/hvc0".into()),
             verbose: true,
+            root: Some(os("root fs")),
+            stdio_ports: true,
         };
         let mut from_file = Config::default();
         from_file.apply_file(&config.render()).unwrap();
         assert_eq!(from_file, config);
         assert_eq!(parse(&config.to_cmdline()).unwrap(), config);
         assert!(!config.to_cmdline().contains('\n'));
+    }
+
+    #[test]
+    fn root_and_stdio_settings() {
+        let c = parse("kvmbuild.root=hostroot kvmbuild.stdio=ports").unwrap();
+        assert_eq!(c.root, Some(os("hostroot")));
+        assert!(c.stdio_ports);
+        assert!(!parse("kvmbuild.stdio=console").unwrap().stdio_ports);
+        assert!(matches!(
+            parse("kvmbuild.stdio=vsock"),
+            Err(Error::BadValue { .. })
+        ));
+        assert!(matches!(parse("kvmbuild.root="), Err(Error::BadValue { .. })));
     }
 
     #[test]

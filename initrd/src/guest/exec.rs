@@ -8,6 +8,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use super::stdio::StdioPorts;
 use super::{sys, Error, Log};
 use crate::config::Config;
 use crate::status;
@@ -21,7 +22,7 @@ pub struct Prepared {
 
 /// Finds the program, enters the working directory and opens the terminal, so that every
 /// failure that is not the command's own is reported before it starts.
-pub fn prepare(config: &Config) -> Result<Prepared, Error> {
+pub fn prepare(config: &Config, streams: Option<StdioPorts>) -> Result<Prepared, Error> {
     let (argv0, args) = config
         .command
         .split_first()
@@ -38,7 +39,12 @@ pub fn prepare(config: &Config) -> Result<Prepared, Error> {
     std::env::set_current_dir(&cwd).map_err(|source| Error::Cwd { path: cwd, source })?;
     let mut command = Command::new(&program);
     command.arg0(argv0).args(args).env_clear().envs(env);
-    if let Some(tty) = &config.tty {
+    if let Some(ports) = streams {
+        command
+            .stdin(Stdio::from(ports.stdin))
+            .stdout(Stdio::from(ports.stdout))
+            .stderr(Stdio::from(ports.stderr));
+    } else if let Some(tty) = &config.tty {
         let open = || OpenOptions::new().read(true).write(true).open(tty);
         let tty_error = |source| Error::Tty {
             path: tty.clone(),

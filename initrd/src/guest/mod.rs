@@ -10,6 +10,8 @@
 
 mod exec;
 mod mount;
+mod root;
+mod stdio;
 mod sys;
 
 use std::ffi::{CString, OsString};
@@ -18,6 +20,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 pub use exec::find_program;
+pub use stdio::find_ports;
 pub use mount::{parse_filesystems, parse_options};
 pub use sys::{EXIT_PORT, MARKER_PORT};
 
@@ -29,6 +32,9 @@ use crate::{compress, status};
 pub const CONFIG_FILE: &str = "/etc/kvmbuild/config";
 /// The module load list the host writes into the initrd.
 pub const MODULES_FILE: &str = "/etc/kvmbuild/modules";
+
+/// The command's stderr port, once open: the init's own errors are copied there.
+static ERROR_PORT: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
 
 /// Boot phases written to the marker port.
 const INIT_STARTED: u8 = 1;
@@ -175,9 +181,14 @@ impl Log {
         }
     }
 
-    /// Prints an error and the chain of its causes on one line.
+    /// Prints an error and the chain of its causes on one line, on the console and, once the
+    /// command's stderr port is open, there too: that is where the user looks.
     pub fn error(&self, error: &dyn std::error::Error) {
-        let _ = writeln!(io::stderr(), "kvmbuild-init: error: {}", error_chain(error));
+        let line = format!("kvmbuild-init: error: {}\n", error_chain(error));
+        let _ = io::stderr().write_all(line.as_bytes());
+        if let Some(mut port) = ERROR_PORT.get() {
+            let _ = port.write_all(line.as_bytes());
+        }
     }
 }
 
@@ -222,8 +233,15 @@ fn run(ports: sys::Ports) -> Result<u8, Error> {
     };
     log.step(format_args!("settings read"));
     load_modules(&log)?;
+    let streams = match config.stdio_ports {
+        true => Some(open_stdio_ports(&log)?),
+        false => None,
+    };
+    if let Some(tag) = &config.root {
+        root::enter(tag, &log)?;
+    }
     mount_all(&config, &log)?;
-    let prepared = exec::prepare(&config)?;
+    let prepared = exec::prepare(&config, streams)?;
     ports.mark(COMMAND_STARTED);
     let status = exec::run(prepared, &log)?;
     ports.mark(COMMAND_FINISHED);
@@ -234,6 +252,16 @@ fn run(ports: sys::Ports) -> Result<u8, Error> {
     }
     log.step(format_args!("command exited with status {status}"));
     Ok(status)
+}
+
+/// Opens the host's stdio ports and sends the init's own errors to the stderr port from now on.
+fn open_stdio_ports(log: &Log) -> Result<stdio::StdioPorts, Error> {
+    let ports = stdio::open()?;
+    if let Ok(copy) = ports.stderr.try_clone() {
+        let _ = ERROR_PORT.set(copy);
+    }
+    log.step(format_args!("stdio ports open"));
+    Ok(ports)
 }
 
 /// Reads the config file (if any) and then the kernel command line.

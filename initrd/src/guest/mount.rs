@@ -105,6 +105,16 @@ pub fn mount_share(share: &Share, log: &Log) -> Result<(), Error> {
     })
 }
 
+/// Mounts the virtio-fs share `tag` on `target`, waiting for its device to register.
+pub fn mount_virtiofs(
+    tag: &OsStr,
+    target: &Path,
+    flags: libc::c_ulong,
+    data: &OsStr,
+) -> io::Result<()> {
+    mount_waiting(tag, target, OsStr::new("virtiofs"), flags, data)
+}
+
 /// Mounts one disk, trying each block filesystem the kernel knows when no type is given.
 pub fn mount_disk(disk: &Disk, log: &Log) -> Result<(), Error> {
     let (flags, data) = parse_options(&disk.options);

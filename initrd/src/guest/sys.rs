@@ -105,6 +105,13 @@ pub fn mount(
     check(ret.into())
 }
 
+/// chroot(2).
+pub fn chroot(path: &Path) -> io::Result<()> {
+    let path = cstring(path.as_os_str())?;
+    // SAFETY: `path` is a NUL-terminated string that outlives the call.
+    check(unsafe { libc::chroot(path.as_ptr()) }.into())
+}
+
 /// Loads a module from an open file; `compressed` asks the kernel to decompress it.
 pub fn finit_module(file: &std::fs::File, params: &CStr, compressed: bool) -> io::Result<()> {
     let flags = if compressed {
