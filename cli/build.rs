@@ -17,6 +17,8 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use sha2::{Digest, Sha256};
+
 /// Environment the outer build sets that must not leak into the init's build: flags for the
 /// host binary, wrappers that belong to `cargo clippy`, and target overrides.
 const OUTER_ONLY_ENV: &[&str] = &[
@@ -39,6 +41,14 @@ fn main() {
     };
     println!("cargo:rerun-if-changed={}", init.display());
     println!("cargo:rustc-env=KVMBUILD_EMBEDDED_INIT={}", init.display());
+    // The exec initrd cache keys on the init's hash; computed here, it costs nothing per run.
+    let bytes = std::fs::read(&init)
+        .unwrap_or_else(|e| panic!("cannot read the init {}: {e}", init.display()));
+    let digest: String = Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    println!("cargo:rustc-env=KVMBUILD_EMBEDDED_INIT_SHA256={digest}");
 }
 
 fn build_static_init() -> PathBuf {

@@ -176,6 +176,7 @@ fn boot_once(args: &BenchArgs) -> anyhow::Result<Sample> {
     let config = VmConfig {
         kernel: args.kernel.clone(),
         initrd: args.initrd.clone(),
+        initrd_prefix: Vec::new(),
         cmdline: args.cmdline.clone(),
         mem_mib: args.mem,
         vcpus: vm::vcpu_count(args.cpus)?,

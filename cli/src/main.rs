@@ -1,6 +1,7 @@
 //! The `kvmbuild` command.
 
 mod bench;
+mod exec;
 mod exit_code;
 mod initrd;
 mod qemu_compat;
@@ -28,6 +29,10 @@ enum Command {
     /// Boot a kernel and run the guest until it powers off.
     #[command(after_help = run::RUN_HELP)]
     Run(run::RunArgs),
+    /// Run one command in a fresh microVM: the host's root (read-only) and shares through
+    /// virtiofsd, its stdin/stdout/stderr here, its exit status as kvmbuild's.
+    #[command(after_help = exec::EXEC_HELP)]
+    Exec(exec::ExecArgs),
     /// Run a guest described by QEMU arguments (the subset nixpkgs' vmTools uses).
     #[command(name = "qemu-compat", disable_help_flag = true)]
     QemuCompat {
@@ -80,6 +85,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Exec(args) => exec::exec(args),
         Command::Initrd(args) => initrd::initrd(args),
         Command::Bench(args) => bench::run_bench(args),
         Command::QemuCompat { args } => qemu_compat::qemu_compat(&args),

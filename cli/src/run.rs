@@ -79,7 +79,7 @@ pub(crate) enum ConsoleDevice {
     Hvc0,
 }
 
-fn parse_timeout(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_timeout(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
         .parse()
         .map_err(|_| format!("'{s}' is not a number of seconds"))?;
@@ -99,7 +99,7 @@ fn parse_share(s: &str) -> Result<ShareConfig, String> {
     })
 }
 
-fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+pub(crate) fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     let (path, read_only) = match s.rsplit_once(',') {
         Some((path, "ro")) => (path, true),
         Some((_, option)) => return Err(format!("unknown disk option '{option}' (only 'ro')")),
@@ -157,6 +157,7 @@ fn vm_config(args: RunArgs, stdin: Option<&RawishStdin>) -> Result<VmConfig, Exi
     Ok(VmConfig {
         kernel: args.kernel,
         initrd: args.initrd,
+        initrd_prefix: Vec::new(),
         cmdline,
         mem_mib: args.mem,
         vcpus,
@@ -209,7 +210,7 @@ pub fn run(args: RunArgs) -> ExitCode {
     }
 }
 
-fn report_outcome(report: &RunReport, timeout: Option<Duration>) -> ExitCode {
+pub(crate) fn report_outcome(report: &RunReport, timeout: Option<Duration>) -> ExitCode {
     if let Some(e) = &report.console_error {
         eprintln!("kvmbuild: warning: console output was lost: {e}");
     }

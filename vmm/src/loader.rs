@@ -190,32 +190,43 @@ pub fn place_initrd(mem_size: u64, kernel: &LoadedKernel, size: u64) -> Option<I
     (addr >= kernel.end.max(layout::HIMEM_START)).then_some(InitrdPlacement { addr, size })
 }
 
-/// Copies the initrd at `path` into `mem`, placed by [`place_initrd`].
+/// Copies `prefix` followed by the initrd at `path` into `mem`, as one initrd placed by
+/// [`place_initrd`]. The prefix is for a small uncompressed cpio archive (per-run settings) in
+/// front of a cached image: the kernel unpacks concatenated archives in order.
 pub fn load_initrd(
     mem: &GuestMemoryMmap,
     mem_size: u64,
     kernel: &LoadedKernel,
     path: &Path,
+    prefix: &[u8],
 ) -> Result<InitrdPlacement, LoaderError> {
     let mut file = open(path)?;
     let read_err = |source| LoaderError::Read {
         path: path.to_path_buf(),
         source,
     };
-    let size = file.metadata().map_err(read_err)?.len();
+    let file_size = file.metadata().map_err(read_err)?.len();
+    let prefix_len = prefix.len() as u64;
+    let size = file_size.saturating_add(prefix_len);
     let placement =
         place_initrd(mem_size, kernel, size).ok_or_else(|| LoaderError::InitrdTooLarge {
             path: path.to_path_buf(),
             size,
             limit: mem_size.min(kernel.initrd_addr_max.saturating_add(1)),
         })?;
-    let slice = mem
-        .get_slice(GuestAddress(placement.addr), size as usize)
-        .map_err(|source| LoaderError::GuestWrite {
-            what: "initrd",
-            source,
-        })?;
-    let mut slice = slice;
+    let guest_write = |source| LoaderError::GuestWrite {
+        what: "initrd",
+        source,
+    };
+    mem.write_slice(prefix, GuestAddress(placement.addr))
+        .map_err(guest_write)?;
+    // The placement fits in guest RAM, so the file's size fits a usize.
+    let mut slice = mem
+        .get_slice(
+            GuestAddress(placement.addr + prefix_len),
+            file_size as usize,
+        )
+        .map_err(guest_write)?;
     file.read_exact_volatile(&mut slice)
         .map_err(|e| read_err(std::io::Error::other(e.to_string())))?;
     Ok(placement)

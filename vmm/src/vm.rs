@@ -42,6 +42,9 @@ pub struct VmConfig {
     pub kernel: PathBuf,
     /// An initrd, copied into guest memory.
     pub initrd: Option<PathBuf>,
+    /// Bytes loaded in front of the initrd as part of it: a small cpio archive of per-run
+    /// settings before a cached image (empty for none; ignored without an initrd).
+    pub initrd_prefix: Vec<u8>,
     /// The kernel command line, passed as given.
     pub cmdline: String,
     /// Guest RAM in MiB.
@@ -307,7 +310,13 @@ fn load_guest(vm: &Vm, config: &VmConfig, mem_size: u64) -> Result<BootEntry, Vm
     let cmdline = format!("{}{}", config.cmdline, vm.virtio.cmdline);
     let cmdline_len = loader::load_cmdline(&vm.mem, &kernel, &cmdline)?;
     let initrd = match &config.initrd {
-        Some(path) => Some(loader::load_initrd(&vm.mem, mem_size, &kernel, path)?),
+        Some(path) => Some(loader::load_initrd(
+            &vm.mem,
+            mem_size,
+            &kernel,
+            path,
+            &config.initrd_prefix,
+        )?),
         None => None,
     };
     let initrd = initrd.map(|p| (p.addr, p.size));

@@ -1,0 +1,332 @@
+//! `kvmbuild exec`: run one command in a fresh microVM and exit with its status.
+//!
+//! The steps, in order: check the arguments and every input (nothing is started before they
+//! pass); choose the kernel ([`kernel`]); get the initrd for it from the cache ([`cache`]),
+//! building it on first use; start one virtiofsd per share ([`virtiofsd`]); boot with the
+//! per-run settings in a small cpio archive in front of the cached image; connect the
+//! command's stdin, stdout and stderr to three virtio-console ports; and exit with the
+//! command's status. The virtiofsd processes are stopped on every way out.
+
+pub mod cache;
+pub mod kernel;
+mod options;
+pub mod virtiofsd;
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::FromRawFd;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use initrd::config::{Config, Share as GuestShare, STDIO_PORT_NAMES};
+use initrd::{InitBinary, InitrdSpec};
+use vmm::exit::{BootPhase, ExitReason};
+use vmm::virtio_mmio::{ConsoleConfig, PortConfig, ShareConfig};
+use vmm::vm::{self, ErrorClass, RunReport, VmConfig};
+
+pub use options::ExecArgs;
+use options::Plan;
+use virtiofsd::{ShareSpec, Virtiofsd};
+
+use crate::initrd::EMBEDDED_INIT;
+use crate::{exit_code, fail, run, terminal};
+
+pub const EXEC_HELP: &str = concat!(
+    "Examples:
+  kvmbuild exec -- uname -a
+  kvmbuild exec --share $PWD -- make -j4
+  printf 'b\\na\\n' | kvmbuild exec -- sort
+  kvmbuild exec --no-root --share /srv/tools:/tools:ro -- /tools/check
+  kvmbuild exec --disk scratch.img -- mkfs.ext4 -q /dev/vda
+
+By default the guest's root is the host's / (read-only, with tmpfs on /tmp, /run and /var/tmp).
+The command's stdout and stderr arrive here separately and unchanged; kernel messages go only
+to --console-log. kvmbuild exits with the command's status (128+N if signal N killed it).
+
+",
+    exit_code::help_table!()
+);
+
+/// The virtio-fs tag of the host's root.
+const ROOT_TAG: &str = "kvmbuild-root";
+/// What follows the per-run settings on the kernel command line.
+const CMDLINE: &str = "console=ttyS0 panic=1";
+/// How much of the console a failed boot shows.
+const CONSOLE_TAIL: usize = 4096;
+
+pub fn exec(args: ExecArgs) -> ExitCode {
+    let verbose = args.verbose;
+    let plan = match options::plan(args) {
+        Ok(plan) => plan,
+        Err(e) => return fail(exit_code::BAD_INPUT, format!("{e:#}")),
+    };
+    if vmm::kvm::is_pvm_host() {
+        return fail(
+            exit_code::KVM_UNAVAILABLE,
+            "this host's /dev/kvm is PVM, which cannot run an ordinary Linux kernel; run kvmbuild exec inside the test host: tests/host-vm/run -- kvmbuild exec ...",
+        );
+    }
+    if let Err(e) = terminal::stop_vm_on_signals() {
+        return fail(exit_code::INTERNAL, format!("cannot install signal handlers: {e}"));
+    }
+    let log = Log { verbose };
+    log.say(format_args!(
+        "kernel {} ({})",
+        plan.kernel.kernel.display(),
+        plan.kernel.why
+    ));
+    let initrd = match cached_initrd(&plan, &log) {
+        Ok(path) => path,
+        Err(e) => return fail(exit_code::INTERNAL, format!("{e:#}")),
+    };
+    let run_dir = match tempfile::Builder::new().prefix("kvmbuild-exec.").tempdir() {
+        Ok(dir) => dir,
+        Err(e) => return fail(exit_code::INTERNAL, format!("cannot create a run directory: {e}")),
+    };
+    let daemons = match start_virtiofsd(&plan, run_dir.path(), &log) {
+        Ok(daemons) => daemons,
+        Err(e) => return fail(exit_code::BAD_INPUT, format!("{e:#}")),
+    };
+    let console = ConsoleTail::default();
+    let config = match vm_config(&plan, initrd, &daemons, &console) {
+        Ok(config) => config,
+        Err(code) => return code,
+    };
+    let result = vm::run(config);
+    // Stopped before the status is reported: nothing of this run outlives it.
+    drop(daemons);
+    drop(run_dir);
+    match result {
+        Ok(report) => outcome(&report, &plan, &console, &log),
+        Err(e) => {
+            let code = match e.class() {
+                ErrorClass::KvmUnavailable => exit_code::KVM_UNAVAILABLE,
+                ErrorClass::BadInput => exit_code::BAD_INPUT,
+                ErrorClass::Internal => exit_code::INTERNAL,
+            };
+            fail(code, format!("{:#}", anyhow::Error::from(e)))
+        }
+    }
+}
+
+/// The directories that get a tmpfs over the host's root in the guest, as absolute paths.
+fn root_scratch_dirs() -> impl Iterator<Item = PathBuf> {
+    initrd::guest::SCRATCH_DIRS
+        .iter()
+        .map(|(dir, _)| Path::new("/").join(dir))
+}
+
+/// `-v` output: kvmbuild's own steps, on stderr.
+#[derive(Clone, Copy)]
+struct Log {
+    verbose: bool,
+}
+
+impl Log {
+    fn say(&self, message: std::fmt::Arguments<'_>) {
+        if self.verbose {
+            eprintln!("kvmbuild: {message}");
+        }
+    }
+}
+
+fn cached_initrd(plan: &Plan, log: &Log) -> anyhow::Result<PathBuf> {
+    let init = match initrd::init_from_env() {
+        Some(path) => InitBinary::File(path),
+        None => InitBinary::Embedded(EMBEDDED_INIT),
+    };
+    let spec = InitrdSpec::new(init, plan.kernel.modules.clone());
+    let started = Instant::now();
+    let cached = cache::get_or_build(&cache::initrd_dir(), &spec)?;
+    log.say(format_args!(
+        "initrd {} ({} in {} ms)",
+        cached.path.display(),
+        if cached.built { "built" } else { "cached" },
+        started.elapsed().as_millis()
+    ));
+    Ok(cached.path)
+}
+
+/// One virtiofsd per share (the root first), each on its own socket in `run_dir`.
+fn start_virtiofsd(plan: &Plan, run_dir: &Path, log: &Log) -> anyhow::Result<Vec<Virtiofsd>> {
+    let mut daemons = Vec::new();
+    for (index, (spec, _)) in plan.served().enumerate() {
+        let socket = run_dir.join(format!("fs{index}.sock"));
+        let daemon = Virtiofsd::start(&plan.virtiofsd, &spec, &socket)?;
+        log.say(format_args!(
+            "virtiofsd {} serving {}{}",
+            daemon.pid(),
+            spec.dir.display(),
+            if spec.read_only { " read-only" } else { "" }
+        ));
+        daemons.push(daemon);
+    }
+    Ok(daemons)
+}
+
+/// The guest's settings: the command, its environment and directory, the root and shares.
+fn guest_settings(plan: &Plan) -> Config {
+    let mut config = Config {
+        command: plan.command.clone(),
+        cwd: Some(plan.cwd.clone()),
+        stdio_ports: true,
+        verbose: plan.console_log.is_some() && plan.verbose,
+        root: plan.root.then(|| OsString::from(ROOT_TAG)),
+        ..Config::default()
+    };
+    for (name, value) in &plan.env {
+        config.set_env(name.clone(), value.clone());
+    }
+    for (index, share) in plan.shares.iter().enumerate() {
+        config.shares.push(GuestShare {
+            tag: share_tag(index).into(),
+            mountpoint: share.guest.clone(),
+            options: if share.read_only { "ro".into() } else { OsString::new() },
+        });
+    }
+    config
+}
+
+fn share_tag(index: usize) -> String {
+    format!("kvmbuild-share{index}")
+}
+
+fn vm_config(
+    plan: &Plan,
+    initrd: PathBuf,
+    daemons: &[Virtiofsd],
+    console: &ConsoleTail,
+) -> Result<VmConfig, ExitCode> {
+    let tags = plan
+        .root
+        .then(|| ROOT_TAG.to_string())
+        .into_iter()
+        .chain((0..plan.shares.len()).map(share_tag));
+    let shares = daemons
+        .iter()
+        .zip(tags)
+        .map(|(daemon, tag)| ShareConfig {
+            socket: daemon.socket().to_path_buf(),
+            tag,
+        })
+        .collect();
+    let console_out: Box<dyn Write + Send> = match &plan.console_log {
+        Some(file) => Box::new(
+            file.try_clone()
+                .map_err(|e| fail(exit_code::INTERNAL, format!("--console-log: {e}")))?,
+        ),
+        None => Box::new(console.clone()),
+    };
+    let quiet = if plan.verbose && plan.console_log.is_some() { "" } else { " quiet" };
+    Ok(VmConfig {
+        kernel: plan.kernel.kernel.clone(),
+        initrd: Some(initrd),
+        initrd_prefix: guest_settings(plan).archive(),
+        cmdline: format!("{CMDLINE}{quiet}"),
+        mem_mib: plan.mem,
+        vcpus: plan.vcpus,
+        console: console_out,
+        serial_input: None,
+        disks: plan.disks.clone(),
+        shares,
+        virtio_console: Some(stdio_console().map_err(|e| {
+            fail(exit_code::INTERNAL, format!("cannot connect the standard streams: {e}"))
+        })?),
+        rng: true,
+        timeout: plan.timeout,
+    })
+}
+
+/// A virtio-console whose three ports carry this process's stdin, stdout and stderr.
+fn stdio_console() -> std::io::Result<ConsoleConfig> {
+    let [stdin, stdout, stderr] = [0, 1, 2].map(dup_fd);
+    let [stdin_name, stdout_name, stderr_name] = STDIO_PORT_NAMES.map(String::from);
+    Ok(ConsoleConfig::Ports(vec![
+        PortConfig {
+            name: stdin_name,
+            input: Some(Box::new(stdin?)),
+            output: None,
+        },
+        PortConfig {
+            name: stdout_name,
+            input: None,
+            output: Some(Box::new(stdout?)),
+        },
+        PortConfig {
+            name: stderr_name,
+            input: None,
+            output: Some(Box::new(stderr?)),
+        },
+    ]))
+}
+
+/// A handle of its own on descriptor `fd` (unbuffered, closed by whoever owns it).
+fn dup_fd(fd: i32) -> std::io::Result<File> {
+    // SAFETY: dup has no memory-safety preconditions; a bad fd is an error.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    if new < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `new` is a fresh descriptor nothing else owns.
+    Ok(unsafe { File::from_raw_fd(new) })
+}
+
+/// The console's last bytes, kept to explain a boot that failed.
+#[derive(Clone, Default)]
+struct ConsoleTail(Arc<Mutex<Vec<u8>>>);
+
+impl Write for ConsoleTail {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut tail = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        tail.extend_from_slice(buf);
+        if tail.len() > 2 * CONSOLE_TAIL {
+            let cut = tail.len() - CONSOLE_TAIL;
+            tail.drain(..cut);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ConsoleTail {
+    fn text(&self) -> String {
+        let tail = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let start = tail.len().saturating_sub(CONSOLE_TAIL);
+        String::from_utf8_lossy(&tail[start..]).into_owned()
+    }
+}
+
+/// The exit status, with the console's tail when the guest failed before the command ran.
+fn outcome(report: &RunReport, plan: &Plan, console: &ConsoleTail, log: &Log) -> ExitCode {
+    let phase_at = |phase| {
+        report
+            .markers
+            .iter()
+            .find(|(p, _)| *p == phase)
+            .map(|(_, at)| *at)
+    };
+    let command_started = phase_at(BootPhase::CommandStarted);
+    if let Some(at) = command_started {
+        log.say(format_args!(
+            "command started {} ms after kvmbuild did, ended {} ms later",
+            at.duration_since(report.started).as_millis(),
+            report.ended.duration_since(at).as_millis()
+        ));
+    }
+    let init_failed = matches!(report.reason, ExitReason::GuestStatus(s) if (119..=123).contains(&s));
+    let failed_early = command_started.is_none()
+        && (init_failed || !matches!(report.reason, ExitReason::GuestStatus(_)));
+    if failed_early && plan.console_log.is_none() {
+        let tail = console.text();
+        if !tail.trim().is_empty() {
+            eprintln!("kvmbuild: the guest failed before the command started; its console ended with:\n{tail}");
+        }
+    }
+    run::report_outcome(report, plan.timeout)
+}
