@@ -16,6 +16,9 @@ pub const INTERNAL: u8 = 70;
 pub const TIMEOUT: u8 = 124;
 /// The guest reset itself (reboot, triple fault, or a panic with `panic=N`).
 pub const GUEST_RESET: u8 = 125;
+/// A reader of the guest's output (a virtio-console port) went away: 128 + SIGPIPE, as a
+/// process in a pipeline that SIGPIPE killed.
+pub const OUTPUT_CLOSED: u8 = 141;
 
 /// The exit-status table shown by `--help`, as a literal so help texts can `concat!` it.
 macro_rules! help_table {
@@ -28,7 +31,8 @@ macro_rules! help_table {
   70     internal error, or KVM could not run or emulate the guest
   124    --timeout elapsed
   125    the guest rebooted, reset or triple-faulted (e.g. a panic with panic=1)
-  128+N  kvmbuild stopped the guest on signal N (130 SIGINT, 143 SIGTERM, 129 SIGHUP)"
+  128+N  kvmbuild stopped the guest on signal N (130 SIGINT, 143 SIGTERM, 129 SIGHUP)
+  141    the reader of the guest's output went away (a broken pipe, as SIGPIPE would)"
     };
 }
 pub(crate) use help_table;

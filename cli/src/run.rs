@@ -166,7 +166,7 @@ fn vm_config(args: RunArgs, stdin: Option<&RawishStdin>) -> Result<VmConfig, Exi
         disks: args.disk,
         shares: args.vhost_user_fs,
         virtio_console: match hvc0 {
-            true => Some(ConsoleConfig {
+            true => Some(ConsoleConfig::Hvc0 {
                 output: writer()?,
                 input: terminal_input.map(|f| Box::new(f) as _),
             }),
@@ -241,6 +241,9 @@ pub(crate) fn report_outcome(report: &RunReport, timeout: Option<Duration>) -> E
             ),
         ),
         ExitReason::Internal(message) => fail(exit_code::INTERNAL, message),
+        // A reader of the guest's output went away: end as a process in a pipeline would on
+        // SIGPIPE, silently.
+        ExitReason::OutputClosed => ExitCode::from(exit_code::OUTPUT_CLOSED),
         ExitReason::Signal(signal) => fail(
             (128 + signal).clamp(0, 255) as u8,
             format!("stopped the guest on {}", terminal::signal_name(*signal)),

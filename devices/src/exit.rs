@@ -35,6 +35,9 @@ pub enum ExitReason {
     Timeout,
     /// kvmbuild itself was asked to stop by this signal (SIGINT, SIGTERM, SIGHUP).
     Signal(i32),
+    /// A console port's reader went away (a broken pipe): the VM ends as a process in a
+    /// pipeline would on SIGPIPE.
+    OutputClosed,
     /// A vCPU or device failed in a way the VMM cannot recover from.
     Internal(String),
 }

@@ -12,8 +12,8 @@ use devices::bus::Bus;
 use devices::exit::VmExit;
 use devices::virtio::vhost_user_fs::VhostUserFs;
 use devices::virtio::{
-    Block, Console, ConsoleInput, DeviceThread, MmioTransport, Rng, VirtioDevice, MMIO_WINDOW_LEN,
-    QUEUE_NOTIFY_OFFSET,
+    Block, Console, ConsoleError, ConsoleFlush, ConsoleInput, DeviceThread, MmioTransport,
+    PortConfig, Rng, VirtioDevice, MMIO_WINDOW_LEN, QUEUE_NOTIFY_OFFSET,
 };
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vm_memory::GuestMemoryMmap;
@@ -33,6 +33,9 @@ pub enum VirtioMmioError {
     /// A vhost-user-fs back end cannot be used.
     #[error("--vhost-user-fs")]
     Share(#[source] devices::virtio::vhost_user_fs::VhostUserFsError),
+    /// The virtio-console cannot be set up.
+    #[error("cannot set up the virtio-console")]
+    Console(#[source] ConsoleError),
     /// More devices than free GSIs.
     #[error("too many virtio devices: at most {0}")]
     TooMany(u32),
@@ -75,12 +78,27 @@ pub struct ShareConfig {
     pub tag: String,
 }
 
-/// A virtio-console (hvc0).
-pub struct ConsoleConfig {
-    /// Where the guest's output goes.
-    pub output: Box<dyn std::io::Write + Send>,
-    /// What the guest reads, if anything: an unbuffered descriptor such as a dup of stdin.
-    pub input: Option<Box<dyn ConsoleInput>>,
+/// A virtio-console.
+pub enum ConsoleConfig {
+    /// One port, the guest's hvc0.
+    Hvc0 {
+        /// Where the guest's output goes.
+        output: Box<dyn std::io::Write + Send>,
+        /// What the guest reads, if anything: an unbuffered descriptor such as a dup of stdin.
+        input: Option<Box<dyn ConsoleInput>>,
+    },
+    /// Named generic ports (`VIRTIO_CONSOLE_F_MULTIPORT`), the guest's `/dev/vportNpM`, each
+    /// carrying one stream byte-exact; port ids are the indices. A broken pipe on a port's
+    /// output ends the VM with `ExitReason::OutputClosed`.
+    Ports(Vec<PortConfig>),
+}
+
+/// The virtio devices to attach, in guest-visible order.
+pub struct DeviceList {
+    /// The devices.
+    pub devices: Vec<Box<dyn VirtioDevice>>,
+    /// Flushes the multiport console's output when the VM ends, if there is one.
+    pub console_flush: Option<ConsoleFlush>,
 }
 
 /// The virtio devices of one VM, once attached.
@@ -93,6 +111,8 @@ pub struct VirtioDevices {
     pub cmdline: String,
     /// The thread that runs the devices; None when there are none.
     pub thread: Option<DeviceThread>,
+    /// Flushes the multiport console's output when the VM ends, if there is one.
+    pub console_flush: Option<ConsoleFlush>,
 }
 
 /// The `index`th device's window and GSI.
@@ -118,15 +138,15 @@ fn cmdline_entry(addr: u64, gsi: u32) -> String {
 }
 
 /// Builds the devices in their guest-visible order: disks first (so the first is /dev/vda),
-/// then the shares, the console and the RNG. A share's back end that goes away ends the VM
-/// through `exit`.
+/// then the shares, the console and the RNG. A share's back end that goes away, or a console
+/// port's reader that does, ends the VM through `exit`.
 pub fn build_devices(
     disks: &[DiskConfig],
     shares: &[ShareConfig],
     console: Option<ConsoleConfig>,
     rng: bool,
     exit: &Arc<VmExit>,
-) -> Result<Vec<Box<dyn VirtioDevice>>, VirtioMmioError> {
+) -> Result<DeviceList, VirtioMmioError> {
     let mut list: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for disk in disks {
         let block =
@@ -141,17 +161,30 @@ pub fn build_devices(
             .map_err(VirtioMmioError::Share)?;
         list.push(Box::new(fs));
     }
-    if let Some(config) = console {
-        let console = Console::new(config.output);
-        list.push(Box::new(match config.input {
-            Some(input) => console.with_input(input),
-            None => console,
-        }));
+    let mut console_flush = None;
+    match console {
+        Some(ConsoleConfig::Hvc0 { output, input }) => {
+            let console = Console::new(output);
+            list.push(Box::new(match input {
+                Some(input) => console.with_input(input),
+                None => console,
+            }));
+        }
+        Some(ConsoleConfig::Ports(ports)) => {
+            let console =
+                Console::with_ports(ports, Some(exit.clone())).map_err(VirtioMmioError::Console)?;
+            console_flush = console.flush_handle();
+            list.push(Box::new(console));
+        }
+        None => {}
     }
     if rng {
         list.push(Box::new(Rng::new()));
     }
-    Ok(list)
+    Ok(DeviceList {
+        devices: list,
+        console_flush,
+    })
 }
 
 /// Attaches `list` to the VM: transports on the MMIO bus, notifications and interrupts wired
@@ -159,14 +192,16 @@ pub fn build_devices(
 pub fn attach(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
-    list: Vec<Box<dyn VirtioDevice>>,
+    list: DeviceList,
 ) -> Result<VirtioDevices, VirtioMmioError> {
     let mut devices = VirtioDevices {
         bus: Bus::new(),
         acpi: Vec::new(),
         cmdline: String::new(),
         thread: None,
+        console_flush: list.console_flush,
     };
+    let list = list.devices;
     if list.is_empty() {
         return Ok(devices);
     }

@@ -59,7 +59,7 @@ pub struct VmConfig {
     pub disks: Vec<DiskConfig>,
     /// File systems shared through vhost-user back ends (virtio-fs).
     pub shares: Vec<ShareConfig>,
-    /// A virtio-console (hvc0), if the guest gets one.
+    /// A virtio-console (hvc0, or named ports), if the guest gets one.
     pub virtio_console: Option<ConsoleConfig>,
     /// Whether the guest gets a virtio-rng.
     pub rng: bool,
@@ -80,7 +80,8 @@ pub struct RunReport {
     pub ended: Instant,
     /// Boot phases the guest marked, with host timestamps.
     pub markers: Vec<(BootPhase, Instant)>,
-    /// A problem writing the console, noticed at exit.
+    /// A problem writing the console, noticed at exit: a write error, or output of the
+    /// multiport virtio-console that its reader did not take within the flush grace period.
     pub console_error: Option<String>,
     /// vCPUs that did not leave `KVM_RUN` when the VM ended (stuck in the host kernel); the
     /// process should exit rather than wait for them.
@@ -528,8 +529,13 @@ fn stop_vcpus(threads: Vec<std::thread::JoinHandle<()>>, grace: Duration) -> Vec
     running.into_iter().map(|(index, _)| index).collect()
 }
 
-/// Stops the vCPU threads and the device thread, and flushes the console. Returns what went
-/// wrong on the way, for the caller to report.
+/// How long the guest's last console output may take to reach its readers once the VM has
+/// ended; a reader that never reads must not hang kvmbuild.
+const CONSOLE_FLUSH_GRACE: Duration = Duration::from_secs(2);
+
+/// Stops the vCPU threads and the device thread, and flushes the consoles (the serial port,
+/// and the multiport virtio-console's rings and writers). Returns what went wrong on the way,
+/// for the caller to report.
 fn tear_down(mut vm: Vm, threads: Vec<std::thread::JoinHandle<()>>) -> TearDown {
     let stuck_vcpus = stop_vcpus(threads, VCPU_STOP_GRACE);
     if !stuck_vcpus.is_empty() {
@@ -540,14 +546,26 @@ fn tear_down(mut vm: Vm, threads: Vec<std::thread::JoinHandle<()>>) -> TearDown 
             console_error: None,
         };
     }
+    // No vCPU runs now, so no driver can reset the console: stopping the device thread drops
+    // its worker, which then writes out the output still in its rings.
+    let console_flush = vm.virtio.console_flush.take();
+    if let Some(flush) = &console_flush {
+        flush.vm_stopped(Instant::now() + CONSOLE_FLUSH_GRACE);
+    }
     if let Some(thread) = vm.virtio.thread.take() {
         // The guest is gone; a device thread that cannot stop cleanly changes nothing for it.
         let _ = thread.stop();
     }
+    let virtio_console = console_flush.map_or(Ok(()), |flush| flush.finish());
     let mut serial = vm.serial.lock().unwrap_or_else(|p| p.into_inner());
+    let serial_console = serial.flush().map_err(|e| e.to_string());
+    let problems: Vec<String> = [serial_console, virtio_console]
+        .into_iter()
+        .filter_map(Result::err)
+        .collect();
     TearDown {
         stuck_vcpus: Vec::new(),
-        console_error: serial.flush().err().map(|e| e.to_string()),
+        console_error: (!problems.is_empty()).then(|| problems.join("; ")),
     }
 }
 

@@ -36,7 +36,7 @@ mod worker;
 mod testing;
 
 pub use block::{Block, BlockError};
-pub use console::{Console, ConsoleInput};
+pub use console::{Console, ConsoleError, ConsoleFlush, ConsoleInput, PortConfig};
 pub use mmio::{MmioError, MmioTransport, MMIO_WINDOW_LEN, QUEUE_NOTIFY_OFFSET};
 pub use rng::Rng;
 pub use thread::{DeviceThread, DeviceThreadHandle, ThreadError, WorkerId};
@@ -96,6 +96,9 @@ pub enum ActivateError {
     /// A host resource (an fd clone) could not be had.
     #[error("cannot set up the device")]
     Io(#[source] io::Error),
+    /// The driver did not accept a feature the device needs.
+    #[error("the driver did not accept {0}")]
+    FeatureNotAccepted(&'static str),
     /// An external back end (vhost-user) refused the set-up.
     #[error("the back end refused the set-up: {0}")]
     Backend(String),

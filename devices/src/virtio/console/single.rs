@@ -1,4 +1,4 @@
-//! virtio-console (device id 3), a single port without multiport: the guest's `/dev/hvc0`.
+//! The single-port console (no `VIRTIO_CONSOLE_F_MULTIPORT`): the guest's `/dev/hvc0`.
 //!
 //! Queue 0 (receiveq) carries host input to the guest, queue 1 (transmitq) the guest's output
 //! to a host writer (stdout or a file). Output is written and flushed once per batch of
@@ -12,19 +12,21 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::os::unix::io::{AsRawFd, RawFd};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::os::unix::io::RawFd;
+use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::chain::{drain_queue, next_chain, notify_used, write_stream, Chain, ChainError};
-use super::{
-    device_type, features, read_config_bytes, register_queue_events, ActivateError, Activation,
-    DeviceWorker, Interrupt, VirtioDevice,
+use super::super::chain::{drain_queue, next_chain, notify_used, write_stream, Chain, ChainError};
+use super::super::{
+    features, register_queue_events, ActivateError, Activation, DeviceWorker, Interrupt,
 };
+#[cfg(test)]
+use super::Console;
+use super::{lock, ConsoleInput};
 
 /// Entries in each queue.
 const QUEUE_SIZE: u16 = 128;
@@ -36,61 +38,42 @@ const INPUT_TOKEN: u32 = 2;
 const PENDING_MAX: usize = 64 << 10;
 /// Bytes read from the input per wake-up, and copied out of the guest per step.
 const CHUNK: usize = 4096;
-/// Size of the configuration space (cols, rows, max_nr_ports, emerg_wr); all zero, as no
-/// feature that gives them meaning is offered.
-const CONFIG_LEN: usize = 12;
-
-/// A host input source for the console: readable, pollable, and movable to the device thread.
-///
-/// Pass an unbuffered descriptor (a `File` from a dup of stdin, a pipe, a socket): the device
-/// reads only after epoll reports it readable, so a buffered reader would strand its buffer.
-pub trait ConsoleInput: Read + AsRawFd + Send {}
-
-impl<T: Read + AsRawFd + Send> ConsoleInput for T {}
+/// Size of the configuration space (cols, rows, max_nr_ports, emerg_wr).
+pub(super) const CONFIG_LEN: usize = 12;
 
 type SharedOutput = Arc<Mutex<Box<dyn Write + Send>>>;
 type SharedInput = Arc<Mutex<Box<dyn ConsoleInput>>>;
 
-/// The virtio-console device model.
-pub struct Console {
+/// The host side of the single-port console.
+pub(super) struct SinglePort {
     output: SharedOutput,
     input: Option<SharedInput>,
 }
 
-impl Console {
-    /// A console whose guest output goes to `output`, with no input.
-    pub fn new(output: Box<dyn Write + Send>) -> Self {
+impl SinglePort {
+    pub(super) fn new(output: Box<dyn Write + Send>) -> Self {
         Self {
             output: Arc::new(Mutex::new(output)),
             input: None,
         }
     }
 
-    /// Feeds the guest from `input` (see [`ConsoleInput`]).
-    pub fn with_input(mut self, input: Box<dyn ConsoleInput>) -> Self {
+    pub(super) fn set_input(&mut self, input: Box<dyn ConsoleInput>) {
         self.input = Some(Arc::new(Mutex::new(input)));
-        self
-    }
-}
-
-impl VirtioDevice for Console {
-    fn device_type(&self) -> u32 {
-        device_type::CONSOLE
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE, QUEUE_SIZE]
-    }
+    pub(super) const QUEUE_SIZES: [u16; 2] = [QUEUE_SIZE, QUEUE_SIZE];
 
-    fn features(&self) -> u64 {
+    pub(super) fn features() -> u64 {
         features::VERSION_1 | features::RING_INDIRECT_DESC | features::RING_EVENT_IDX
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&[0; CONFIG_LEN], offset, data);
+    /// The configuration space: all zero, as no feature that gives it meaning is offered.
+    pub(super) fn config() -> [u8; CONFIG_LEN] {
+        [0; CONFIG_LEN]
     }
 
-    fn activate(&mut self, a: Activation) -> Result<DeviceWorker, ActivateError> {
+    pub(super) fn activate(&self, a: Activation) -> Result<DeviceWorker, ActivateError> {
         a.expect_queues(2)?;
         let input_fd = self.input.as_ref().map(|i| lock(i).as_raw_fd());
         let mut queues = a.queues.into_iter();
@@ -115,12 +98,6 @@ impl VirtioDevice for Console {
             broken: false,
         }))
     }
-}
-
-/// Locks a shared endpoint, recovering from poisoning: a console whose previous user panicked
-/// is still worth writing to.
-fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The running device.

@@ -1,0 +1,765 @@
+//! The multiport console: named generic ports, as Linux's `virtio_console` driver drives them.
+//!
+//! Queues: port 0's receive and transmit queues are 0 and 1, the control receive queue
+//! (c_ivq, device → driver) is 2 and the control transmit queue (c_ovq, driver → device) 3;
+//! port N ≥ 1 has queues 2N+2 and 2N+3. The configuration space's `max_nr_ports` is the
+//! number of ports.
+//!
+//! The handshake: the driver sends DEVICE_READY; the device answers DEVICE_ADD for each port;
+//! the driver sends PORT_READY for each; the device sends the port's PORT_NAME and PORT_OPEN(1)
+//! ("host connected": the guest's writes would block, and its reads end, without it). The
+//! driver sends PORT_OPEN(1/0) as the guest opens and closes the port's `/dev/vportNpM`.
+//!
+//! Input is delivered only while the guest has the port open (a closed generic port drops
+//! what arrives). At the input's end of file, once every byte of it is in the guest's receive
+//! buffers and marked used, the device sends PORT_OPEN(0): the guest's read then returns 0.
+//!
+//! Output goes through each port's writer thread ([`Output`]); when its buffer is full, the
+//! port's transmit buffers wait in the ring (a partly copied one is remembered) until the
+//! writer signals room. When the VM has ended, [`ConsoleFlush`] has the worker write out what
+//! is still in the rings as it is dropped, then gives the writers a bounded time to finish.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::control::{self, Message, Outbox};
+use super::input::PortInput;
+use super::output::Output;
+use super::single::CONFIG_LEN;
+use super::{lock, ConsoleError, PortConfig, F_MULTIPORT};
+use crate::exit::VmExit;
+use crate::virtio::chain::{
+    drain_queue, next_chain, notify_used, read_stream, sub_range, write_stream, Chain, ChainError,
+    Segment,
+};
+use crate::virtio::{register_queue_events, ActivateError, Activation, DeviceWorker, Interrupt};
+
+/// Entries in each queue.
+const QUEUE_SIZE: u16 = 128;
+const CONTROL_RX: usize = 2;
+const CONTROL_TX: usize = 3;
+/// Event data tag of port N's input descriptor: `INPUT_TAG + N` (queue events use their index).
+const INPUT_TAG: u32 = 1 << 16;
+/// Event data tag of port N's output room event: `ROOM_TAG + N`.
+const ROOM_TAG: u32 = 2 << 16;
+/// Bytes copied out of the guest per step.
+const CHUNK: usize = 16 << 10;
+
+/// What a queue index is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Rx(usize),
+    Tx(usize),
+    ControlRx,
+    ControlTx,
+}
+
+fn role(queue: usize) -> Role {
+    match queue {
+        0 => Role::Rx(0),
+        1 => Role::Tx(0),
+        CONTROL_RX => Role::ControlRx,
+        CONTROL_TX => Role::ControlTx,
+        q if q % 2 == 0 => Role::Rx(q / 2 - 1),
+        q => Role::Tx(q / 2 - 1),
+    }
+}
+
+fn rx_queue(port: usize) -> usize {
+    if port == 0 {
+        0
+    } else {
+        2 * port + 2
+    }
+}
+
+fn tx_queue(port: usize) -> usize {
+    rx_queue(port) + 1
+}
+
+/// The host side of one port, kept across device resets.
+struct PortShared {
+    name: String,
+    input: Option<Arc<Mutex<PortInput>>>,
+    output: Option<Output>,
+}
+
+/// The host side of a multiport console.
+pub(super) struct Ports {
+    ports: Vec<PortShared>,
+    queue_sizes: Vec<u16>,
+    flush: Arc<FlushState>,
+}
+
+impl Ports {
+    /// Starts the writer thread of each port that has an output.
+    pub(super) fn new(
+        configs: Vec<PortConfig>,
+        exit: Option<Arc<VmExit>>,
+    ) -> Result<Self, ConsoleError> {
+        let mut ports = Vec::with_capacity(configs.len());
+        for config in configs {
+            let output = match config.output {
+                Some(writer) => Some(Output::start(&config.name, writer, exit.clone())?),
+                None => None,
+            };
+            ports.push(PortShared {
+                name: config.name,
+                input: config
+                    .input
+                    .map(|source| Arc::new(Mutex::new(PortInput::new(source)))),
+                output,
+            });
+        }
+        let flush = Arc::new(FlushState {
+            deadline: Mutex::new(None),
+            outputs: ports.iter().filter_map(|p| p.output.clone()).collect(),
+            lost: Mutex::new(Vec::new()),
+        });
+        Ok(Self {
+            queue_sizes: vec![QUEUE_SIZE; 2 * ports.len() + 2],
+            ports,
+            flush,
+        })
+    }
+
+    pub(super) fn queue_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    /// cols and rows 0 (no `VIRTIO_CONSOLE_F_SIZE`), max_nr_ports, emerg_wr 0.
+    pub(super) fn config(&self) -> [u8; CONFIG_LEN] {
+        let mut config = [0; CONFIG_LEN];
+        // At most MAX_PORTS.
+        config[4..8].copy_from_slice(&(self.ports.len() as u32).to_le_bytes());
+        config
+    }
+
+    pub(super) fn flush_handle(&self) -> ConsoleFlush {
+        ConsoleFlush(self.flush.clone())
+    }
+
+    pub(super) fn activate(&self, a: Activation) -> Result<DeviceWorker, ActivateError> {
+        a.expect_queues(self.queue_sizes.len())?;
+        if a.features & F_MULTIPORT == 0 {
+            return Err(ActivateError::FeatureNotAccepted(
+                "VIRTIO_CONSOLE_F_MULTIPORT",
+            ));
+        }
+        Ok(Box::new(MultiportWorker {
+            mem: a.mem,
+            queues: a.queues,
+            events: a.queue_events,
+            interrupt: a.interrupt,
+            ports: (0..).zip(&self.ports).map(PortState::new).collect(),
+            outbox: Outbox::new(self.ports.len()),
+            announced: false,
+            broken: false,
+            flush: self.flush.clone(),
+            scratch: vec![0; CHUNK],
+        }))
+    }
+}
+
+impl Drop for Ports {
+    fn drop(&mut self) {
+        // Lets each writer thread end once it has written what it holds.
+        for output in &self.flush.outputs {
+            output.close();
+        }
+    }
+}
+
+struct FlushState {
+    /// Set once the VM has stopped for good: until when the output may still be flushed.
+    deadline: Mutex<Option<Instant>>,
+    outputs: Vec<Output>,
+    /// Output that could not be flushed in time, described.
+    lost: Mutex<Vec<String>>,
+}
+
+impl FlushState {
+    fn deadline(&self) -> Option<Instant> {
+        *lock(&self.deadline)
+    }
+}
+
+/// Flushes a multiport console's output when the VM ends, in two steps:
+///
+/// 1. [`ConsoleFlush::vm_stopped`], once the vCPUs have stopped for good (so no driver can
+///    reset the device any more) and before the device thread stops. From then on, the
+///    device's worker, when dropped (as stopping the device thread does), first writes out
+///    every transmit buffer still in the rings, the guest's last output.
+/// 2. [`ConsoleFlush::finish`], after the device thread has stopped: waits for each writer
+///    thread to write what it holds.
+///
+/// Both wait at most until the deadline given to the first step, so a reader that never
+/// reads cannot hang the VMM. A worker dropped by a driver reset never touches the rings.
+#[derive(Clone)]
+pub struct ConsoleFlush(Arc<FlushState>);
+
+impl ConsoleFlush {
+    /// The guest can no longer run: flush its output until `deadline` when the worker drops.
+    pub fn vm_stopped(&self, deadline: Instant) {
+        *lock(&self.0.deadline) = Some(deadline);
+    }
+
+    /// Waits until the deadline for every writer to write what it holds; describes the
+    /// output that was lost if some was (a broken pipe is not reported: the VM's exit says
+    /// it).
+    pub fn finish(&self) -> Result<(), String> {
+        let deadline = self.0.deadline().unwrap_or_else(Instant::now);
+        let mut problems = std::mem::take(&mut *lock(&self.0.lost));
+        for output in &self.0.outputs {
+            if let Err(e) = output.finish(deadline) {
+                problems.push(e);
+            }
+        }
+        match problems.is_empty() {
+            true => Ok(()),
+            false => Err(problems.join("; ")),
+        }
+    }
+}
+
+/// A transmit chain being copied to the port's output.
+struct TxChain {
+    head: u16,
+    segments: Vec<Segment>,
+    len: u64,
+    /// Bytes already handed to the output.
+    done: u64,
+}
+
+impl TxChain {
+    fn new(
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+    ) -> Result<Self, ChainError> {
+        let head = chain.head_index();
+        let chain = Chain::walk(chain, usize::from(QUEUE_SIZE))?;
+        chain.check_memory(mem)?;
+        if !chain.writable.is_empty() {
+            // The driver must only offer buffers for the device to read.
+            return Err(ChainError::Order);
+        }
+        Ok(Self {
+            head,
+            len: chain.readable_len(),
+            segments: chain.readable,
+            done: 0,
+        })
+    }
+
+    /// Copies what fits into `output` (everything is dropped without one); true once the
+    /// whole chain is copied, false while the output is full.
+    fn copy_out(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        output: Option<&Output>,
+        scratch: &mut [u8],
+    ) -> Result<bool, ChainError> {
+        let Some(output) = output else {
+            self.done = self.len;
+            return Ok(true);
+        };
+        while self.done < self.len {
+            let room = output.reserve();
+            if room == 0 {
+                return Ok(false);
+            }
+            // At most CHUNK.
+            let n = (self.len - self.done)
+                .min(room as u64)
+                .min(scratch.len() as u64) as usize;
+            let parts = sub_range(&self.segments, self.done, n as u64).ok_or(ChainError::Memory)?;
+            read_stream(mem, &parts, &mut scratch[..n]).map_err(|_| ChainError::Memory)?;
+            output.push(&scratch[..n]);
+            self.done += n as u64;
+        }
+        Ok(true)
+    }
+}
+
+/// One port's state in the running device.
+struct PortState {
+    id: u32,
+    name: String,
+    input: Option<Arc<Mutex<PortInput>>>,
+    input_watched: bool,
+    output: Option<Output>,
+    /// The driver set the port up (PORT_READY); its name and PORT_OPEN(1) were queued.
+    ready: bool,
+    /// The guest has the port open.
+    guest_open: bool,
+    /// The device told the driver the host side is connected (and has not closed it since).
+    host_open: bool,
+    /// The transmit chain waiting for room in the output.
+    tx: Option<TxChain>,
+}
+
+impl PortState {
+    fn new((id, shared): (u32, &PortShared)) -> Self {
+        Self {
+            id,
+            name: shared.name.clone(),
+            input: shared.input.clone(),
+            input_watched: false,
+            output: shared.output.clone(),
+            ready: false,
+            guest_open: false,
+            host_open: false,
+            tx: None,
+        }
+    }
+}
+
+/// The running multiport device.
+struct MultiportWorker {
+    mem: GuestMemoryMmap,
+    queues: Vec<Queue>,
+    events: Vec<EventFd>,
+    interrupt: Interrupt,
+    ports: Vec<PortState>,
+    /// Control messages waiting for the driver's control receive buffers.
+    outbox: Outbox,
+    /// DEVICE_ADD was queued for every port.
+    announced: bool,
+    /// Set once the guest broke a queue; nothing more is done until reset.
+    broken: bool,
+    flush: Arc<FlushState>,
+    scratch: Vec<u8>,
+}
+
+impl MultiportWorker {
+    fn fail(&mut self) {
+        self.broken = true;
+        self.interrupt.set_needs_reset();
+    }
+
+    fn port_index(&self, id: u32) -> Option<usize> {
+        usize::try_from(id).ok().filter(|&p| p < self.ports.len())
+    }
+
+    // ---- control ----
+
+    /// Reads and acts on every message the driver sent.
+    fn run_control_tx(&mut self) {
+        let mem = &self.mem;
+        let mut messages = Vec::new();
+        let result = drain_queue(
+            &mut self.queues[CONTROL_TX],
+            mem,
+            &self.interrupt,
+            |chain| {
+                messages.extend(read_control(mem, chain)?);
+                Ok(0)
+            },
+        );
+        for message in messages {
+            self.handle_control(&message);
+        }
+        if result.is_err() {
+            self.fail();
+        }
+    }
+
+    /// Driver-to-device events; others (device-to-driver ones, unknown ones, bad ids) are
+    /// ignored, as is a repeated step of the handshake.
+    fn handle_control(&mut self, message: &Message) {
+        match message.event {
+            control::DEVICE_READY if message.value == 1 => self.announce_ports(),
+            control::PORT_READY if message.value == 1 => self.port_ready(message.id),
+            control::PORT_OPEN => self.guest_opened(message.id, message.value != 0),
+            // Device-to-driver events have no meaning here.
+            control::DEVICE_ADD
+            | control::DEVICE_REMOVE
+            | control::CONSOLE_PORT
+            | control::RESIZE
+            | control::PORT_NAME => {}
+            _ => {}
+        }
+    }
+
+    fn announce_ports(&mut self) {
+        if std::mem::replace(&mut self.announced, true) {
+            return;
+        }
+        for port in &self.ports {
+            self.outbox
+                .push(Message::new(port.id, control::DEVICE_ADD, 1));
+        }
+    }
+
+    fn port_ready(&mut self, id: u32) {
+        let Some(p) = self.port_index(id) else { return };
+        let port = &mut self.ports[p];
+        if std::mem::replace(&mut port.ready, true) {
+            return;
+        }
+        port.host_open = true;
+        self.outbox.push(Message::name(id, &port.name));
+        self.outbox.push(Message::new(id, control::PORT_OPEN, 1));
+        self.pump_input(p);
+    }
+
+    fn guest_opened(&mut self, id: u32, open: bool) {
+        let Some(p) = self.port_index(id) else { return };
+        self.ports[p].guest_open = open;
+        if open {
+            self.pump_input(p);
+        }
+    }
+
+    /// Moves queued control messages into the driver's control receive buffers.
+    fn send_control(&mut self) {
+        let mut used_any = false;
+        let result = self.fill_control_rx(&mut used_any);
+        if used_any {
+            notify_used(&mut self.queues[CONTROL_RX], &self.mem, &self.interrupt);
+        }
+        if result.is_err() {
+            self.fail();
+        }
+    }
+
+    fn fill_control_rx(&mut self, used_any: &mut bool) -> Result<(), ChainError> {
+        let (mem, queue) = (&self.mem, &mut self.queues[CONTROL_RX]);
+        while let Some(bytes) = self.outbox.front().map(Message::encode) {
+            let Some(chain) = next_chain(queue, mem)? else {
+                // Out of buffers: ask for a kick when the driver adds some, and look again in
+                // case it just did.
+                if queue
+                    .enable_notification(mem)
+                    .map_err(|_| ChainError::Ring)?
+                {
+                    continue;
+                }
+                return Ok(());
+            };
+            let head = chain.head_index();
+            let n = write_chain(mem, chain, &bytes)?;
+            queue.add_used(mem, head, n).map_err(|_| ChainError::Ring)?;
+            *used_any = true;
+            self.outbox.pop();
+        }
+        Ok(())
+    }
+
+    // ---- input ----
+
+    /// Reads what the input has after epoll reported it (once per wake-up).
+    fn read_input(&mut self, p: usize, events: EventSet) {
+        let Some(input) = &self.ports[p].input else {
+            return;
+        };
+        let mut input = lock(input);
+        if events.contains(EventSet::IN) {
+            input.read_once();
+        } else {
+            // Hang-up or error without data: nothing more will come.
+            input.eof = true;
+        }
+    }
+
+    /// Delivers what it can of port `p`'s input, then closes the host side if the input has
+    /// ended and all of it was delivered.
+    fn pump_input(&mut self, p: usize) {
+        if self.broken {
+            return;
+        }
+        if self.deliver_input(p).is_err() {
+            self.fail();
+            return;
+        }
+        self.close_if_drained(p);
+    }
+
+    fn deliver_input(&mut self, p: usize) -> Result<(), ChainError> {
+        let port = &self.ports[p];
+        // A generic port that the guest has not opened drops what arrives.
+        let (Some(input), true) = (port.input.clone(), port.guest_open) else {
+            return Ok(());
+        };
+        let mut input = lock(&input);
+        let (mem, queue) = (&self.mem, &mut self.queues[rx_queue(p)]);
+        let mut used_any = false;
+        let result = loop {
+            input.fill_unpolled();
+            let before = input.pending.len();
+            if let Err(e) = fill_rx(queue, mem, &mut input, &mut used_any) {
+                break Err(e);
+            }
+            let stalled = input.pending.len() == before;
+            if stalled || input.pollable || input.eof {
+                break Ok(());
+            }
+        };
+        if used_any {
+            notify_used(queue, mem, &self.interrupt);
+        }
+        result
+    }
+
+    /// End of file for the guest: PORT_OPEN(0), sent only once every byte of the input is in
+    /// the guest's receive buffers, marked used and notified.
+    fn close_if_drained(&mut self, p: usize) {
+        let port = &mut self.ports[p];
+        let drained = port.input.as_ref().is_some_and(|i| lock(i).drained());
+        if drained && port.ready && port.host_open {
+            port.host_open = false;
+            self.outbox
+                .push(Message::new(port.id, control::PORT_OPEN, 0));
+        }
+    }
+
+    /// Watches port `p`'s input exactly while it is pollable and there is room for more.
+    fn update_input_watch(&mut self, p: usize, ops: &mut EventOps) {
+        let broken = self.broken;
+        let port = &mut self.ports[p];
+        let Some(shared) = port.input.clone() else {
+            return;
+        };
+        let mut input = lock(&shared);
+        let want = input.pollable && input.wants_data() && !broken;
+        if want == port.input_watched {
+            return;
+        }
+        let events = Events::with_data_raw(input.fd(), INPUT_TAG + port.id, EventSet::IN);
+        let done = if want {
+            ops.add(events)
+        } else {
+            ops.remove(events)
+        };
+        match done {
+            Ok(()) => port.input_watched = want,
+            Err(_) if want => {
+                // epoll refuses regular files and /dev/null (EPERM): they are always
+                // readable, so read them directly from now on.
+                input.pollable = false;
+                drop(input);
+                self.pump_input(p);
+            }
+            Err(_) => {}
+        }
+    }
+
+    // ---- output ----
+
+    /// Copies port `p`'s transmit buffers to its output while the output has room.
+    fn run_port_tx(&mut self, p: usize) {
+        if self.broken {
+            return;
+        }
+        let mut used_any = false;
+        let result = self.transmit(p, &mut used_any);
+        if used_any {
+            notify_used(&mut self.queues[tx_queue(p)], &self.mem, &self.interrupt);
+        }
+        if result.is_err() {
+            self.fail();
+        }
+    }
+
+    fn transmit(&mut self, p: usize, used_any: &mut bool) -> Result<(), ChainError> {
+        let (mem, queue) = (&self.mem, &mut self.queues[tx_queue(p)]);
+        let PortState { tx, output, .. } = &mut self.ports[p];
+        queue
+            .disable_notification(mem)
+            .map_err(|_| ChainError::Ring)?;
+        loop {
+            let current = match tx {
+                Some(current) => current,
+                None => match next_chain(queue, mem)? {
+                    Some(chain) => tx.insert(TxChain::new(mem, chain)?),
+                    None => {
+                        if queue
+                            .enable_notification(mem)
+                            .map_err(|_| ChainError::Ring)?
+                        {
+                            continue;
+                        }
+                        return Ok(());
+                    }
+                },
+            };
+            if !current.copy_out(mem, output.as_ref(), &mut self.scratch)? {
+                // Resumed by the output's room event.
+                return Ok(());
+            }
+            queue
+                .add_used(mem, current.head, 0)
+                .map_err(|_| ChainError::Ring)?;
+            *tx = None;
+            *used_any = true;
+        }
+    }
+
+    /// At the VM's end: writes out port `p`'s transmit buffers, waiting for room until
+    /// `deadline`.
+    fn drain_at_end(&mut self, p: usize, deadline: Instant) {
+        loop {
+            self.run_port_tx(p);
+            let port = &self.ports[p];
+            let (Some(_), Some(output)) = (&port.tx, &port.output) else {
+                return;
+            };
+            if self.broken {
+                return;
+            }
+            if !output.wait_for_room(deadline) {
+                lock(&self.flush.lost).push(format!(
+                    "console port {}: the guest's last output was not taken in time",
+                    port.name
+                ));
+                return;
+            }
+        }
+    }
+
+    fn serve_queue(&mut self, queue: usize) {
+        if let Some(e) = self.events.get(queue) {
+            // Clear the kick; a failed read only means there was none.
+            let _ = e.read();
+        }
+        let ports = self.ports.len();
+        match role(queue) {
+            Role::Rx(p) if p < ports => self.pump_input(p),
+            Role::Tx(p) if p < ports => self.run_port_tx(p),
+            Role::ControlTx => self.run_control_tx(),
+            // Control receive buffers are used by send_control after every event.
+            _ => {}
+        }
+    }
+}
+
+/// Reads one control message from a driver's chain; `None` when it is too short to be one.
+fn read_control(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+) -> Result<Option<Message>, ChainError> {
+    let chain = Chain::walk(chain, usize::from(QUEUE_SIZE))?;
+    chain.check_memory(mem)?;
+    if !chain.writable.is_empty() {
+        return Err(ChainError::Order);
+    }
+    if chain.readable_len() < control::HEADER_LEN as u64 {
+        return Ok(None);
+    }
+    let mut header = [0u8; control::HEADER_LEN];
+    read_stream(mem, &chain.readable, &mut header).map_err(|_| ChainError::Memory)?;
+    Ok(Message::decode(&header))
+}
+
+/// Writes `bytes` into a chain of device-writable buffers, as far as they fit; returns how
+/// many were written.
+fn write_chain(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    bytes: &[u8],
+) -> Result<u32, ChainError> {
+    let chain = Chain::walk(chain, usize::from(QUEUE_SIZE))?;
+    chain.check_memory(mem)?;
+    if !chain.readable.is_empty() {
+        return Err(ChainError::Order);
+    }
+    let n = write_stream(mem, &chain.writable, bytes).map_err(|_| ChainError::Memory)?;
+    // At most PENDING_MAX or a control message.
+    Ok(n as u32)
+}
+
+/// Moves `input.pending` into the receive queue's buffers while there are some.
+fn fill_rx(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    input: &mut PortInput,
+    used_any: &mut bool,
+) -> Result<(), ChainError> {
+    while !input.pending.is_empty() {
+        let Some(chain) = next_chain(queue, mem)? else {
+            if queue
+                .enable_notification(mem)
+                .map_err(|_| ChainError::Ring)?
+            {
+                continue;
+            }
+            return Ok(());
+        };
+        let head = chain.head_index();
+        let n = write_chain(mem, chain, input.pending.make_contiguous())?;
+        input.pending.drain(..n as usize);
+        queue.add_used(mem, head, n).map_err(|_| ChainError::Ring)?;
+        *used_any = true;
+    }
+    Ok(())
+}
+
+impl MutEventSubscriber for MultiportWorker {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let data = events.data();
+        if data >= ROOM_TAG {
+            let p = (data - ROOM_TAG) as usize;
+            if let Some(output) = self.ports.get(p).and_then(|port| port.output.as_ref()) {
+                // Clear the event (level-triggered) even when broken.
+                let _ = output.room_event().read();
+                self.run_port_tx(p);
+            }
+        } else if data >= INPUT_TAG {
+            let p = (data - INPUT_TAG) as usize;
+            if p < self.ports.len() && !self.broken {
+                self.read_input(p, events.event_set());
+                self.pump_input(p);
+            }
+        } else {
+            self.serve_queue(data as usize);
+        }
+        if !self.broken {
+            self.send_control();
+        }
+        for p in 0..self.ports.len() {
+            self.update_input_watch(p, ops);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if !register_queue_events(ops, &self.events) {
+            self.fail();
+            return;
+        }
+        for port in &self.ports {
+            let Some(output) = &port.output else { continue };
+            let room = Events::with_data(output.room_event(), ROOM_TAG + port.id, EventSet::IN);
+            if ops.add(room).is_err() {
+                self.fail();
+                return;
+            }
+        }
+        // Messages and output published before activation would otherwise wait for a kick.
+        self.run_control_tx();
+        for p in 0..self.ports.len() {
+            self.run_port_tx(p);
+        }
+        self.send_control();
+        for p in 0..self.ports.len() {
+            self.update_input_watch(p, ops);
+        }
+    }
+}
+
+impl Drop for MultiportWorker {
+    fn drop(&mut self) {
+        // Only once the VM has stopped for good: a worker dropped by a driver reset must not
+        // touch rings that are no longer the device's.
+        let Some(deadline) = self.flush.deadline() else {
+            return;
+        };
+        for p in 0..self.ports.len() {
+            self.drain_at_end(p, deadline);
+        }
+    }
+}

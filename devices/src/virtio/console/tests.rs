@@ -1,0 +1,1 @@
+//! Multiport console tests: the test driver plays Linux's virtio_console driver.
