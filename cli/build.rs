@@ -54,7 +54,12 @@ fn main() {
 fn build_static_init() -> PathBuf {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by Cargo"));
     let workspace = manifest_dir.parent().expect("cli/ is inside the workspace");
-    for input in ["initrd/src", "initrd/Cargo.toml", "Cargo.lock", "Cargo.toml"] {
+    for input in [
+        "initrd/src",
+        "initrd/Cargo.toml",
+        "Cargo.lock",
+        "Cargo.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", workspace.join(input).display());
     }
     let target = env::var("TARGET").expect("set by Cargo");

@@ -507,7 +507,10 @@ mod tests {
             parse("kvmbuild.stdio=vsock"),
             Err(Error::BadValue { .. })
         ));
-        assert!(matches!(parse("kvmbuild.root="), Err(Error::BadValue { .. })));
+        assert!(matches!(
+            parse("kvmbuild.root="),
+            Err(Error::BadValue { .. })
+        ));
     }
 
     #[test]

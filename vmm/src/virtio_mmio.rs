@@ -11,9 +11,10 @@ use std::sync::{Arc, Mutex};
 use devices::bus::Bus;
 use devices::exit::VmExit;
 use devices::virtio::vhost_user_fs::VhostUserFs;
+pub use devices::virtio::PortConfig;
 use devices::virtio::{
-    Block, Console, ConsoleError, ConsoleFlush, ConsoleInput, DeviceThread, MmioTransport,
-    PortConfig, Rng, VirtioDevice, MMIO_WINDOW_LEN, QUEUE_NOTIFY_OFFSET,
+    Block, Console, ConsoleError, ConsoleFlush, ConsoleInput, DeviceThread, MmioTransport, Rng,
+    VirtioDevice, MMIO_WINDOW_LEN, QUEUE_NOTIFY_OFFSET,
 };
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vm_memory::GuestMemoryMmap;

@@ -202,6 +202,10 @@ mod tests {
         let second = get_or_build(&dir, &spec).unwrap();
         assert!(!second.built);
         assert_eq!(first.path, second.path);
-        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "no temporary files left");
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            1,
+            "no temporary files left"
+        );
     }
 }

@@ -3,7 +3,8 @@
 //! In order: `--kernel`; `$KVMBUILD_KERNEL`; the host's own `/boot/vmlinuz-$(uname -r)` with
 //! `/lib/modules/$(uname -r)`, when both are readable; else the newest kernel that
 //! `scripts/guest-kernels` cached (`$XDG_CACHE_HOME/kvmbuild/kernels/*/boot/vmlinuz-*`, the cloud
-//! flavour first among equals). A kernel's modules are `--modules DIR` when given, else
+//! flavour first among equals; its extracted ELF `vmlinux` when there is one, which boots
+//! without decompressing). A kernel's modules are `--modules DIR` when given, else
 //! `lib/modules/RELEASE` beside its `boot/` directory or under `/lib/modules`, where RELEASE is
 //! read from the bzImage's header.
 
@@ -124,7 +125,11 @@ pub fn newest_cached_kernel(dir: &Path) -> Option<KernelChoice> {
             };
             let modules = entry.path().join("lib/modules").join(release);
             if modules.join("modules.dep").is_file() {
-                found.push((release.to_string(), image.path(), modules));
+                // The ELF kernel the script extracts boots through PVH, without the bzImage's
+                // decompression (seconds when nested).
+                let vmlinux = entry.path().join("vmlinux");
+                let kernel = if vmlinux.is_file() { vmlinux } else { image.path() };
+                found.push((release.to_string(), kernel, modules));
             }
         }
     }
@@ -248,7 +253,11 @@ mod tests {
         let add = |pkg: &str, release: &str, modules: bool| {
             let root = dir.path().join(pkg);
             std::fs::create_dir_all(root.join("boot")).unwrap();
-            std::fs::write(root.join(format!("boot/vmlinuz-{release}")), header(release)).unwrap();
+            std::fs::write(
+                root.join(format!("boot/vmlinuz-{release}")),
+                header(release),
+            )
+            .unwrap();
             if modules {
                 let m = root.join("lib/modules").join(release);
                 std::fs::create_dir_all(&m).unwrap();
@@ -260,11 +269,23 @@ mod tests {
         add("c", "6.1.0-10-amd64", true);
         let found = newest_cached_kernel(dir.path()).unwrap();
         assert!(found.kernel.ends_with("c/boot/vmlinuz-6.1.0-10-amd64"));
-        assert!(found.modules.unwrap().ends_with("c/lib/modules/6.1.0-10-amd64"));
+        let bzimage = found.kernel.clone();
+        assert!(found
+            .modules
+            .unwrap()
+            .ends_with("c/lib/modules/6.1.0-10-amd64"));
         assert_eq!(
             modules_for(&found.kernel).unwrap(),
             dir.path().join("c/lib/modules/6.1.0-10-amd64")
         );
         assert!(newest_cached_kernel(&dir.path().join("none")).is_none());
+        assert_eq!(modules_for(&bzimage), found_modules(&dir));
+        std::fs::write(dir.path().join("c/vmlinux"), b"\x7fELF").unwrap();
+        let found = newest_cached_kernel(dir.path()).unwrap();
+        assert_eq!(found.kernel, dir.path().join("c/vmlinux"), "the ELF kernel is preferred");
+    }
+
+    fn found_modules(dir: &tempfile::TempDir) -> Option<PathBuf> {
+        Some(dir.path().join("c/lib/modules/6.1.0-10-amd64"))
     }
 }

@@ -24,12 +24,12 @@ use std::time::Instant;
 use initrd::config::{Config, Share as GuestShare, STDIO_PORT_NAMES};
 use initrd::{InitBinary, InitrdSpec};
 use vmm::exit::{BootPhase, ExitReason};
-use vmm::virtio_mmio::{ConsoleConfig, PortConfig, ShareConfig};
+use vmm::virtio_mmio::{ConsoleConfig, PortConfig, ShareConfig, VirtioMmioError};
 use vmm::vm::{self, ErrorClass, RunReport, VmConfig};
 
 pub use options::ExecArgs;
 use options::Plan;
-use virtiofsd::{ShareSpec, Virtiofsd};
+use virtiofsd::Virtiofsd;
 
 use crate::initrd::EMBEDDED_INIT;
 use crate::{exit_code, fail, run, terminal};
@@ -70,7 +70,10 @@ pub fn exec(args: ExecArgs) -> ExitCode {
         );
     }
     if let Err(e) = terminal::stop_vm_on_signals() {
-        return fail(exit_code::INTERNAL, format!("cannot install signal handlers: {e}"));
+        return fail(
+            exit_code::INTERNAL,
+            format!("cannot install signal handlers: {e}"),
+        );
     }
     let log = Log { verbose };
     log.say(format_args!(
@@ -84,7 +87,12 @@ pub fn exec(args: ExecArgs) -> ExitCode {
     };
     let run_dir = match tempfile::Builder::new().prefix("kvmbuild-exec.").tempdir() {
         Ok(dir) => dir,
-        Err(e) => return fail(exit_code::INTERNAL, format!("cannot create a run directory: {e}")),
+        Err(e) => {
+            return fail(
+                exit_code::INTERNAL,
+                format!("cannot create a run directory: {e}"),
+            )
+        }
     };
     let daemons = match start_virtiofsd(&plan, run_dir.path(), &log) {
         Ok(daemons) => daemons,
@@ -101,15 +109,25 @@ pub fn exec(args: ExecArgs) -> ExitCode {
     drop(run_dir);
     match result {
         Ok(report) => outcome(&report, &plan, &console, &log),
-        Err(e) => {
-            let code = match e.class() {
-                ErrorClass::KvmUnavailable => exit_code::KVM_UNAVAILABLE,
-                ErrorClass::BadInput => exit_code::BAD_INPUT,
-                ErrorClass::Internal => exit_code::INTERNAL,
-            };
-            fail(code, format!("{:#}", anyhow::Error::from(e)))
-        }
+        Err(e) => vm_error(e),
     }
+}
+
+/// A VM that could not start. Its shares are virtiofsd processes this run started, so a
+/// share that fails is kvmbuild's problem (70), not the user's input.
+fn vm_error(e: vm::VmError) -> ExitCode {
+    if let vm::VmError::Virtio(VirtioMmioError::Share(cause)) = &e {
+        return fail(
+            exit_code::INTERNAL,
+            format!("cannot connect to virtiofsd: {:#}", anyhow::anyhow!("{cause}")),
+        );
+    }
+    let code = match e.class() {
+        ErrorClass::KvmUnavailable => exit_code::KVM_UNAVAILABLE,
+        ErrorClass::BadInput => exit_code::BAD_INPUT,
+        ErrorClass::Internal => exit_code::INTERNAL,
+    };
+    fail(code, format!("{:#}", anyhow::Error::from(e)))
 }
 
 /// The directories that get a tmpfs over the host's root in the guest, as absolute paths.
@@ -184,7 +202,11 @@ fn guest_settings(plan: &Plan) -> Config {
         config.shares.push(GuestShare {
             tag: share_tag(index).into(),
             mountpoint: share.guest.clone(),
-            options: if share.read_only { "ro".into() } else { OsString::new() },
+            options: if share.read_only {
+                "ro".into()
+            } else {
+                OsString::new()
+            },
         });
     }
     config
@@ -220,7 +242,11 @@ fn vm_config(
         ),
         None => Box::new(console.clone()),
     };
-    let quiet = if plan.verbose && plan.console_log.is_some() { "" } else { " quiet" };
+    let quiet = if plan.verbose && plan.console_log.is_some() {
+        ""
+    } else {
+        " quiet"
+    };
     Ok(VmConfig {
         kernel: plan.kernel.kernel.clone(),
         initrd: Some(initrd),
@@ -233,7 +259,10 @@ fn vm_config(
         disks: plan.disks.clone(),
         shares,
         virtio_console: Some(stdio_console().map_err(|e| {
-            fail(exit_code::INTERNAL, format!("cannot connect the standard streams: {e}"))
+            fail(
+                exit_code::INTERNAL,
+                format!("cannot connect the standard streams: {e}"),
+            )
         })?),
         rng: true,
         timeout: plan.timeout,
@@ -319,7 +348,8 @@ fn outcome(report: &RunReport, plan: &Plan, console: &ConsoleTail, log: &Log) ->
             report.ended.duration_since(at).as_millis()
         ));
     }
-    let init_failed = matches!(report.reason, ExitReason::GuestStatus(s) if (119..=123).contains(&s));
+    let init_failed =
+        matches!(report.reason, ExitReason::GuestStatus(s) if (119..=123).contains(&s));
     let failed_early = command_started.is_none()
         && (init_failed || !matches!(report.reason, ExitReason::GuestStatus(_)));
     if failed_early && plan.console_log.is_none() {

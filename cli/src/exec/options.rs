@@ -12,13 +12,15 @@ use clap::Args;
 use vmm::virtio_mmio::DiskConfig;
 
 use super::kernel::{self, KernelChoice};
-use super::virtiofsd::{self, ShareSpec};
 use super::root_scratch_dirs;
+use super::virtiofsd::{self, ShareSpec};
 use crate::run::{parse_disk, parse_timeout};
 
 /// Host variables a command run on the host's root keeps (when set): they describe the host
 /// whose programs it runs.
-const PASSED_ENV: &[&str] = &["PATH", "HOME", "USER", "LOGNAME", "TERM", "LANG", "LC_ALL", "TZ"];
+const PASSED_ENV: &[&str] = &[
+    "PATH", "HOME", "USER", "LOGNAME", "TERM", "LANG", "LC_ALL", "TZ",
+];
 
 #[derive(Args)]
 pub struct ExecArgs {
@@ -121,7 +123,10 @@ pub fn parse_share(s: &str) -> Result<Share, String> {
         PathBuf::from(guest)
     };
     if !guest.is_absolute() || guest.components().any(|c| c == Component::ParentDir) {
-        return Err(format!("guest path '{}' must be absolute, without '..'", guest.display()));
+        return Err(format!(
+            "guest path '{}' must be absolute, without '..'",
+            guest.display()
+        ));
     }
     if guest == Path::new("/") {
         return Err("guest path '/' is the root; use --root, or share elsewhere".to_string());
@@ -240,7 +245,10 @@ pub fn plan(args: ExecArgs) -> anyhow::Result<Plan> {
 fn check_disk(path: &Path) -> anyhow::Result<()> {
     let meta = std::fs::metadata(path).with_context(|| format!("--disk {}", path.display()))?;
     if !meta.is_file() && !meta.file_type().is_block_device() {
-        bail!("--disk {}: not a regular file or block device", path.display());
+        bail!(
+            "--disk {}: not a regular file or block device",
+            path.display()
+        );
     }
     Ok(())
 }
@@ -315,9 +323,15 @@ mod tests {
         let s = parse_share(&format!("{h}:ro")).unwrap();
         assert_eq!((s.guest.as_path(), s.read_only), (host.as_path(), true));
         let s = parse_share(&format!("{h}:/mnt/x")).unwrap();
-        assert_eq!((s.guest.as_path(), s.read_only), (Path::new("/mnt/x"), false));
+        assert_eq!(
+            (s.guest.as_path(), s.read_only),
+            (Path::new("/mnt/x"), false)
+        );
         let s = parse_share(&format!("{h}:/mnt/x:ro")).unwrap();
-        assert_eq!((s.guest.as_path(), s.read_only), (Path::new("/mnt/x"), true));
+        assert_eq!(
+            (s.guest.as_path(), s.read_only),
+            (Path::new("/mnt/x"), true)
+        );
         assert!(parse_share(&format!("{h}:relative")).is_err());
         assert!(parse_share(&format!("{h}:/a/../b")).is_err());
         assert!(parse_share(&format!("{h}:/")).is_err());

@@ -105,9 +105,7 @@ impl Virtiofsd {
         // (dup2, prctl, getppid, kill); `raw` stays open in the parent until spawn returns.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::dup2(raw, LISTEN_FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
+                place_listener(raw)?;
                 die_with_parent()
             });
         }
@@ -190,6 +188,24 @@ fn running_as_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// In a child before exec: puts the listening socket at [`LISTEN_FD`], open across exec.
+fn place_listener(raw: i32) -> std::io::Result<()> {
+    // SAFETY: dup2 and fcntl on descriptors this process holds; both are async-signal-safe.
+    let ok = unsafe {
+        if raw == LISTEN_FD {
+            // dup2 onto itself would keep close-on-exec.
+            libc::fcntl(raw, libc::F_SETFD, 0) == 0
+        } else {
+            libc::dup2(raw, LISTEN_FD) >= 0
+        }
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// In a child before exec: ask for SIGKILL when the parent goes, and go now if it already has.
 fn die_with_parent() -> std::io::Result<()> {
     // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number; getppid and kill have no
@@ -246,6 +262,9 @@ mod tests {
             find(Some(Path::new("/nonexistent/virtiofsd"))),
             Err(VirtiofsdError::BadBinary(_))
         ));
-        assert_eq!(find(Some(Path::new("/bin/sh"))).unwrap(), Path::new("/bin/sh"));
+        assert_eq!(
+            find(Some(Path::new("/bin/sh"))).unwrap(),
+            Path::new("/bin/sh")
+        );
     }
 }

@@ -20,9 +20,9 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 pub use exec::find_program;
+pub use mount::{parse_filesystems, parse_options};
 pub use root::SCRATCH_DIRS;
 pub use stdio::find_ports;
-pub use mount::{parse_filesystems, parse_options};
 pub use sys::{EXIT_PORT, MARKER_PORT};
 
 use crate::config::{self, Config};

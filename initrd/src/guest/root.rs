@@ -27,13 +27,13 @@ const MOVED: &[&str] = &["dev", "proc", "sys"];
 pub fn enter(tag: &OsStr, log: &Log) -> Result<(), Error> {
     log.step(format_args!("mounting virtio-fs {tag:?} as the root"));
     let new_root = Path::new(NEW_ROOT);
-    mount::mount_virtiofs(tag, new_root, libc::MS_RDONLY, OsStr::new("")).map_err(
-        |source| Error::Mount {
+    mount::mount_virtiofs(tag, new_root, libc::MS_RDONLY, OsStr::new("")).map_err(|source| {
+        Error::Mount {
             what: format!("virtio-fs share {tag:?} (the root)"),
             target: new_root.to_path_buf(),
             source,
-        },
-    )?;
+        }
+    })?;
     for &(dir, options) in SCRATCH_DIRS {
         mount_scratch(&new_root.join(dir), options)?;
     }
@@ -62,12 +62,10 @@ fn mount_scratch(dir: &Path, options: &str) -> Result<(), Error> {
 
 fn move_mount(from: &Path, to: &Path) -> Result<(), Error> {
     let empty = OsStr::new("");
-    sys::mount(from.as_os_str(), to, empty, libc::MS_MOVE, empty).map_err(|source| {
-        Error::Mount {
-            what: from.display().to_string(),
-            target: to.to_path_buf(),
-            source,
-        }
+    sys::mount(from.as_os_str(), to, empty, libc::MS_MOVE, empty).map_err(|source| Error::Mount {
+        what: from.display().to_string(),
+        target: to.to_path_buf(),
+        source,
     })
 }
 

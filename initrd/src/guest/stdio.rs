@@ -70,7 +70,11 @@ fn wait_for_nodes() -> Result<[PathBuf; 3], Error> {
                 .collect();
             return Err(Error::Internal(format!(
                 "the host's stdio ports did not appear (missing: {})",
-                if missing.is_empty() { "device nodes".to_string() } else { missing.join(", ") }
+                if missing.is_empty() {
+                    "device nodes".to_string()
+                } else {
+                    missing.join(", ")
+                }
             )));
         }
         std::thread::sleep(RETRY_PAUSE);
