@@ -9,6 +9,7 @@
 //! into the test host once; it prints libtest's result lines.
 
 mod linux {
+    pub mod exec;
     pub mod guest;
     pub mod harness;
     pub mod init;
@@ -40,6 +41,14 @@ const TESTS: &[Test] = tests![
     init::init_runs_an_included_command,
     init::init_passes_the_exit_status_through,
     init::init_reports_a_missing_command,
+    exec::exec_runs_host_programs_on_the_host_root,
+    exec::exec_streams_are_separate_exact_and_stdin_ends,
+    exec::exec_copies_through_two_shares_and_ro_refuses_writes,
+    exec::exec_passes_the_status_through,
+    exec::exec_ends_when_a_virtiofsd_dies,
+    exec::exec_sigterm_stops_everything,
+    exec::exec_sigkill_leaves_no_virtiofsd,
+    exec::exec_caches_the_initrd,
 ];
 
 fn main() -> std::process::ExitCode {

@@ -53,7 +53,7 @@ impl Drop for Virtiofsd {
     }
 }
 
-fn which_virtiofsd() -> PathBuf {
+pub fn which_virtiofsd() -> PathBuf {
     let cargo_bin = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo/bin/virtiofsd"));
     let path_dirs = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path_dirs)
