@@ -397,7 +397,9 @@ impl MultiportWorker {
     }
 
     fn port_ready(&mut self, id: u32) {
-        let Some(p) = self.port_index(id) else { return };
+        let Some(p) = self.port_index(id).filter(|_| self.announced) else {
+            return;
+        };
         let port = &mut self.ports[p];
         if std::mem::replace(&mut port.ready, true) {
             return;
