@@ -17,6 +17,7 @@ use super::{device_type, read_config_bytes, ActivateError, Activation, DeviceWor
 use crate::exit::VmExit;
 
 mod control;
+mod flush;
 mod input;
 mod multiport;
 mod output;
@@ -24,7 +25,7 @@ mod single;
 #[cfg(test)]
 mod tests;
 
-pub use multiport::ConsoleFlush;
+pub use flush::ConsoleFlush;
 pub use output::OutputError;
 
 use multiport::Ports;

@@ -28,6 +28,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::control::{self, Message, Outbox};
+use super::flush::{ConsoleFlush, FlushState};
 use super::input::PortInput;
 use super::output::Output;
 use super::single::CONFIG_LEN;
@@ -116,11 +117,9 @@ impl Ports {
                 output,
             });
         }
-        let flush = Arc::new(FlushState {
-            deadline: Mutex::new(None),
-            outputs: ports.iter().filter_map(|p| p.output.clone()).collect(),
-            lost: Mutex::new(Vec::new()),
-        });
+        let flush = Arc::new(FlushState::new(
+            ports.iter().filter_map(|p| p.output.clone()).collect(),
+        ));
         Ok(Self {
             queue_sizes: vec![QUEUE_SIZE; 2 * ports.len() + 2],
             ports,
@@ -141,7 +140,7 @@ impl Ports {
     }
 
     pub(super) fn flush_handle(&self) -> ConsoleFlush {
-        ConsoleFlush(self.flush.clone())
+        ConsoleFlush::new(self.flush.clone())
     }
 
     pub(super) fn activate(&self, a: Activation) -> Result<DeviceWorker, ActivateError> {
@@ -169,61 +168,7 @@ impl Ports {
 impl Drop for Ports {
     fn drop(&mut self) {
         // Lets each writer thread end once it has written what it holds.
-        for output in &self.flush.outputs {
-            output.close();
-        }
-    }
-}
-
-struct FlushState {
-    /// Set once the VM has stopped for good: until when the output may still be flushed.
-    deadline: Mutex<Option<Instant>>,
-    outputs: Vec<Output>,
-    /// Output that could not be flushed in time, described.
-    lost: Mutex<Vec<String>>,
-}
-
-impl FlushState {
-    fn deadline(&self) -> Option<Instant> {
-        *lock(&self.deadline)
-    }
-}
-
-/// Flushes a multiport console's output when the VM ends, in two steps:
-///
-/// 1. [`ConsoleFlush::vm_stopped`], once the vCPUs have stopped for good (so no driver can
-///    reset the device any more) and before the device thread stops. From then on, the
-///    device's worker, when dropped (as stopping the device thread does), first writes out
-///    every transmit buffer still in the rings, the guest's last output.
-/// 2. [`ConsoleFlush::finish`], after the device thread has stopped: waits for each writer
-///    thread to write what it holds.
-///
-/// Both wait at most until the deadline given to the first step, so a reader that never
-/// reads cannot hang the VMM. A worker dropped by a driver reset never touches the rings.
-#[derive(Clone)]
-pub struct ConsoleFlush(Arc<FlushState>);
-
-impl ConsoleFlush {
-    /// The guest can no longer run: flush its output until `deadline` when the worker drops.
-    pub fn vm_stopped(&self, deadline: Instant) {
-        *lock(&self.0.deadline) = Some(deadline);
-    }
-
-    /// Waits until the deadline for every writer to write what it holds; describes the
-    /// output that was lost if some was (a broken pipe is not reported: the VM's exit says
-    /// it).
-    pub fn finish(&self) -> Result<(), String> {
-        let deadline = self.0.deadline().unwrap_or_else(Instant::now);
-        let mut problems = std::mem::take(&mut *lock(&self.0.lost));
-        for output in &self.0.outputs {
-            if let Err(e) = output.finish(deadline) {
-                problems.push(e);
-            }
-        }
-        match problems.is_empty() {
-            true => Ok(()),
-            false => Err(problems.join("; ")),
-        }
+        self.flush.close_outputs();
     }
 }
 
@@ -397,7 +342,9 @@ impl MultiportWorker {
     }
 
     fn port_ready(&mut self, id: u32) {
-        let Some(p) = self.port_index(id) else { return };
+        let Some(p) = self.port_index(id).filter(|_| self.announced) else {
+            return;
+        };
         let port = &mut self.ports[p];
         if std::mem::replace(&mut port.ready, true) {
             return;
@@ -613,7 +560,7 @@ impl MultiportWorker {
                 return;
             }
             if !output.wait_for_room(deadline) {
-                lock(&self.flush.lost).push(format!(
+                self.flush.lost(format!(
                     "console port {}: the guest's last output was not taken in time",
                     port.name
                 ));
