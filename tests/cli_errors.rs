@@ -321,3 +321,162 @@ fn kvm_device_is_not_kvm() {
     };
     r.assert_error(exit::NO_KVM, NO_KVM_MESSAGE);
 }
+
+// `kvmbuild exec`: every input is checked before anything starts, so a bad one leaves no
+// virtiofsd and no run directory behind (each test gives exec a TMPDIR of its own and checks
+// that it stays empty).
+
+/// `kvmbuild exec ARGS` with a private, empty TMPDIR and cache; the TMPDIR must stay empty.
+fn exec_bad(tag: &str, args: &[&str], envs: &[(&str, &str)]) -> Run {
+    let tmp = support::scratch_path(&format!("exec-{tag}"));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(tmp.join("tmp")).unwrap();
+    let mut cmd = Command::new(support::KVMBUILD);
+    cmd.arg("exec")
+        .args(args)
+        .env("TMPDIR", tmp.join("tmp"))
+        .env("XDG_CACHE_HOME", tmp.join("cache"))
+        .env_remove("KVMBUILD_KERNEL");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let r = run_command(cmd);
+    let left: Vec<_> = fs::read_dir(tmp.join("tmp")).unwrap().flatten().collect();
+    assert!(left.is_empty(), "exec left {left:?} behind\n{r}");
+    r
+}
+
+#[test]
+fn exec_missing_kernel() {
+    let path = support::scratch_path("exec-no-such-kernel");
+    let r = exec_bad("kernel", &["--kernel", s(&path), "--", "true"], &[]);
+    r.assert_error(exit::BAD_INPUT, &["--kernel", s(&path)]);
+}
+
+#[test]
+fn exec_kernel_from_an_unreadable_environment_variable() {
+    let r = exec_bad(
+        "env-kernel",
+        &["--", "true"],
+        &[("KVMBUILD_KERNEL", "/no/such/bzImage")],
+    );
+    r.assert_error(exit::BAD_INPUT, &["KVMBUILD_KERNEL", "/no/such/bzImage"]);
+}
+
+#[test]
+fn exec_share_that_does_not_exist() {
+    let k = kernel();
+    let r = exec_bad(
+        "share",
+        &["--kernel", s(&k), "--share", "/no/such/dir", "--", "true"],
+        &[],
+    );
+    r.assert_error(exit::BAD_INPUT, &["--share", "/no/such/dir"]);
+}
+
+#[test]
+fn exec_share_guest_path_not_absolute() {
+    let k = kernel();
+    let dir = support::scratch_path("exec-share-rel-input");
+    fs::create_dir_all(&dir).unwrap();
+    let arg = format!("{}:relative/path", s(&dir));
+    let r = exec_bad(
+        "share-rel",
+        &["--kernel", s(&k), "--share", &arg, "--", "true"],
+        &[],
+    );
+    r.assert_error(exit::BAD_INPUT, &["--share", "relative/path", "absolute"]);
+}
+
+#[test]
+fn exec_share_mount_point_missing_from_the_host_root() {
+    let k = kernel();
+    let dir = support::scratch_path("exec-share-root-input");
+    fs::create_dir_all(&dir).unwrap();
+    let arg = format!("{}:/no/such/mount/point", s(&dir));
+    let r = exec_bad(
+        "share-root",
+        &["--kernel", s(&k), "--share", &arg, "--", "true"],
+        &[],
+    );
+    r.assert_error(exit::BAD_INPUT, &["/no/such/mount/point", "--no-root"]);
+}
+
+#[test]
+fn exec_virtiofsd_missing() {
+    let k = kernel();
+    let r = exec_bad(
+        "virtiofsd",
+        &[
+            "--kernel",
+            s(&k),
+            "--virtiofsd",
+            "/no/such/virtiofsd",
+            "--",
+            "true",
+        ],
+        &[],
+    );
+    r.assert_error(exit::BAD_INPUT, &["--virtiofsd", "/no/such/virtiofsd"]);
+    let distro_paths = ["/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd"];
+    if distro_paths.iter().all(|p| !Path::new(p).exists()) {
+        let r = exec_bad(
+            "no-virtiofsd",
+            &["--kernel", s(&k), "--", "true"],
+            &[("PATH", "/nonexistent")],
+        );
+        r.assert_error(exit::BAD_INPUT, &["virtiofsd not found"]);
+    }
+}
+
+#[test]
+fn exec_console_log_that_is_the_kernel_is_refused_and_the_kernel_kept() {
+    let dir = support::scratch_path("exec-console-kernel-input");
+    fs::create_dir_all(&dir).unwrap();
+    let k = dir.join("bzImage");
+    fs::copy(kernel(), &k).unwrap();
+    let before = fs::read(&k).unwrap();
+    let r = exec_bad(
+        "console-kernel",
+        &["--kernel", s(&k), "--console-log", s(&k), "--", "true"],
+        &[],
+    );
+    r.assert_error(exit::BAD_INPUT, &["--console-log", "overwritten"]);
+    assert_eq!(fs::read(&k).unwrap(), before, "the kernel is unchanged");
+}
+
+#[test]
+fn exec_missing_disk() {
+    let k = kernel();
+    let r = exec_bad(
+        "disk",
+        &[
+            "--kernel",
+            s(&k),
+            "--disk",
+            "/no/such/disk.img",
+            "--",
+            "true",
+        ],
+        &[],
+    );
+    r.assert_error(exit::BAD_INPUT, &["--disk", "/no/such/disk.img"]);
+}
+
+#[test]
+fn exec_without_a_command() {
+    let r = exec_bad("no-command", &["--no-root"], &[]);
+    r.assert_error(exit::BAD_INPUT, &["COMMAND"]);
+}
+
+/// On PVM, whose KVM cannot run an ordinary kernel, exec says so in one line (status 69)
+/// instead of booting into a hang.
+#[test]
+fn exec_on_a_pvm_host_says_where_to_run_it() {
+    if !Path::new("/sys/module/kvm_pvm").exists() {
+        return;
+    }
+    let k = kernel();
+    let r = exec_bad("pvm", &["--kernel", s(&k), "--no-root", "--", "true"], &[]);
+    r.assert_error(exit::NO_KVM, &["PVM", "tests/host-vm/run"]);
+}

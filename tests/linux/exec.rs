@@ -69,7 +69,11 @@ fn sha256(path: &Path) -> String {
 }
 
 fn share_arg(host: &Path, guest: &str, ro: bool) -> String {
-    format!("--share={}:{guest}{}", host.display(), if ro { ":ro" } else { "" })
+    format!(
+        "--share={}:{guest}{}",
+        host.display(),
+        if ro { ":ro" } else { "" }
+    )
 }
 
 /// A 64 MiB random file goes from a read-only share to a writable one; the copy matches, and
@@ -97,11 +101,21 @@ pub fn exec_copies_through_two_shares_and_ro_refuses_writes() {
         ],
         b"",
     );
-    run.check(run.status == Some(0), "the copy should succeed and the writes fail");
+    run.check(
+        run.status == Some(0),
+        "the copy should succeed and the writes fail",
+    );
     run.check(run.console == "done\n", "stdout is the command's alone");
     assert_eq!(sha256(&dst.join("copy.bin")), before, "the copy matches");
-    assert_eq!(sha256(&src.join("random.bin")), before, "the read-only file is unchanged");
-    assert!(!src.join("new").exists(), "nothing was created in the read-only share");
+    assert_eq!(
+        sha256(&src.join("random.bin")),
+        before,
+        "the read-only file is unchanged"
+    );
+    assert!(
+        !src.join("new").exists(),
+        "nothing was created in the read-only share"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -110,7 +124,12 @@ pub fn exec_runs_host_programs_on_the_host_root() {
     let dir = scratch("exec-root");
     let run = exec(
         &dir.join("cache"),
-        &["--", "sh", "-c", "python3 -c 'print(1+1)' && cat /etc/os-release"],
+        &[
+            "--",
+            "sh",
+            "-c",
+            "python3 -c 'print(1+1)' && cat /etc/os-release",
+        ],
         b"",
     );
     let os_release = std::fs::read_to_string("/etc/os-release").unwrap();
@@ -145,8 +164,17 @@ pub fn exec_streams_are_separate_exact_and_stdin_ends() {
     let mut child = cmd.spawn().unwrap();
     child.stdin.take().unwrap().write_all(b"a\nb\n").unwrap();
     let out = wait_output(child, GUARD);
-    assert_eq!(out.status, Some(0), "stderr: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.stdout == blob, "stdout is the blob, byte for byte ({} bytes)", out.stdout.len());
+    assert_eq!(
+        out.status,
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stdout == blob,
+        "stdout is the blob, byte for byte ({} bytes)",
+        out.stdout.len()
+    );
     assert_eq!(String::from_utf8_lossy(&out.stderr), "b\na\n");
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -163,7 +191,10 @@ pub fn exec_passes_the_status_through() {
         let mut all = vec!["--"];
         all.extend_from_slice(args);
         let run = exec(&cache, &all, b"");
-        run.check(run.status == Some(expected), &format!("{args:?} should exit {expected}"));
+        run.check(
+            run.status == Some(expected),
+            &format!("{args:?} should exit {expected}"),
+        );
         if expected == 127 {
             run.check(
                 run.stderr.contains("command not found"),
@@ -226,8 +257,14 @@ fn children(parent: u32) -> Vec<u32> {
 
 fn alive(pid: u32) -> bool {
     // A zombie is gone for our purpose: it holds nothing but its status.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|stat| !stat.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
 }
 
 /// Starts `exec` running a command that marks a shared file and then sleeps; returns once
@@ -260,7 +297,11 @@ fn start_sleeper(dir: &Path) -> (Child, Vec<u32>) {
         std::thread::sleep(Duration::from_millis(50));
     }
     let daemons = children(child.id());
-    assert_eq!(daemons.len(), 2, "a virtiofsd for the root and one for the share");
+    assert_eq!(
+        daemons.len(),
+        2,
+        "a virtiofsd for the root and one for the share"
+    );
     (child, daemons)
 }
 
@@ -313,8 +354,14 @@ pub fn exec_ends_when_a_virtiofsd_dies() {
     let took = killed.elapsed();
     let stderr = wait_output_stderr(child);
     assert_eq!(status, Some(70), "{stderr}");
-    assert!(took < Duration::from_secs(1), "kvmbuild took {took:?} to notice");
-    assert!(none_alive(&daemons, Duration::from_secs(2)), "a virtiofsd survived");
+    assert!(
+        took < Duration::from_secs(1),
+        "kvmbuild took {took:?} to notice"
+    );
+    assert!(
+        none_alive(&daemons, Duration::from_secs(2)),
+        "a virtiofsd survived"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -327,7 +374,10 @@ pub fn exec_sigterm_stops_everything() {
     let status = exit_within(&mut child, Duration::from_secs(10));
     let stderr = wait_output_stderr(child);
     assert_eq!(status, Some(143), "{stderr}");
-    assert!(none_alive(&daemons, Duration::ZERO), "a virtiofsd outlived kvmbuild");
+    assert!(
+        none_alive(&daemons, Duration::ZERO),
+        "a virtiofsd outlived kvmbuild"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -337,7 +387,10 @@ pub fn exec_sigkill_leaves_no_virtiofsd() {
     let (mut child, daemons) = start_sleeper(&dir);
     let _ = child.kill();
     let _ = child.wait();
-    assert!(none_alive(&daemons, Duration::from_secs(2)), "a virtiofsd outlived kvmbuild");
+    assert!(
+        none_alive(&daemons, Duration::from_secs(2)),
+        "a virtiofsd outlived kvmbuild"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 
@@ -348,15 +401,24 @@ pub fn exec_caches_the_initrd() {
     let cache = dir.join("cache");
     let first = exec(&cache, &["-v", "--", "true"], b"");
     first.check(first.status == Some(0), "first run");
-    first.check(first.stderr.contains(" (built in "), "the first run builds the initrd");
+    first.check(
+        first.stderr.contains(" (built in "),
+        "the first run builds the initrd",
+    );
     let images = cached_images(&cache);
     assert_eq!(images.len(), 1);
     let built_at = std::fs::metadata(&images[0]).unwrap().modified().unwrap();
     let second = exec(&cache, &["-v", "--", "true"], b"");
     second.check(second.status == Some(0), "second run");
-    second.check(second.stderr.contains(" (cached in "), "the second run reuses it");
+    second.check(
+        second.stderr.contains(" (cached in "),
+        "the second run reuses it",
+    );
     assert_eq!(cached_images(&cache), images);
-    assert_eq!(std::fs::metadata(&images[0]).unwrap().modified().unwrap(), built_at);
+    assert_eq!(
+        std::fs::metadata(&images[0]).unwrap().modified().unwrap(),
+        built_at
+    );
 
     let fresh = dir.join("fresh-cache");
     let spawn = || {
@@ -370,9 +432,18 @@ pub fn exec_caches_the_initrd() {
     let (a, b) = (spawn(), spawn());
     for child in [a, b] {
         let out = wait_output(child, GUARD);
-        assert_eq!(out.status, Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            out.status,
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    assert_eq!(cached_images(&fresh).len(), 1, "one image, no temporary files");
+    assert_eq!(
+        cached_images(&fresh).len(),
+        1,
+        "one image, no temporary files"
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -128,7 +128,11 @@ pub fn newest_cached_kernel(dir: &Path) -> Option<KernelChoice> {
                 // The ELF kernel the script extracts boots through PVH, without the bzImage's
                 // decompression (seconds when nested).
                 let vmlinux = entry.path().join("vmlinux");
-                let kernel = if vmlinux.is_file() { vmlinux } else { image.path() };
+                let kernel = if vmlinux.is_file() {
+                    vmlinux
+                } else {
+                    image.path()
+                };
                 found.push((release.to_string(), kernel, modules));
             }
         }
@@ -282,7 +286,11 @@ mod tests {
         assert_eq!(modules_for(&bzimage), found_modules(&dir));
         std::fs::write(dir.path().join("c/vmlinux"), b"\x7fELF").unwrap();
         let found = newest_cached_kernel(dir.path()).unwrap();
-        assert_eq!(found.kernel, dir.path().join("c/vmlinux"), "the ELF kernel is preferred");
+        assert_eq!(
+            found.kernel,
+            dir.path().join("c/vmlinux"),
+            "the ELF kernel is preferred"
+        );
     }
 
     fn found_modules(dir: &tempfile::TempDir) -> Option<PathBuf> {

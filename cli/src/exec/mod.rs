@@ -119,7 +119,10 @@ fn vm_error(e: vm::VmError) -> ExitCode {
     if let vm::VmError::Virtio(VirtioMmioError::Share(cause)) = &e {
         return fail(
             exit_code::INTERNAL,
-            format!("cannot connect to virtiofsd: {:#}", anyhow::anyhow!("{cause}")),
+            format!(
+                "cannot connect to virtiofsd: {:#}",
+                anyhow::anyhow!("{cause}")
+            ),
         );
     }
     let code = match e.class() {
