@@ -9,8 +9,8 @@
 //! kvmbuild an ordinary dynamic program and the init a small static one.
 //!
 //! The init is built in release mode into `<target-dir>/kvmbuild-init/` (shared by the debug and
-//! release builds of kvmbuild; Cargo's own lock serialises concurrent builds there), offline,
-//! from the same `Cargo.lock`. Packagers who build the init themselves (e.g. a Nix derivation)
+//! release builds of kvmbuild; Cargo's own lock serialises concurrent builds there), from the
+//! workspace's `Cargo.lock`. Packagers who build the init themselves (e.g. a Nix derivation)
 //! set `KVMBUILD_PREBUILT_INIT=/path/to/static/kvmbuild-init` and nothing is built here.
 
 use std::env;
@@ -67,7 +67,7 @@ fn build_static_init() -> PathBuf {
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(workspace)
-        .args(["build", "--release", "--offline", "--quiet"])
+        .args(["build", "--release", "--quiet"])
         .args(["-p", "kvmbuild-initrd", "--bin", "kvmbuild-init"])
         .args(["--target", &target, "--target-dir"])
         .arg(&target_dir);

@@ -66,6 +66,8 @@ pub struct CachedInitrd {
     pub path: PathBuf,
     /// Whether this run built it.
     pub built: bool,
+    /// Why it could not be stored in the cache, when it was written to the fallback instead.
+    pub not_cached: Option<CacheError>,
 }
 
 /// The cache key for an image of `modules` from `modules_dir` with the init `init`.
@@ -121,15 +123,37 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// The image for `spec` from the cache in `dir`, building and storing it when it is missing.
-pub fn get_or_build(dir: &Path, spec: &InitrdSpec) -> Result<CachedInitrd, CacheError> {
+/// When the cache cannot be written (no home directory, a read-only one), the image goes into
+/// `fallback_dir` for this run only.
+pub fn get_or_build(
+    dir: &Path,
+    spec: &InitrdSpec,
+    fallback_dir: &Path,
+) -> Result<CachedInitrd, CacheError> {
     let key = key(&spec.init, spec.modules_dir.as_deref(), &spec.modules);
     let path = dir.join(format!("{key}.cpio"));
     if path.is_file() {
-        return Ok(CachedInitrd { path, built: false });
+        return Ok(CachedInitrd {
+            path,
+            built: false,
+            not_cached: None,
+        });
     }
     let built = initrd::build_initrd(spec)?;
-    store(dir, &path, &built.image)?;
-    Ok(CachedInitrd { path, built: true })
+    let not_cached = store(dir, &path, &built.image).err();
+    let path = match not_cached {
+        None => path,
+        Some(_) => {
+            let path = fallback_dir.join("initrd.cpio");
+            store(fallback_dir, &path, &built.image)?;
+            path
+        }
+    };
+    Ok(CachedInitrd {
+        path,
+        built: true,
+        not_cached,
+    })
 }
 
 /// Writes `image` to a temporary file in `dir` and renames it to `path`.
@@ -197,15 +221,24 @@ mod tests {
         std::fs::write(&init, &elf).unwrap();
         let spec = InitrdSpec::new(InitBinary::File(init), None);
         let dir = cache.path().join("initrd");
-        let first = get_or_build(&dir, &spec).unwrap();
-        assert!(first.built);
-        let second = get_or_build(&dir, &spec).unwrap();
+        let fallback = cache.path().join("run");
+        let first = get_or_build(&dir, &spec, &fallback).unwrap();
+        assert!(first.built && first.not_cached.is_none());
+        let second = get_or_build(&dir, &spec, &fallback).unwrap();
         assert!(!second.built);
         assert_eq!(first.path, second.path);
-        assert_eq!(
-            std::fs::read_dir(&dir).unwrap().count(),
-            1,
-            "no temporary files left"
-        );
+        let entries = std::fs::read_dir(&dir).unwrap().count();
+        assert_eq!(entries, 1, "no temporary files left");
+        assert!(!fallback.exists());
+
+        // A cache that cannot be made (a file where its directory should be) still gives an
+        // image, for this run only.
+        let blocked = cache.path().join("blocked");
+        std::fs::write(&blocked, b"").unwrap();
+        let third = get_or_build(&blocked.join("initrd"), &spec, &fallback).unwrap();
+        assert!(third.built && third.not_cached.is_some());
+        assert_eq!(third.path, fallback.join("initrd.cpio"));
+        let (a, b) = (std::fs::read(&third.path), std::fs::read(&first.path));
+        assert_eq!(a.unwrap(), b.unwrap());
     }
 }

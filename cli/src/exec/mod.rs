@@ -81,10 +81,6 @@ pub fn exec(args: ExecArgs) -> ExitCode {
         plan.kernel.kernel.display(),
         plan.kernel.why
     ));
-    let initrd = match cached_initrd(&plan, &log) {
-        Ok(path) => path,
-        Err(e) => return fail(exit_code::INTERNAL, format!("{e:#}")),
-    };
     let run_dir = match tempfile::Builder::new().prefix("kvmbuild-exec.").tempdir() {
         Ok(dir) => dir,
         Err(e) => {
@@ -93,6 +89,10 @@ pub fn exec(args: ExecArgs) -> ExitCode {
                 format!("cannot create a run directory: {e}"),
             )
         }
+    };
+    let initrd = match cached_initrd(&plan, run_dir.path(), &log) {
+        Ok(path) => path,
+        Err(e) => return fail(exit_code::INTERNAL, format!("{e:#}")),
     };
     let daemons = match start_virtiofsd(&plan, run_dir.path(), &log) {
         Ok(daemons) => daemons,
@@ -154,14 +154,20 @@ impl Log {
     }
 }
 
-fn cached_initrd(plan: &Plan, log: &Log) -> anyhow::Result<PathBuf> {
+fn cached_initrd(plan: &Plan, run_dir: &Path, log: &Log) -> anyhow::Result<PathBuf> {
     let init = match initrd::init_from_env() {
         Some(path) => InitBinary::File(path),
         None => InitBinary::Embedded(EMBEDDED_INIT),
     };
     let spec = InitrdSpec::new(init, plan.kernel.modules.clone());
     let started = Instant::now();
-    let cached = cache::get_or_build(&cache::initrd_dir(), &spec)?;
+    let cached = cache::get_or_build(&cache::initrd_dir(), &spec, run_dir)?;
+    if let Some(e) = &cached.not_cached {
+        eprintln!(
+            "kvmbuild: warning: {:#}; the initrd is built for this run only",
+            anyhow::anyhow!("{e}: {}", error_cause(e))
+        );
+    }
     log.say(format_args!(
         "initrd {} ({} in {} ms)",
         cached.path.display(),
@@ -169,6 +175,17 @@ fn cached_initrd(plan: &Plan, log: &Log) -> anyhow::Result<PathBuf> {
         started.elapsed().as_millis()
     ));
     Ok(cached.path)
+}
+
+/// The innermost cause of an error, for one-line messages.
+fn error_cause(e: &dyn std::error::Error) -> String {
+    let mut cause = e.source();
+    let mut text = String::new();
+    while let Some(c) = cause {
+        text = c.to_string();
+        cause = c.source();
+    }
+    text
 }
 
 /// One virtiofsd per share (the root first), each on its own socket in `run_dir`.

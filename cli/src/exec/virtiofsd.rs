@@ -102,10 +102,12 @@ impl Virtiofsd {
             .stderr(Stdio::inherit());
         let raw = listen_fd.as_raw_fd();
         // SAFETY: the hook runs between fork and exec and makes only async-signal-safe calls
-        // (dup2, prctl, getppid, kill); `raw` stays open in the parent until spawn returns.
+        // (dup2, fcntl, setpgid, prctl, getppid, kill); `raw` stays open in the parent until
+        // spawn returns.
         unsafe {
             cmd.pre_exec(move || {
                 place_listener(raw)?;
+                leave_terminal_signals()?;
                 die_with_parent()
             });
         }
@@ -204,6 +206,17 @@ fn place_listener(raw: i32) -> std::io::Result<()> {
     } else {
         Err(std::io::Error::last_os_error())
     }
+}
+
+/// In a child before exec: a process group of its own, so that Ctrl-C at the terminal (sent
+/// to the whole foreground group) reaches kvmbuild, which stops the guest and then its
+/// virtiofsd, rather than killing virtiofsd under a running guest.
+fn leave_terminal_signals() -> std::io::Result<()> {
+    // SAFETY: setpgid on the calling process; async-signal-safe.
+    if unsafe { libc::setpgid(0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// In a child before exec: ask for SIGKILL when the parent goes, and go now if it already has.
