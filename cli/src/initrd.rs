@@ -1,6 +1,7 @@
 //! `kvmbuild initrd`: an initrd with kvmbuild's static init, a kernel's modules and host files.
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -12,6 +13,7 @@ use initrd::{Include, InitBinary, InitrdSpec};
 /// kvmbuild's static guest init, built by `build.rs` and carried inside kvmbuild itself.
 pub const EMBEDDED_INIT: &[u8] = include_bytes!(env!("KVMBUILD_EMBEDDED_INIT"));
 
+use crate::output::create_output;
 use crate::{exit_code, fail};
 
 pub const INITRD_HELP: &str = "\
@@ -58,8 +60,14 @@ fn build(args: InitrdArgs) -> anyhow::Result<()> {
     spec.includes = args.include;
     spec.compression = args.compress;
     let built = initrd::build_initrd(&spec)?;
-    std::fs::write(&args.output, &built.image)
-        .with_context(|| format!("cannot write {}", args.output.display()))?;
+    // Opened only now, so a failed build leaves an existing image alone; never an input.
+    let mut inputs: Vec<&Path> = spec.includes.iter().map(|i| i.host.as_path()).collect();
+    if let InitBinary::File(init) = &spec.init {
+        inputs.push(init);
+    }
+    create_output(&args.output, &inputs, "-o")?
+        .write_all(&built.image)
+        .with_context(|| format!("-o {}: cannot write it", args.output.display()))?;
     eprintln!(
         "kvmbuild: wrote {} ({} bytes, {} modules{}) in {} ms",
         args.output.display(),
