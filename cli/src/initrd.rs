@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::Args;
 use initrd::compress::Compression;
 use initrd::{Include, InitBinary, InitrdSpec};
+use vmm::host_file::{open_input, InputKind};
 
 /// kvmbuild's static guest init, built by `build.rs` and carried inside kvmbuild itself.
 pub const EMBEDDED_INIT: &[u8] = include_bytes!(env!("KVMBUILD_EMBEDDED_INIT"));
@@ -53,6 +54,11 @@ fn build(args: InitrdArgs) -> anyhow::Result<()> {
         Some(path) => InitBinary::File(path),
         None => InitBinary::Embedded(EMBEDDED_INIT),
     };
+    if let InitBinary::File(path) = &init {
+        // Checked the way every input is opened, so a FIFO is refused instead of read forever.
+        open_input(path, InputKind::Regular, false)
+            .with_context(|| format!("--init {}", path.display()))?;
+    }
     let mut spec = InitrdSpec::new(init, args.modules_dir);
     if !args.modules.is_empty() {
         spec.modules = args.modules;
