@@ -40,8 +40,10 @@ pub fn open_input(path: &Path, kind: InputKind, write: bool) -> io::Result<File>
 /// `ENXIO` instead of waiting for one.
 pub fn open_output(path: &Path) -> io::Result<File> {
     open_nonblocking(path, OpenOptions::new().write(true).create(true)).map_err(|e| {
+        // ENXIO also comes from sockets and absent devices: say "FIFO" only for a FIFO.
+        let fifo = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo());
         match e.raw_os_error() {
-            Some(libc::ENXIO) => io::Error::new(e.kind(), "a FIFO with no reader"),
+            Some(libc::ENXIO) if fifo => io::Error::new(e.kind(), "a FIFO with no reader"),
             _ => e,
         }
     })
