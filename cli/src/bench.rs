@@ -7,17 +7,26 @@
 //! in them. QEMU does not see the markers; it is timed as a whole process, spawn to exit, which
 //! the report labels as such.
 
+use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode, Output, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
 use serde::Serialize;
 use vmm::exit::{BootPhase, ExitReason};
-use vmm::vm::{self, RunReport, VmConfig};
+use vmm::vm::{self, ErrorClass, RunReport, VmConfig, VmError};
 
+use crate::output::create_output;
 use crate::{exit_code, fail};
+
+/// How long `QEMU --version` may take: it prints one line and exits.
+const QEMU_PROBE_LIMIT: Duration = Duration::from_secs(10);
+/// What `qemu-system-* --version` prints first.
+const QEMU_VERSION_PREFIX: &str = "QEMU emulator version";
 
 pub const BENCH_HELP: &str = "\
 Examples:
@@ -218,14 +227,9 @@ fn qemu_once(qemu: &Path, args: &BenchArgs) -> anyhow::Result<Duration> {
     if let Some(initrd) = &args.initrd {
         cmd.arg("-initrd").arg(initrd);
     }
-    let started = Instant::now();
-    let out = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .with_context(|| format!("cannot run {}", qemu.display()))?;
-    let elapsed = started.elapsed();
+    let limit = Duration::from_secs(args.timeout);
+    let (out, elapsed) =
+        run_bounded(&mut cmd, limit).with_context(|| format!("--qemu {}", qemu.display()))?;
     // isa-debug-exit turns the guest's status 0 into exit code 1, which is also QEMU's own code
     // for "could not start": a boot counts only if QEMU printed no error of its own.
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -240,6 +244,52 @@ fn qemu_once(qemu: &Path, args: &BenchArgs) -> anyhow::Result<Duration> {
             error.unwrap_or("no message")
         ),
     }
+}
+
+/// Runs `cmd` to its end, or kills it after `limit`. Returns its output and how long it ran,
+/// spawn to exit, timed by the thread that waits for it (no polling delay in the time).
+fn run_bounded(cmd: &mut Command, limit: Duration) -> anyhow::Result<(Output, Duration)> {
+    let started = Instant::now();
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start it")?;
+    let pid = child.id() as libc::pid_t;
+    let (done, finished) = mpsc::channel();
+    std::thread::spawn(move || {
+        let result = child.wait_with_output();
+        let _ = done.send((result, started.elapsed()));
+    });
+    let (result, elapsed) = match finished.recv_timeout(limit) {
+        Ok(finished) => finished,
+        Err(_) => {
+            // The waiting thread has not reaped the child, so `pid` is still the child's (a
+            // zombie at worst, which ignores the signal).
+            // SAFETY: kill(2) with a pid and a signal number; no memory is involved.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = finished.recv_timeout(QEMU_PROBE_LIMIT);
+            bail!("still running after {limit:?}; killed it");
+        }
+    };
+    Ok((result.context("cannot wait for it")?, elapsed))
+}
+
+/// Checks that `qemu` is QEMU, so that a wrong binary (one that exits 1 at once, as QEMU does
+/// when the guest reports 0 through isa-debug-exit) is not timed as a successful boot.
+fn check_qemu(qemu: &Path) -> anyhow::Result<()> {
+    let (out, _) = run_bounded(Command::new(qemu).arg("--version"), QEMU_PROBE_LIMIT)
+        .with_context(|| format!("--qemu {}", qemu.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || !stdout.starts_with(QEMU_VERSION_PREFIX) {
+        bail!(
+            "--qemu {}: not QEMU (`--version` did not print \"{QEMU_VERSION_PREFIX} ...\"; it exited {})",
+            qemu.display(),
+            out.status
+        );
+    }
+    Ok(())
 }
 
 /// A horizontal bar per phase (median), with a line from min to max.
@@ -293,7 +343,44 @@ fn svg(phases: &[PhaseStats], total: &Stats, qemu: Option<&Stats>) -> String {
     out
 }
 
-fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+/// The report files, opened before any boot: a bad path fails at once, and neither may be
+/// the kernel or the initrd.
+struct Outputs {
+    json: Option<File>,
+    svg: Option<File>,
+}
+
+fn open_outputs(args: &BenchArgs) -> anyhow::Result<Outputs> {
+    let mut inputs: Vec<&Path> = vec![&args.kernel];
+    inputs.extend(args.initrd.as_deref());
+    let open = |path: &Option<PathBuf>, what| {
+        path.as_deref()
+            .map(|p| create_output(p, &inputs, what))
+            .transpose()
+    };
+    Ok(Outputs {
+        json: open(&args.json, "--json")?,
+        svg: open(&args.svg, "--svg")?,
+    })
+}
+
+/// Why `bench` failed, and so its exit status.
+enum BenchError {
+    /// The arguments or input files (64).
+    BadInput(anyhow::Error),
+    /// A boot failed (the VM's own class decides) or anything else (70).
+    Run(anyhow::Error),
+}
+
+fn bench(args: &BenchArgs) -> Result<(), BenchError> {
+    let outputs = open_outputs(args).map_err(BenchError::BadInput)?;
+    if let Some(qemu) = &args.qemu {
+        check_qemu(qemu).map_err(BenchError::BadInput)?;
+    }
+    measure_and_report(args, outputs).map_err(BenchError::Run)
+}
+
+fn measure_and_report(args: &BenchArgs, outputs: Outputs) -> anyhow::Result<()> {
     for _ in 0..args.warmup {
         boot_once(args)?;
     }
@@ -313,9 +400,9 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             stats(&times)
         }
     };
-    if let Some(path) = &args.svg {
-        std::fs::write(path, svg(&kvmbuild_phases, &total, qemu.as_ref()))
-            .with_context(|| format!("cannot write {}", path.display()))?;
+    if let (Some(mut file), Some(path)) = (outputs.svg, &args.svg) {
+        file.write_all(svg(&kvmbuild_phases, &total, qemu.as_ref()).as_bytes())
+            .with_context(|| format!("--svg {}: cannot write it", path.display()))?;
     }
     let report = Report {
         kernel: args.kernel.clone(),
@@ -329,10 +416,11 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         qemu_process_total: qemu,
     };
     let json = serde_json::to_string_pretty(&report)? + "\n";
-    match &args.json {
-        Some(path) => std::fs::write(path, json)
-            .with_context(|| format!("cannot write {}", path.display()))?,
-        None => print!("{json}"),
+    match (outputs.json, &args.json) {
+        (Some(mut file), Some(path)) => file
+            .write_all(json.as_bytes())
+            .with_context(|| format!("--json {}: cannot write it", path.display()))?,
+        _ => print!("{json}"),
     }
     Ok(())
 }
@@ -340,7 +428,18 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
 pub fn run_bench(args: BenchArgs) -> ExitCode {
     match bench(&args) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(exit_code::INTERNAL, format!("bench: {e:#}")),
+        Err(BenchError::BadInput(e)) => fail(exit_code::BAD_INPUT, format!("bench: {e:#}")),
+        Err(BenchError::Run(e)) => fail(run_error_code(&e), format!("bench: {e:#}")),
+    }
+}
+
+/// A failed boot's status: a VM error keeps its class (a bad kernel is the user's input, 64;
+/// no KVM is 69), anything else is 70.
+fn run_error_code(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<VmError>().map(VmError::class) {
+        Some(ErrorClass::BadInput) => exit_code::BAD_INPUT,
+        Some(ErrorClass::KvmUnavailable) => exit_code::KVM_UNAVAILABLE,
+        _ => exit_code::INTERNAL,
     }
 }
 

@@ -1,6 +1,7 @@
 //! `kvmbuild initrd`: an initrd with kvmbuild's static init, a kernel's modules and host files.
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
@@ -8,10 +9,12 @@ use anyhow::Context;
 use clap::Args;
 use initrd::compress::Compression;
 use initrd::{Include, InitBinary, InitrdSpec};
+use vmm::host_file::{open_input, InputKind};
 
 /// kvmbuild's static guest init, built by `build.rs` and carried inside kvmbuild itself.
 pub const EMBEDDED_INIT: &[u8] = include_bytes!(env!("KVMBUILD_EMBEDDED_INIT"));
 
+use crate::output::create_output;
 use crate::{exit_code, fail};
 
 pub const INITRD_HELP: &str = "\
@@ -51,6 +54,11 @@ fn build(args: InitrdArgs) -> anyhow::Result<()> {
         Some(path) => InitBinary::File(path),
         None => InitBinary::Embedded(EMBEDDED_INIT),
     };
+    if let InitBinary::File(path) = &init {
+        // Checked the way every input is opened, so a FIFO is refused instead of read forever.
+        open_input(path, InputKind::Regular, false)
+            .with_context(|| format!("--init {}", path.display()))?;
+    }
     let mut spec = InitrdSpec::new(init, args.modules_dir);
     if !args.modules.is_empty() {
         spec.modules = args.modules;
@@ -58,8 +66,14 @@ fn build(args: InitrdArgs) -> anyhow::Result<()> {
     spec.includes = args.include;
     spec.compression = args.compress;
     let built = initrd::build_initrd(&spec)?;
-    std::fs::write(&args.output, &built.image)
-        .with_context(|| format!("cannot write {}", args.output.display()))?;
+    // Opened only now, so a failed build leaves an existing image alone; never an input.
+    let mut inputs: Vec<&Path> = spec.includes.iter().map(|i| i.host.as_path()).collect();
+    if let InitBinary::File(init) = &spec.init {
+        inputs.push(init);
+    }
+    create_output(&args.output, &inputs, "-o")?
+        .write_all(&built.image)
+        .with_context(|| format!("-o {}: cannot write it", args.output.display()))?;
     eprintln!(
         "kvmbuild: wrote {} ({} bytes, {} modules{}) in {} ms",
         args.output.display(),

@@ -4,6 +4,7 @@ mod bench;
 mod exec;
 mod exit_code;
 mod initrd;
+mod output;
 mod qemu_compat;
 mod run;
 mod terminal;
@@ -63,16 +64,35 @@ fn one_line(e: &clap::Error) -> String {
     words.join(" ").trim_start_matches("error: ").to_string()
 }
 
+/// The arguments as UTF-8, or an error naming the first that is not (shown lossily).
+fn utf8_args(args: impl Iterator<Item = std::ffi::OsString>) -> Result<Vec<String>, String> {
+    args.enumerate()
+        .map(|(i, arg)| {
+            arg.into_string().map_err(|bad| {
+                format!(
+                    "argument {} '{}' is not valid UTF-8",
+                    i + 1,
+                    bad.to_string_lossy()
+                )
+            })
+        })
+        .collect()
+}
+
 fn main() -> ExitCode {
-    // Under a QEMU binary's name (a symlink), the whole command line is QEMU's.
-    let argv0 = std::env::args().next().unwrap_or_default();
+    // Under a QEMU binary's name (a symlink), the whole command line is QEMU's. Arguments
+    // are taken as the OS gives them: any bytes, not necessarily UTF-8.
+    let mut argv = std::env::args_os();
+    let argv0 = argv.next().unwrap_or_default();
     let name = std::path::Path::new(&argv0)
         .file_name()
         .and_then(|n| n.to_str())
         .unwrap_or("");
     if qemu_compat::QEMU_NAMES.contains(&name) {
-        let args: Vec<String> = std::env::args().skip(1).collect();
-        return qemu_compat::qemu_compat(&args);
+        return match utf8_args(argv) {
+            Ok(args) => qemu_compat::qemu_compat(&args),
+            Err(message) => fail(exit_code::BAD_INPUT, format!("qemu-compat: {message}")),
+        };
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -12,6 +12,7 @@ use vmm::exit::{ExitReason, ResetSource};
 use vmm::virtio_mmio::{ConsoleConfig, DiskConfig, ShareConfig};
 use vmm::vm::{self, ErrorClass, RunReport, VmConfig};
 
+use crate::output::create_output;
 use crate::terminal::{self, RawishStdin};
 use crate::{exit_code, fail};
 
@@ -46,7 +47,8 @@ pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub(crate) cpus: u64,
-    /// Where the console goes: stdout, none, or a file path.
+    /// Where the console goes: stdout, none, or a path (a file, truncated; or a FIFO with a
+    /// reader, a terminal, a device). Never one of the run's input files.
     #[arg(long, value_name = "stdout|none|PATH", default_value = "stdout")]
     pub(crate) console: String,
     /// Which device carries the console: the serial port (ttyS0) or a virtio-console (hvc0).
@@ -119,14 +121,13 @@ enum ConsoleSink {
 }
 
 impl ConsoleSink {
-    fn open(spec: &str) -> anyhow::Result<Self> {
+    /// Opens the console; a path must be none of `inputs` (the run's kernel, initrd and
+    /// disks), and a FIFO must already have its reader (opening never waits).
+    fn open(spec: &str, inputs: &[&Path]) -> anyhow::Result<Self> {
         Ok(match spec {
             "stdout" => Self::Stdout,
             "none" => Self::Nowhere,
-            path => Self::File(
-                File::create(path)
-                    .with_context(|| format!("--console {path}: cannot create the file"))?,
-            ),
+            path => Self::File(create_output(Path::new(path), inputs, "--console")?),
         })
     }
 
@@ -140,7 +141,10 @@ impl ConsoleSink {
 }
 
 fn vm_config(args: RunArgs, stdin: Option<&RawishStdin>) -> Result<VmConfig, ExitCode> {
-    let sink = ConsoleSink::open(&args.console)
+    let mut inputs: Vec<&Path> = vec![&args.kernel];
+    inputs.extend(args.initrd.as_deref());
+    inputs.extend(args.disk.iter().map(|d| d.path.as_path()));
+    let sink = ConsoleSink::open(&args.console, &inputs)
         .map_err(|e| fail(exit_code::BAD_INPUT, format!("{e:#}")))?;
     let hvc0 = args.console_device == ConsoleDevice::Hvc0;
     let writer = || {

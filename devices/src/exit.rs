@@ -3,6 +3,8 @@
 //! Devices (the exit port, the ACPI registers, the i8042) and the VMM itself (vCPU errors,
 //! timeouts) call [`VmExit::request`]; the first reason wins and wakes the run loop through an
 //! `EventFd`. Boot-phase markers are timestamped here too, so `bench` reads them from one place.
+//! Only the first time each phase is marked is kept (later marks are counted): the guest may
+//! write the marker port any number of times, and must not grow kvmbuild's memory by doing so.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -55,6 +57,13 @@ pub enum BootPhase {
 }
 
 impl BootPhase {
+    /// Every phase, in order.
+    pub const ALL: [BootPhase; 3] = [
+        Self::InitStarted,
+        Self::CommandStarted,
+        Self::CommandFinished,
+    ];
+
     /// The phase a marker byte names, if any.
     pub fn from_byte(byte: u8) -> Option<Self> {
         match byte {
@@ -71,7 +80,7 @@ pub struct VmExit {
     reason: Mutex<Option<ExitReason>>,
     /// Set with `reason`: lets vCPU threads check on every KVM exit without taking the lock.
     requested: AtomicBool,
-    markers: Mutex<Vec<(BootPhase, Instant)>>,
+    markers: Mutex<Markers>,
     event: EventFd,
 }
 
@@ -81,7 +90,7 @@ impl VmExit {
         Ok(Self {
             reason: Mutex::new(None),
             requested: AtomicBool::new(false),
-            markers: Mutex::new(Vec::new()),
+            markers: Mutex::new(Markers::default()),
             event: EventFd::new(EFD_NONBLOCK)?,
         })
     }
@@ -116,20 +125,50 @@ impl VmExit {
         &self.event
     }
 
-    /// Records that the guest reached `phase` now.
+    /// Records that the guest reached `phase` now (if it had not already).
     pub fn mark(&self, phase: BootPhase) {
-        self.markers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((phase, Instant::now()));
+        let now = Instant::now();
+        self.lock_markers().mark(phase, now);
     }
 
-    /// The phases marked so far, in order, with their host timestamps.
+    /// The phases marked so far, each with the host time it was first marked, in time order.
     pub fn markers(&self) -> Vec<(BootPhase, Instant)> {
-        self.markers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.lock_markers().first_marks()
+    }
+
+    /// How many times the guest marked `phase` (the first time included).
+    pub fn mark_count(&self, phase: BootPhase) -> u64 {
+        self.lock_markers().count[phase as usize - 1]
+    }
+
+    fn lock_markers(&self) -> std::sync::MutexGuard<'_, Markers> {
+        self.markers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The boot-phase marks: a fixed-size record whatever the guest writes.
+#[derive(Default)]
+struct Markers {
+    /// When each phase (indexed by its byte minus 1) was first marked.
+    first: [Option<Instant>; 3],
+    /// How many times each phase was marked.
+    count: [u64; 3],
+}
+
+impl Markers {
+    fn mark(&mut self, phase: BootPhase, now: Instant) {
+        let i = phase as usize - 1;
+        self.first[i].get_or_insert(now);
+        self.count[i] = self.count[i].saturating_add(1);
+    }
+
+    fn first_marks(&self) -> Vec<(BootPhase, Instant)> {
+        let mut marks: Vec<_> = BootPhase::ALL
+            .into_iter()
+            .filter_map(|phase| Some((phase, self.first[phase as usize - 1]?)))
+            .collect();
+        marks.sort_by_key(|&(_, at)| at);
+        marks
     }
 }
 
@@ -147,6 +186,28 @@ mod tests {
         assert_eq!(exit.reason(), Some(ExitReason::GuestStatus(7)));
         assert!(exit.is_requested());
         assert_eq!(exit.event().read().unwrap(), 1);
+    }
+
+    #[test]
+    fn repeated_marks_keep_the_first_time_and_a_count() {
+        let exit = VmExit::new().unwrap();
+        exit.mark(BootPhase::CommandStarted);
+        let first = exit.markers();
+        for _ in 0..300_000 {
+            exit.mark(BootPhase::CommandStarted);
+            exit.mark(BootPhase::InitStarted);
+        }
+        let marks = exit.markers();
+        assert_eq!(marks.len(), 2);
+        assert_eq!(marks[0], first[0]);
+        assert_eq!(marks[1].0, BootPhase::InitStarted);
+        assert_eq!(exit.mark_count(BootPhase::CommandStarted), 300_001);
+        assert_eq!(exit.mark_count(BootPhase::CommandFinished), 0);
+        // The record is a fixed-size value, whatever the guest writes.
+        assert_eq!(
+            std::mem::size_of::<Markers>(),
+            std::mem::size_of::<[Option<Instant>; 3]>() + 24
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! | port                               | write                                                   |
 //! |------------------------------------|---------------------------------------------------------|
-//! | [`ports::KVMBUILD_MARKER`] (0x6f0) | a [`BootPhase`] byte, timestamped on the host; unknown bytes are ignored |
+//! | [`ports::KVMBUILD_MARKER`] (0x6f0) | a [`BootPhase`] byte, timestamped on the host (the first of each phase; repeats are only counted); unknown bytes are ignored |
 //! | [`ports::KVMBUILD_EXIT`] (0x6f1)   | the program's exit status; ends the VM at once          |
 //!
 //! Each write acts on its first byte only, so `outw`/`outl` behave like `outb`. Both ports

@@ -7,6 +7,7 @@ pub mod acpi_pm;
 pub mod bus;
 pub mod exit;
 pub mod exit_port;
+pub mod host_file;
 pub mod i8042;
 pub mod serial;
 pub mod virtio;

@@ -41,6 +41,17 @@ pub enum Error {
         /// One-based line number.
         line: usize,
     },
+    /// A `modules.dep` entry names a file outside the modules directory (absolute, or with
+    /// `..`): it would copy a host file into the initrd.
+    #[error("{path}:{line}: module path {entry:?} is outside the modules directory")]
+    OutsideTree {
+        /// The file.
+        path: PathBuf,
+        /// One-based line number.
+        line: usize,
+        /// The module path as written.
+        entry: String,
+    },
     /// The name is neither a module, an alias nor built in.
     #[error("module {module:?} not found for kernel {version}")]
     NotFound {
@@ -162,6 +173,7 @@ impl ModuleTree {
             order: Vec::new(),
             done: BTreeSet::new(),
             active: BTreeSet::new(),
+            stack: Vec::new(),
         };
         for root in roots {
             match self.resolve(root.as_ref()) {
@@ -210,53 +222,88 @@ impl ModuleTree {
     }
 }
 
-/// A depth-first walk that emits each module after everything it needs.
+/// A depth-first walk that emits each module after everything it needs. It keeps its own
+/// stack rather than recursing: `modules.dep` is input, and a dependency chain hundreds of
+/// thousands deep must not overflow the thread's stack.
 struct Walk<'a> {
     tree: &'a ModuleTree,
     order: Vec<Module>,
     done: BTreeSet<String>,
-    /// Modules on the current path, so soft-dependency cycles end instead of recursing forever.
+    /// Modules entered and not yet finished (the current path), so soft-dependency cycles end
+    /// instead of going round forever.
     active: BTreeSet<String>,
+    /// What is left to do, the next step last.
+    stack: Vec<Step>,
+}
+
+/// One step of a [`Walk`].
+enum Step {
+    /// Visit a module: its pre soft dependencies, its hard dependencies, then finish it.
+    Enter(String),
+    /// Emit a module whose dependencies are done, then visit its post soft dependencies.
+    Finish(String),
 }
 
 impl Walk<'_> {
+    /// Visits `name` and everything it needs.
     fn visit(&mut self, name: &str) -> Result<(), Error> {
-        if self.done.contains(name) || !self.active.insert(name.to_owned()) {
-            return Ok(());
-        }
-        let tree = self.tree;
-        let (path, deps) = &tree.modules[name];
-        let soft = tree.softdeps.get(name).cloned().unwrap_or_default();
-        self.visit_soft(&soft.pre)?;
-        // modules.dep lists dependencies so that loading them last-to-first works.
-        for dep in deps.iter().rev() {
-            if !tree.modules.contains_key(dep) {
-                return Err(Error::MissingDependency {
-                    module: name.to_owned(),
-                    dependency: dep.clone(),
-                    version: tree.version.clone(),
-                });
-            }
-            self.visit(dep)?;
-        }
-        self.active.remove(name);
-        self.done.insert(name.to_owned());
-        self.order.push(Module {
-            name: name.to_owned(),
-            path: path.clone(),
-        });
-        self.visit_soft(&soft.post)
-    }
-
-    fn visit_soft(&mut self, names: &[String]) -> Result<(), Error> {
-        for soft in names {
-            if let Resolved::Modules(found) = self.tree.resolve(soft) {
-                for module in found {
-                    self.visit(&module)?;
-                }
+        self.stack.push(Step::Enter(name.to_owned()));
+        while let Some(step) = self.stack.pop() {
+            match step {
+                Step::Enter(name) => self.enter(name)?,
+                Step::Finish(name) => self.finish(name),
             }
         }
         Ok(())
+    }
+
+    fn enter(&mut self, name: String) -> Result<(), Error> {
+        if self.done.contains(&name) || !self.active.insert(name.clone()) {
+            return Ok(());
+        }
+        let tree = self.tree;
+        let (_, deps) = &tree.modules[&name];
+        if let Some(dep) = deps.iter().find(|d| !tree.modules.contains_key(*d)) {
+            return Err(Error::MissingDependency {
+                module: name,
+                dependency: dep.clone(),
+                version: tree.version.clone(),
+            });
+        }
+        let pre = tree.softdeps.get(&name).map(|s| self.soft(&s.pre));
+        self.stack.push(Step::Finish(name));
+        // Pushed in reverse of the order they are visited in: pre soft dependencies first,
+        // then the hard ones last-to-first, as modules.dep lists them for loading.
+        self.stack.extend(deps.iter().cloned().map(Step::Enter));
+        self.stack
+            .extend(pre.unwrap_or_default().into_iter().rev().map(Step::Enter));
+        Ok(())
+    }
+
+    fn finish(&mut self, name: String) {
+        let tree = self.tree;
+        self.active.remove(&name);
+        self.done.insert(name.clone());
+        let post = tree.softdeps.get(&name).map(|s| self.soft(&s.post));
+        self.order.push(Module {
+            path: tree.modules[&name].0.clone(),
+            name,
+        });
+        self.stack
+            .extend(post.unwrap_or_default().into_iter().rev().map(Step::Enter));
+    }
+
+    /// The modules that soft dependencies `names` resolve to, in order; unknown ones are
+    /// skipped, as modprobe skips them.
+    fn soft(&self, names: &[String]) -> Vec<String> {
+        names
+            .iter()
+            .filter_map(|soft| match self.tree.resolve(soft) {
+                Resolved::Modules(found) => Some(found),
+                _ => None,
+            })
+            .flatten()
+            .collect()
     }
 }
 
@@ -330,10 +377,31 @@ fn parse_dep(text: &str, path: &Path) -> Result<DepMap, Error> {
             path: path.to_path_buf(),
             line: i + 1,
         })?;
+        let module = module.trim();
+        if !inside_tree(module) {
+            return Err(Error::OutsideTree {
+                path: path.to_path_buf(),
+                line: i + 1,
+                entry: module.to_owned(),
+            });
+        }
         let deps = deps.split_whitespace().map(name_from_path).collect();
-        modules.insert(name_from_path(module), (module.trim().to_owned(), deps));
+        modules.insert(name_from_path(module), (module.to_owned(), deps));
     }
     Ok(modules)
+}
+
+/// Whether a module path stays inside the modules directory: relative, without `..` (only
+/// module paths are opened; dependencies are looked up by name among them).
+fn inside_tree(module: &str) -> bool {
+    let path = Path::new(module);
+    !module.is_empty()
+        && path.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::Normal(_) | std::path::Component::CurDir
+            )
+        })
 }
 
 fn parse_softdep(text: &str) -> BTreeMap<String, SoftDep> {
@@ -641,6 +709,60 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "module \"nosuch\" not found for kernel 6.1.0-test"
+        );
+    }
+
+    /// A tree whose modules.dep is `text`.
+    fn tree_with_dep(text: &str) -> (tempfile::TempDir, Result<ModuleTree, Error>) {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("6.1.0-test");
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("modules.dep"), text).unwrap();
+        let tree = ModuleTree::open(&dir);
+        (root, tree)
+    }
+
+    #[test]
+    fn module_paths_outside_the_tree_are_refused() {
+        for entry in [
+            "../../../../etc/shadow",
+            "kernel/../../../etc/shadow.ko",
+            "/etc/shadow",
+            "/lib/modules/6.1.0/kernel/a.ko",
+        ] {
+            let (_d, tree) = tree_with_dep(&format!("kernel/ok.ko:\n{entry}: kernel/ok.ko\n"));
+            let err = tree.unwrap_err();
+            assert!(
+                matches!(err, Error::OutsideTree { line: 2, .. }),
+                "{entry}: {err}"
+            );
+            assert!(err.to_string().contains(entry), "{err}");
+        }
+        let (_d, tree) = tree_with_dep("./kernel/a.ko:\nkernel/b..c/b.ko:\n");
+        assert!(tree.is_ok());
+    }
+
+    #[test]
+    fn a_very_deep_dependency_chain_does_not_overflow_the_stack() {
+        const DEPTH: usize = 200_000;
+        let mut text = String::from("m0.ko:\n");
+        for i in 1..DEPTH {
+            text += &format!("m{i}.ko: m{}.ko\n", i - 1);
+        }
+        let (_d, tree) = tree_with_dep(&text);
+        let tree = tree.unwrap();
+        // A thread with a small stack, so that recursion would certainly overflow it.
+        let order = std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || tree.closure(&[format!("m{}", DEPTH - 1)]))
+            .unwrap()
+            .join()
+            .unwrap()
+            .unwrap();
+        assert_eq!(order.len(), DEPTH);
+        assert_eq!(
+            (order[0].name.as_str(), order[DEPTH - 1].path.as_str()),
+            ("m0", "m199999.ko")
         );
     }
 

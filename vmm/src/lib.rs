@@ -19,5 +19,7 @@ pub mod vm;
 
 /// Why a VM ended, shared with the devices that end it.
 pub use devices::exit;
+/// Opening the host files a VM reads and writes, the one way every front end does it.
+pub use devices::host_file;
 /// The guest-visible I/O ports of kvmbuild's fixed devices.
 pub use devices::ports;

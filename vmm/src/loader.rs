@@ -10,6 +10,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use devices::host_file::{open_input, InputKind};
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{bzimage::BzImage, KernelLoader};
@@ -29,6 +30,14 @@ const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 const PROTOCOL_WITH_CMDLINE_SIZE: u16 = 0x206;
 /// x86 Linux's COMMAND_LINE_SIZE, the limit for an ELF kernel, which carries no setup header.
 const ELF_CMDLINE_SIZE: usize = 2048;
+/// The most bytes of ELF notes a kernel may carry in one `PT_NOTE` segment. Linux's are a few
+/// hundred bytes; linux-loader walks them 12 bytes at a time, so a gigabyte-sized (sparse)
+/// segment of empty notes would keep it busy for hours.
+const MAX_ELF_NOTES: u64 = 1 << 20;
+/// ELF program header type of a note segment.
+const PT_NOTE: u32 = 4;
+/// Size of an ELF64 program header.
+const ELF64_PHDR_LEN: u64 = 56;
 
 /// Errors from loading the kernel, initrd or command line.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +60,28 @@ pub enum LoaderError {
     /// A bzImage without a 64-bit entry point.
     #[error("{0}: the bzImage has no 64-bit entry point (xloadflags lacks XLF_KERNEL_64)")]
     No64BitEntry(PathBuf),
+    /// The initrd file is empty: a failed build, most likely, which the kernel would not
+    /// notice.
+    #[error("{0}: the initrd is empty")]
+    EmptyInitrd(PathBuf),
+    /// An ELF kernel's note segment lies outside the file or is implausibly large.
+    #[error("{path}: an ELF note segment of {size} bytes at offset {offset:#x} does not fit the file's {file_size} bytes or the {MAX_ELF_NOTES}-byte limit")]
+    BadNotes {
+        path: PathBuf,
+        offset: u64,
+        size: u64,
+        file_size: u64,
+    },
+    /// The kernel's entry point is not in guest RAM, where the vCPU would start.
+    #[error("{path}: the {what} entry point {entry:#x} is outside guest RAM")]
+    EntryOutsideRam {
+        path: PathBuf,
+        what: &'static str,
+        entry: u64,
+    },
+    /// The bzImage ends before its 64-bit entry point.
+    #[error("{0}: the bzImage is truncated: it ends before its 64-bit entry point")]
+    TruncatedBzImage(PathBuf),
     /// The initrd does not fit in the guest's low memory.
     #[error("{path}: the initrd is {size} bytes and does not fit in guest memory below {limit:#x} above the kernel; give the guest more --mem")]
     InitrdTooLarge {
@@ -141,6 +172,11 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
     match format {
         KernelFormat::BzImage => {
             let result = BzImage::load(mem, None, &mut file, himem).map_err(load_err)?;
+            let entry = result.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET;
+            // linux-loader loads whatever follows the setup sectors, however short.
+            if entry >= result.kernel_end {
+                return Err(LoaderError::TruncatedBzImage(path.to_path_buf()));
+            }
             let hdr = result
                 .setup_header
                 .expect("linux-loader returns a bzImage's header");
@@ -155,7 +191,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
             };
             Ok(LoadedKernel {
                 format,
-                entry: GuestAddress(result.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET),
+                entry: GuestAddress(entry),
                 pvh_entry: None,
                 end: result.kernel_end,
                 setup_header: Some(hdr),
@@ -164,14 +200,28 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
             })
         }
         KernelFormat::Elf => {
+            check_elf_notes(path, &mut file)?;
             let result = Elf::load(mem, None, &mut file, himem).map_err(load_err)?;
+            let pvh_entry = match result.pvh_boot_cap {
+                PvhBootCapability::PvhEntryPresent(entry) => Some(entry),
+                _ => None,
+            };
+            // The vCPU starts at the entry the boot takes; outside RAM it would fault at once.
+            let (what, used) = match pvh_entry {
+                Some(entry) => ("PVH", entry),
+                None => ("ELF", result.kernel_load),
+            };
+            if !mem.address_in_range(used) {
+                return Err(LoaderError::EntryOutsideRam {
+                    path: path.to_path_buf(),
+                    what,
+                    entry: used.0,
+                });
+            }
             Ok(LoadedKernel {
                 format,
                 entry: result.kernel_load,
-                pvh_entry: match result.pvh_boot_cap {
-                    PvhBootCapability::PvhEntryPresent(entry) => Some(entry),
-                    _ => None,
-                },
+                pvh_entry,
                 end: result.kernel_end,
                 setup_header: None,
                 cmdline_limit: ELF_CMDLINE_SIZE,
@@ -180,6 +230,52 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
             })
         }
     }
+}
+
+/// Refuses an ELF kernel whose `PT_NOTE` segments lie outside the file or exceed
+/// [`MAX_ELF_NOTES`], before linux-loader walks them. Headers it cannot read are left for
+/// linux-loader to reject with its own error.
+fn check_elf_notes(path: &Path, file: &mut File) -> Result<(), LoaderError> {
+    let read_err = |source| LoaderError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file_size = file.metadata().map_err(read_err)?.len();
+    let mut ehdr = [0u8; 64];
+    file.rewind().map_err(read_err)?;
+    if file.read_exact(&mut ehdr).is_err() {
+        return Ok(());
+    }
+    let phoff = u64::from_le_bytes(ehdr[0x20..0x28].try_into().expect("8 bytes"));
+    let phnum = u64::from(u16::from_le_bytes([ehdr[0x38], ehdr[0x39]]));
+    // At most 65535 headers of 56 bytes: bounded by the format, and by the file below.
+    let table_len = phnum * ELF64_PHDR_LEN;
+    if phoff
+        .checked_add(table_len)
+        .is_none_or(|end| end > file_size)
+    {
+        return Ok(());
+    }
+    let mut table = vec![0u8; table_len as usize];
+    file.seek(SeekFrom::Start(phoff)).map_err(read_err)?;
+    file.read_exact(&mut table).map_err(read_err)?;
+    for phdr in table.chunks_exact(ELF64_PHDR_LEN as usize) {
+        let field = |at: usize| u64::from_le_bytes(phdr[at..at + 8].try_into().expect("8 bytes"));
+        if u32::from_le_bytes(phdr[0..4].try_into().expect("4 bytes")) != PT_NOTE {
+            continue;
+        }
+        let (offset, size) = (field(8), field(32));
+        let inside = offset.checked_add(size).is_some_and(|end| end <= file_size);
+        if !inside || size > MAX_ELF_NOTES {
+            return Err(LoaderError::BadNotes {
+                path: path.to_path_buf(),
+                offset,
+                size,
+                file_size,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Chooses the initrd's address: page-aligned, as high as the kernel allows in low memory.
@@ -206,6 +302,9 @@ pub fn load_initrd(
         source,
     };
     let file_size = file.metadata().map_err(read_err)?.len();
+    if file_size == 0 {
+        return Err(LoaderError::EmptyInitrd(path.to_path_buf()));
+    }
     let prefix_len = prefix.len() as u64;
     let size = file_size.saturating_add(prefix_len);
     let placement =
@@ -266,19 +365,13 @@ pub fn check_cmdline(cmdline: &str, kernel_limit: usize) -> Result<(), LoaderErr
     Ok(())
 }
 
+/// Opens a kernel or initrd the one way inputs are opened: without waiting on a FIFO, and
+/// only if it is a regular file (a directory, FIFO or `/dev/zero` has no size to load).
 fn open(path: &Path) -> Result<File, LoaderError> {
-    let file = File::open(path).map_err(|source| LoaderError::Read {
+    open_input(path, InputKind::Regular, false).map_err(|source| LoaderError::Read {
         path: path.to_path_buf(),
         source,
-    })?;
-    // Opening a directory succeeds; reading it does not. Say so now, with the path.
-    if file.metadata().is_ok_and(|m| m.is_dir()) {
-        return Err(LoaderError::Read {
-            path: path.to_path_buf(),
-            source: std::io::Error::from_raw_os_error(libc::EISDIR),
-        });
-    }
-    Ok(file)
+    })
 }
 
 #[cfg(test)]
@@ -345,5 +438,168 @@ mod tests {
         let err = detect_format(&path, &mut file).unwrap_err();
         std::fs::remove_file(&path).unwrap();
         assert!(err.to_string().ends_with("not a bzImage or ELF kernel"));
+    }
+
+    /// Guest RAM for the loader tests: 64 MiB from 0.
+    fn ram() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap()
+    }
+
+    /// Writes `bytes` to a fresh file and returns its directory (kept alive) and path.
+    fn file_with(bytes: &[u8]) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kernel");
+        std::fs::write(&path, bytes).unwrap();
+        (dir, path)
+    }
+
+    /// A program header: type, file offset, physical address, file and memory size.
+    fn phdr(kind: u32, offset: u64, paddr: u64, size: u64) -> Vec<u8> {
+        let mut h = Vec::with_capacity(56);
+        h.extend(kind.to_le_bytes());
+        h.extend(7u32.to_le_bytes()); // p_flags: rwx
+        h.extend(offset.to_le_bytes());
+        h.extend(paddr.to_le_bytes()); // p_vaddr
+        h.extend(paddr.to_le_bytes()); // p_paddr
+        h.extend(size.to_le_bytes()); // p_filesz
+        h.extend(size.to_le_bytes()); // p_memsz
+        h.extend(0x1000u64.to_le_bytes()); // p_align
+        h
+    }
+
+    /// A minimal x86-64 ELF: one 16-byte PT_LOAD at 0x100000 (file offset 0x1000), entered at
+    /// `entry`, plus `notes` (file offset, size) as PT_NOTE segments and `note_bytes` at 0x800.
+    fn elf(entry: u64, notes: &[(u64, u64)], note_bytes: &[u8]) -> Vec<u8> {
+        let phnum = 1 + notes.len() as u16;
+        let mut f = vec![0u8; 64];
+        f[..8].copy_from_slice(b"\x7fELF\x02\x01\x01\x00");
+        f[0x10..0x12].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        f[0x12..0x14].copy_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+        f[0x14..0x18].copy_from_slice(&1u32.to_le_bytes());
+        f[0x18..0x20].copy_from_slice(&entry.to_le_bytes());
+        f[0x20..0x28].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+        f[0x34..0x36].copy_from_slice(&64u16.to_le_bytes());
+        f[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        f[0x38..0x3a].copy_from_slice(&phnum.to_le_bytes());
+        f.extend(phdr(1, 0x1000, 0x10_0000, 16));
+        for &(offset, size) in notes {
+            f.extend(phdr(PT_NOTE, offset, 0, size));
+        }
+        f.resize(0x800, 0);
+        f.extend(note_bytes);
+        f.resize(0x1010, 0xf4); // hlt
+        f
+    }
+
+    /// A PVH note (XEN_ELFNOTE_PHYS32_ENTRY) naming `entry`.
+    fn pvh_note(entry: u32) -> Vec<u8> {
+        let mut n = Vec::new();
+        n.extend(4u32.to_le_bytes()); // namesz
+        n.extend(4u32.to_le_bytes()); // descsz
+        n.extend(18u32.to_le_bytes()); // type
+        n.extend(b"Xen\0");
+        n.extend(entry.to_le_bytes());
+        n
+    }
+
+    #[test]
+    fn elf_with_its_entry_in_ram_loads() {
+        let (_d, path) = file_with(&elf(0x10_0000, &[], &[]));
+        let k = load_kernel(&ram(), &path).unwrap();
+        assert_eq!(
+            (k.format, k.entry, k.pvh_entry),
+            (KernelFormat::Elf, GuestAddress(0x10_0000), None)
+        );
+        let note = pvh_note(0x10_0008);
+        let (_d, path) = file_with(&elf(0x10_0000, &[(0x800, note.len() as u64)], &note));
+        let k = load_kernel(&ram(), &path).unwrap();
+        assert_eq!(k.pvh_entry, Some(GuestAddress(0x10_0008)));
+    }
+
+    #[test]
+    fn elf_or_pvh_entry_outside_ram_is_refused() {
+        let (_d, path) = file_with(&elf(1 << 40, &[], &[]));
+        let err = load_kernel(&ram(), &path).unwrap_err();
+        assert!(
+            matches!(err, LoaderError::EntryOutsideRam { what: "ELF", entry, .. } if entry == 1 << 40),
+            "{err}"
+        );
+        let note = pvh_note(0xf000_0000);
+        let (_d, path) = file_with(&elf(0x10_0000, &[(0x800, note.len() as u64)], &note));
+        let err = load_kernel(&ram(), &path).unwrap_err();
+        assert!(
+            err.to_string()
+                .ends_with("the PVH entry point 0xf0000000 is outside guest RAM"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn huge_or_out_of_file_note_segments_are_refused_before_the_walk() {
+        // 4 GiB of (absent) notes: linux-loader would try to walk them.
+        let (_d, path) = file_with(&elf(0x10_0000, &[(0x800, 4 << 30)], &[]));
+        let err = load_kernel(&ram(), &path).unwrap_err();
+        assert!(
+            matches!(err, LoaderError::BadNotes { size, .. } if size == 4 << 30),
+            "{err}"
+        );
+        // Inside the file, but past the limit: a sparse file of empty notes.
+        let (_d, path) = file_with(&elf(0x10_0000, &[(0x1000, MAX_ELF_NOTES + 12)], &[]));
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0x1000 + MAX_ELF_NOTES + 12)
+            .unwrap();
+        let err = load_kernel(&ram(), &path).unwrap_err();
+        assert!(matches!(err, LoaderError::BadNotes { .. }), "{err}");
+    }
+
+    /// A bzImage with one setup sector and `code_len` bytes of protected-mode code.
+    fn bzimage(code_len: usize) -> Vec<u8> {
+        let mut f = vec![0u8; 1024];
+        f[0x1f1] = 1; // setup_sects
+        f[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        f[0x202..0x206].copy_from_slice(&BZIMAGE_MAGIC.to_le_bytes());
+        f[0x206..0x208].copy_from_slice(&0x20cu16.to_le_bytes()); // version
+        f[0x211] = 1; // loadflags: LOADED_HIGH
+        f[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+        f[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes()); // initrd_addr_max
+        f[0x236..0x238].copy_from_slice(&XLF_KERNEL_64.to_le_bytes());
+        f[0x238..0x23c].copy_from_slice(&2048u32.to_le_bytes()); // cmdline_size
+        f.resize(1024 + code_len, 0xf4);
+        f
+    }
+
+    #[test]
+    fn bzimage_truncated_before_its_entry_is_refused() {
+        let (_d, path) = file_with(&bzimage(0x400));
+        let k = load_kernel(&ram(), &path).unwrap();
+        assert_eq!(k.entry, GuestAddress(0x10_0200));
+        for short in [0, 0x100, 0x200] {
+            let (_d, path) = file_with(&bzimage(short));
+            let err = load_kernel(&ram(), &path).unwrap_err();
+            assert!(
+                matches!(err, LoaderError::TruncatedBzImage(_)),
+                "{short:#x}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn empty_initrd_and_non_regular_inputs_are_refused() {
+        let mem = ram();
+        let (_d, kpath) = file_with(&bzimage(0x400));
+        let k = load_kernel(&mem, &kpath).unwrap();
+        let (_e, empty) = file_with(b"");
+        let err = load_initrd(&mem, 64 << 20, &k, &empty, &[]).unwrap_err();
+        assert!(matches!(err, LoaderError::EmptyInitrd(_)), "{err}");
+        let err = load_initrd(&mem, 64 << 20, &k, Path::new("/dev/zero"), &[]).unwrap_err();
+        assert!(matches!(err, LoaderError::Read { .. }), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            load_kernel(&mem, dir.path()),
+            Err(LoaderError::Read { .. })
+        ));
     }
 }

@@ -13,6 +13,8 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use vmm::host_file::{open_input, InputKind};
+
 /// Errors choosing a kernel.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -79,16 +81,13 @@ pub fn choose(
 }
 
 fn check_readable(what: &'static str, path: &Path) -> Result<(), KernelError> {
-    let unreadable = |source| KernelError::Unreadable {
-        what,
-        path: path.to_path_buf(),
-        source,
-    };
-    let meta = std::fs::metadata(path).map_err(unreadable)?;
-    if !meta.is_file() {
-        return Err(unreadable(std::io::Error::other("not a regular file")));
-    }
-    File::open(path).map(drop).map_err(unreadable)
+    open_input(path, InputKind::Regular, false)
+        .map(drop)
+        .map_err(|source| KernelError::Unreadable {
+            what,
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// The running kernel's image and modules, when this host keeps them readable.

@@ -13,7 +13,7 @@
 //! unknown type); one without a status byte to answer in, or a broken chain, marks the device
 //! as needing reset.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::io::AsRawFd;
@@ -26,6 +26,8 @@ use vm_memory::{
     Bytes, GuestMemory, GuestMemoryMmap, Permissions, ReadVolatile, VolatileMemoryError,
     VolatileSlice, WriteVolatile,
 };
+
+use crate::host_file::{open_input, InputKind};
 
 use super::chain::{read_stream, sub_range, write_stream, Chain, ChainError, Segment};
 use super::worker::{RequestHandler, SingleQueueWorker};
@@ -129,11 +131,8 @@ impl Block {
     /// Opens the raw image at `path`, read-write unless `read_only`.
     pub fn new(path: impl AsRef<Path>, read_only: bool) -> Result<Self, BlockError> {
         let path = path.as_ref().to_path_buf();
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(&path)
-            .map_err(|source| BlockError::Open {
+        let mut file =
+            open_input(&path, InputKind::Disk, !read_only).map_err(|source| BlockError::Open {
                 path: path.clone(),
                 source,
             })?;
