@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use initrd::config::{Config, Share as GuestShare, STDIO_PORT_NAMES};
+use initrd::guest::error_chain;
 use initrd::{InitBinary, InitrdSpec};
 use vmm::exit::{BootPhase, ExitReason};
 use vmm::virtio_mmio::{ConsoleConfig, PortConfig, ShareConfig, VirtioMmioError};
@@ -94,9 +95,10 @@ pub fn exec(args: ExecArgs) -> ExitCode {
         Ok(path) => path,
         Err(e) => return fail(exit_code::INTERNAL, format!("{e:#}")),
     };
+    // The binary and the directories were checked with the plan; what fails here is the host.
     let daemons = match start_virtiofsd(&plan, run_dir.path(), &log) {
         Ok(daemons) => daemons,
-        Err(e) => return fail(exit_code::BAD_INPUT, format!("{e:#}")),
+        Err(e) => return fail(exit_code::INTERNAL, format!("{e:#}")),
     };
     let console = ConsoleTail::default();
     let config = match vm_config(&plan, initrd, &daemons, &console) {
@@ -119,10 +121,7 @@ fn vm_error(e: vm::VmError) -> ExitCode {
     if let vm::VmError::Virtio(VirtioMmioError::Share(cause)) = &e {
         return fail(
             exit_code::INTERNAL,
-            format!(
-                "cannot connect to virtiofsd: {:#}",
-                anyhow::anyhow!("{cause}")
-            ),
+            format!("cannot connect to virtiofsd: {}", error_chain(cause)),
         );
     }
     let code = match e.class() {
@@ -164,8 +163,8 @@ fn cached_initrd(plan: &Plan, run_dir: &Path, log: &Log) -> anyhow::Result<PathB
     let cached = cache::get_or_build(&cache::initrd_dir(), &spec, run_dir)?;
     if let Some(e) = &cached.not_cached {
         eprintln!(
-            "kvmbuild: warning: {:#}; the initrd is built for this run only",
-            anyhow::anyhow!("{e}: {}", error_cause(e))
+            "kvmbuild: warning: {}; the initrd is built for this run only",
+            error_chain(e)
         );
     }
     log.say(format_args!(
@@ -175,17 +174,6 @@ fn cached_initrd(plan: &Plan, run_dir: &Path, log: &Log) -> anyhow::Result<PathB
         started.elapsed().as_millis()
     ));
     Ok(cached.path)
-}
-
-/// The innermost cause of an error, for one-line messages.
-fn error_cause(e: &dyn std::error::Error) -> String {
-    let mut cause = e.source();
-    let mut text = String::new();
-    while let Some(c) = cause {
-        text = c.to_string();
-        cause = c.source();
-    }
-    text
 }
 
 /// One virtiofsd per share (the root first), each on its own socket in `run_dir`.
@@ -289,25 +277,30 @@ fn vm_config(
     })
 }
 
-/// A virtio-console whose three ports carry this process's stdin, stdout and stderr.
+/// A virtio-console whose three ports carry this process's stdin, stdout and stderr. A
+/// stream kvmbuild was started without (`<&-`) is empty input or discarded output.
 fn stdio_console() -> std::io::Result<ConsoleConfig> {
-    let [stdin, stdout, stderr] = [0, 1, 2].map(dup_fd);
+    let stdin = match dup_fd(0) {
+        Ok(file) => file,
+        Err(_) => File::open("/dev/null")?,
+    };
+    let output = |fd| dup_fd(fd).ok().map(|f| Box::new(f) as Box<dyn Write + Send>);
     let [stdin_name, stdout_name, stderr_name] = STDIO_PORT_NAMES.map(String::from);
     Ok(ConsoleConfig::Ports(vec![
         PortConfig {
             name: stdin_name,
-            input: Some(Box::new(stdin?)),
+            input: Some(Box::new(stdin)),
             output: None,
         },
         PortConfig {
             name: stdout_name,
             input: None,
-            output: Some(Box::new(stdout?)),
+            output: output(1),
         },
         PortConfig {
             name: stderr_name,
             input: None,
-            output: Some(Box::new(stderr?)),
+            output: output(2),
         },
     ]))
 }
