@@ -268,6 +268,7 @@ fn vm_config(
             )
         })?),
         rng: true,
+        pit: false,
         timeout: plan.timeout,
     })
 }
