@@ -358,7 +358,13 @@ fn kvm_has_tsc_deadline() -> bool {
     const KVM_CAP_TSC_DEADLINE_TIMER: libc::c_ulong = 72;
     let kvm = fs::File::open("/dev/kvm").unwrap();
     // SAFETY: KVM_CHECK_EXTENSION takes an integer argument and touches no memory.
-    unsafe { libc::ioctl(kvm.as_raw_fd(), KVM_CHECK_EXTENSION, KVM_CAP_TSC_DEADLINE_TIMER) > 0 }
+    unsafe {
+        libc::ioctl(
+            kvm.as_raw_fd(),
+            KVM_CHECK_EXTENSION,
+            KVM_CAP_TSC_DEADLINE_TIMER,
+        ) > 0
+    }
 }
 
 #[test]
@@ -382,7 +388,11 @@ fn cpuid_offers_kvmclock_tsc_deadline_and_a_brand_string() {
     );
     assert_eq!(value("signature: "), "KVMKVMKVM", "{run}");
     let features = u64::from_str_radix(&value("kvm features: 0x"), 16).unwrap();
-    assert_ne!(features & (1 << 3), 0, "kvmclock (KVM_FEATURE_CLOCKSOURCE2)\n{run}");
+    assert_ne!(
+        features & (1 << 3),
+        0,
+        "kvmclock (KVM_FEATURE_CLOCKSOURCE2)\n{run}"
+    );
     let brand = value("brand: ");
     assert!(brand.len() > 1 && brand.ends_with('|'), "{run}");
 }

@@ -72,7 +72,9 @@ fn main() -> ExitCode {
         .unwrap_or("");
     if qemu_compat::QEMU_NAMES.contains(&name) {
         let args: Vec<String> = std::env::args().skip(1).collect();
-        return qemu_compat::qemu_compat(&args);
+        let code = qemu_compat::qemu_compat(&args);
+        vmm::release::release_after_exit();
+        return code;
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -83,11 +85,15 @@ fn main() -> ExitCode {
             return ExitCode::from(exit_code::SUCCESS);
         }
     };
-    match cli.command {
+    let code = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Exec(args) => exec::exec(args),
         Command::Initrd(args) => initrd::initrd(args),
         Command::Bench(args) => bench::run_bench(args),
         Command::QemuCompat { args } => qemu_compat::qemu_compat(&args),
-    }
+    };
+    // Last, with every output written: the kernel's destruction of the VM (SRCU waits, ~10 ms)
+    // happens after this process has exited, not in its exit.
+    vmm::release::release_after_exit();
+    code
 }

@@ -196,7 +196,10 @@ mod tests {
         assert_eq!(text.len(), 48);
         assert_eq!(text.trim_end_matches('\0'), BRAND);
         let count = |f| entries.iter().filter(|e| e.function == f).count();
-        assert_eq!([0x8000_0002, 0x8000_0003, 0x8000_0004].map(count), [1, 1, 1]);
+        assert_eq!(
+            [0x8000_0002, 0x8000_0003, 0x8000_0004].map(count),
+            [1, 1, 1]
+        );
     }
 
     #[test]

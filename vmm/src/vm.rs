@@ -21,14 +21,15 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi::{self, AcpiError};
 use crate::boot_params::{self, BootInfo, BootParamsError};
+use crate::cpuid;
 use crate::firmware;
 use crate::kvm::{self, KvmError};
 use crate::layout;
 use crate::loader::{self, LoaderError};
 use crate::memory::{self, MemoryError};
 use crate::pvh::{self, PvhError, PvhInfo};
+use crate::release::{self, Remains};
 use crate::serial_input;
-use crate::cpuid;
 use crate::vcpu::{self, BootEntry, VcpuContext, VcpuError};
 use crate::virtio_mmio::{
     self, ConsoleConfig, DiskConfig, ShareConfig, VirtioDevices, VirtioMmioError,
@@ -452,11 +453,12 @@ fn wait_for_exit(exit: &VmExit, stop: &EventFd, timeout: Option<Duration>) -> Ex
 
 /// Boots the guest and runs it until it ends.
 ///
-/// Returns once the vCPUs and devices have stopped and the consoles are flushed; closing the
-/// VM fd and unmapping guest RAM continue on a background thread (see [`wait_for_release`]).
-/// The next `run` in this process waits for that before its clock starts.
+/// Returns once the vCPUs and devices have stopped and the consoles are flushed. The VM fd
+/// and guest RAM are left pending: releasing them waits for the kernel (see [`release`]); the
+/// next `run` releases them before its clock starts, and a process about to exit hands them
+/// to [`release::release_after_exit`].
 pub fn run(mut config: VmConfig) -> Result<RunReport, VmError> {
-    wait_for_release();
+    release::release_pending();
     let started = Instant::now();
     STOP_SIGNAL.store(0, Ordering::SeqCst);
     let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("stop event"))?;
@@ -507,7 +509,7 @@ pub fn run(mut config: VmConfig) -> Result<RunReport, VmError> {
         serial_input::wait_stopped(pump);
     }
     if let Some(remains) = remains {
-        release_in_background(remains);
+        release::keep(remains);
     }
     Ok(RunReport {
         reason,
@@ -535,19 +537,23 @@ fn stop_vcpus(threads: Vec<std::thread::JoinHandle<()>>, grace: Duration) -> Vec
     let mut running: Vec<_> = threads.into_iter().enumerate().collect();
     let mut last_kick: Option<Instant> = None;
     let mut pause = Duration::from_micros(20);
-    while !running.is_empty() && started.elapsed() < grace {
-        if last_kick.is_none_or(|at| at.elapsed() >= REKICK_INTERVAL) {
-            running.iter().for_each(|(_, thread)| vcpu::kick(thread));
-            last_kick = Some(Instant::now());
-        }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(REKICK_INTERVAL);
+    loop {
+        // Threads that have already finished (a vCPU that ended the VM itself) cost no sleep.
         let (finished, still): (Vec<_>, Vec<_>) =
             running.into_iter().partition(|(_, t)| t.is_finished());
         finished.into_iter().for_each(|(_, thread)| {
             let _ = thread.join();
         });
         running = still;
+        if running.is_empty() || started.elapsed() >= grace {
+            break;
+        }
+        if last_kick.is_none_or(|at| at.elapsed() >= REKICK_INTERVAL) {
+            running.iter().for_each(|(_, thread)| vcpu::kick(thread));
+            last_kick = Some(Instant::now());
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(REKICK_INTERVAL);
     }
     running.into_iter().map(|(index, _)| index).collect()
 }
@@ -602,42 +608,6 @@ struct TearDown {
     stuck_vcpus: Vec<usize>,
     console_error: Option<String>,
     remains: Option<Remains>,
-}
-
-/// A stopped VM's KVM fd and guest RAM, the part of it that is slow to release: the kernel
-/// destroys the VM (page tables, memory slots, irqchip) when its fd is closed.
-#[allow(dead_code, reason = "held only to be dropped, in this order")]
-struct Remains {
-    // Field order matters: the VM (and its memory slots) is dropped before the memory.
-    fd: VmFd,
-    mem: GuestMemoryMmap,
-}
-
-/// The thread releasing the last VM's [`Remains`]; at most one exists at a time.
-static RELEASING: Mutex<Option<std::thread::JoinHandle<()>>> = Mutex::new(None);
-
-/// Waits until the previous VM run in this process has been released (its VM fd closed and
-/// its memory unmapped). [`run`] calls it first; callers that time boots may call it before
-/// their own clock starts.
-pub fn wait_for_release() {
-    let thread = RELEASING.lock().unwrap_or_else(|p| p.into_inner()).take();
-    if let Some(thread) = thread {
-        let _ = thread.join();
-    }
-}
-
-/// Releases `remains` on a background thread, so the caller can report the VM's end at once.
-/// A process that exits meanwhile leaves the rest to the kernel's clean-up of its fds and
-/// mappings.
-fn release_in_background(remains: Remains) {
-    wait_for_release();
-    // If no thread can be started, the closure (and `remains` with it) is dropped right here.
-    if let Ok(thread) = std::thread::Builder::new()
-        .name("vm-release".into())
-        .spawn(move || drop(remains))
-    {
-        *RELEASING.lock().unwrap_or_else(|p| p.into_inner()) = Some(thread);
-    }
 }
 
 #[cfg(test)]
