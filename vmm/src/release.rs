@@ -1,10 +1,11 @@
 //! Releasing a finished VM off the critical path.
 //!
 //! Closing the last fd of a KVM VM makes the kernel destroy it, and that waits for SRCU grace
-//! periods: measured on this project's PVM host, 14-16 ms with an in-kernel PIT and still
-//! 8-14 ms without one (under load). A process that exits pays the same wait in its exit
-//! (the kernel closes its fds and tears down its address space, whose KVM MMU notifier also
-//! waits), and whoever waits for the process waits for it too.
+//! periods (off-CPU stacks show `mmu_notifier_unregister`, `kvm_arch_pre_destroy_vm` and
+//! `kvm_destroy_vm` itself; with a PIT also its clean-up): measured on this project's shared
+//! PVM host, 14-17 ms with an in-kernel PIT and 9-20 ms without one. A process that exits pays
+//! the same waits in its exit (the kernel closes its fds and tears down its address space,
+//! whose KVM MMU notifier also waits), and whoever waits for the process waits for it too.
 //!
 //! So [`vm::run`](crate::vm::run) does not release the VM: it keeps the VM fd and guest RAM
 //! pending and returns the report at once. Then either
