@@ -2,10 +2,11 @@
 //!
 //! Closing the last fd of a KVM VM makes the kernel destroy it, and that waits for SRCU grace
 //! periods (off-CPU stacks show `mmu_notifier_unregister`, `kvm_arch_pre_destroy_vm` and
-//! `kvm_destroy_vm` itself; with a PIT also its clean-up): measured on this project's shared
-//! PVM host, 14-17 ms with an in-kernel PIT and 9-20 ms without one. A process that exits pays
-//! the same waits in its exit (the kernel closes its fds and tears down its address space,
-//! whose KVM MMU notifier also waits), and whoever waits for the process waits for it too.
+//! `kvm_destroy_vm` itself; with a PIT, the issue traced its clean-up too): measured on this
+//! project's shared PVM host, 14-17 ms with an in-kernel PIT and 9-20 ms without one. A process
+//! that exits pays the same waits in its exit (the kernel closes its fds and tears down its
+//! address space, whose KVM MMU notifier also waits), and whoever waits for the process waits
+//! for it too.
 //!
 //! So [`vm::run`](crate::vm::run) does not release the VM: it keeps the VM fd and guest RAM
 //! pending and returns the report at once. Then either
@@ -45,7 +46,7 @@ pub(crate) fn keep(remains: Remains) {
 }
 
 /// Releases the VM a previous [`vm::run`](crate::vm::run) left pending, here and now (closing
-/// its fd waits for the kernel to destroy it). Callers that time boots call it before their
+/// its fd waits for the kernel to destroy it). Callers that time boots may call it before their
 /// clock starts; `run` calls it first.
 pub fn release_pending() {
     let remains = pending().take();
