@@ -351,6 +351,63 @@ fn assert_guest_ends(name: &str, code: i32, says: &str) {
     assert!(!run.stdout.contains("still running"), "{run}");
 }
 
+/// Whether the host's KVM emulates the LAPIC timer's TSC-deadline mode.
+fn kvm_has_tsc_deadline() -> bool {
+    use std::os::fd::AsRawFd;
+    const KVM_CHECK_EXTENSION: libc::c_ulong = 0xae03;
+    const KVM_CAP_TSC_DEADLINE_TIMER: libc::c_ulong = 72;
+    let kvm = fs::File::open("/dev/kvm").unwrap();
+    // SAFETY: KVM_CHECK_EXTENSION takes an integer argument and touches no memory.
+    unsafe {
+        libc::ioctl(
+            kvm.as_raw_fd(),
+            KVM_CHECK_EXTENSION,
+            KVM_CAP_TSC_DEADLINE_TIMER,
+        ) > 0
+    }
+}
+
+#[test]
+fn cpuid_offers_kvmclock_tsc_deadline_and_a_brand_string() {
+    require_kvm!();
+    let run = run_guest(&guest("cpuid").bzimage, MEM_MIB, TIMEOUT_S, &[]);
+    run.assert_code(exit::OK);
+    let value = |key: &str| {
+        run.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key:?} line\n{run}"))
+            .to_string()
+    };
+    let leaf1_ecx = u64::from_str_radix(&value("leaf1 ecx: 0x"), 16).unwrap();
+    assert_ne!(leaf1_ecx & (1 << 31), 0, "hypervisor bit\n{run}");
+    assert_eq!(
+        leaf1_ecx & (1 << 24) != 0,
+        kvm_has_tsc_deadline(),
+        "the TSC-deadline bit should follow KVM_CAP_TSC_DEADLINE_TIMER\n{run}"
+    );
+    assert_eq!(value("signature: "), "KVMKVMKVM", "{run}");
+    let features = u64::from_str_radix(&value("kvm features: 0x"), 16).unwrap();
+    assert_ne!(
+        features & (1 << 3),
+        0,
+        "kvmclock (KVM_FEATURE_CLOCKSOURCE2)\n{run}"
+    );
+    let brand = value("brand: ");
+    assert!(brand.len() > 1 && brand.ends_with('|'), "{run}");
+}
+
+#[test]
+fn a_vm_with_the_pit_boots_and_ends_as_one_without() {
+    require_kvm!();
+    // Only that KVM accepts the PIT after the memory and irqchip, and that the VM ends the same
+    // way; the guest does not probe for the PIT.
+    for extra in [&[][..], &["--pit"][..]] {
+        let run = run_guest(&guest("poweroff").bzimage, MEM_MIB, TIMEOUT_S, extra);
+        run.assert_code(exit::OK);
+    }
+}
+
 #[test]
 fn reboot_through_the_i8042_exits_125() {
     require_kvm!();

@@ -195,6 +195,7 @@ fn boot_once(args: &BenchArgs) -> anyhow::Result<Sample> {
         shares: Vec::new(),
         virtio_console: None,
         rng: false,
+        pit: false,
         timeout: Some(Duration::from_secs(args.timeout)),
     };
     let report = vm::run(config)?;

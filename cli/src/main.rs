@@ -89,10 +89,12 @@ fn main() -> ExitCode {
         .and_then(|n| n.to_str())
         .unwrap_or("");
     if qemu_compat::QEMU_NAMES.contains(&name) {
-        return match utf8_args(argv) {
+        let code = match utf8_args(argv) {
             Ok(args) => qemu_compat::qemu_compat(&args),
             Err(message) => fail(exit_code::BAD_INPUT, format!("qemu-compat: {message}")),
         };
+        vmm::release::release_after_exit();
+        return code;
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -103,11 +105,15 @@ fn main() -> ExitCode {
             return ExitCode::from(exit_code::SUCCESS);
         }
     };
-    match cli.command {
+    let code = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Exec(args) => exec::exec(args),
         Command::Initrd(args) => initrd::initrd(args),
         Command::Bench(args) => bench::run_bench(args),
         Command::QemuCompat { args } => qemu_compat::qemu_compat(&args),
-    }
+    };
+    // Last, with every output written: the kernel's destruction of the VM (SRCU waits, ~10 ms)
+    // happens after this process has exited, not in its exit.
+    vmm::release::release_after_exit();
+    code
 }

@@ -241,6 +241,8 @@ fn translate(args: &[String]) -> Result<RunArgs, String> {
         disk: parsed.disks,
         vhost_user_fs: shares,
         rng: parsed.rng,
+        // QEMU's machines have a PIT; the kernels vmTools boots keep time without one.
+        pit: false,
         timeout: None,
     })
 }

@@ -66,6 +66,10 @@ pub struct RunArgs {
     /// Give the guest a virtio-rng fed from the host's getrandom.
     #[arg(long)]
     pub(crate) rng: bool,
+    /// Give the guest an in-kernel i8254 PIT, for kernels that need one (old ones, or ones
+    /// that calibrate against it). Linux with kvmclock does not; it makes ending the VM slower.
+    #[arg(long)]
+    pub(crate) pit: bool,
     /// End the guest after this many seconds (fractions allowed).
     #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
     pub(crate) timeout: Option<Duration>,
@@ -177,6 +181,7 @@ fn vm_config(args: RunArgs, stdin: Option<&RawishStdin>) -> Result<VmConfig, Exi
             false => None,
         },
         rng: args.rng,
+        pit: args.pit,
         timeout: args.timeout,
     })
 }

@@ -8,12 +8,18 @@ use super::guest::{boot, busybox_initrd, cloud_kernel, scratch};
 const GUARD: Duration = Duration::from_secs(300);
 const CMDLINE: &str = "console=ttyS0 panic=1 quiet";
 
-/// The smoke initrd's init: a marker, what the guest sees of its CPUs, then power off.
+/// The smoke initrd's init: a marker, what the guest sees of its CPUs and keeps time with (the
+/// VM has no PIT), a timed sleep, then power off.
 const SMOKE_INIT: &str = r#"
 /bin/busybox mount -t proc proc /proc
 echo "KVMBUILD-SMOKE kernel $(/bin/busybox uname -r)"
 echo "KVMBUILD-SMOKE cpus $(/bin/busybox grep -c ^processor /proc/cpuinfo)"
 /bin/busybox grep -m1 '^flags' /proc/cpuinfo | /bin/busybox grep -q hypervisor && echo "KVMBUILD-SMOKE hypervisor flag"
+/bin/busybox grep -m1 '^flags' /proc/cpuinfo | /bin/busybox grep -qw tsc_deadline_timer && echo "KVMBUILD-SMOKE tsc-deadline timer"
+echo "KVMBUILD-SMOKE model $(/bin/busybox grep -m1 '^model name' /proc/cpuinfo)"
+echo "KVMBUILD-SMOKE clocksource $(/bin/busybox cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+/bin/busybox dmesg | /bin/busybox grep -i -e pit -e 'tsc' -e 'apic timer' -e clocksource -e clockevent | /bin/busybox sed 's/^/KVMBUILD-DMESG /'
+/bin/busybox sleep 1 && echo "KVMBUILD-SMOKE slept 1 s"
 /bin/busybox poweroff -f
 "#;
 
@@ -51,6 +57,17 @@ fn smoke(kernel_file: fn(&super::guest::Kernel) -> &std::path::Path, cpus: &str,
         run.console.contains("KVMBUILD-SMOKE hypervisor flag"),
         "CPUID should carry the hypervisor bit",
     );
+    run.check(
+        run.console.contains("KVMBUILD-SMOKE clocksource kvm-clock"),
+        "without a PIT the guest should keep time with kvmclock",
+    );
+    run.check(
+        run.console.contains("KVMBUILD-SMOKE slept 1 s"),
+        "timer interrupts should wake a sleeping guest",
+    );
+    for line in run.console.lines().filter(|l| l.contains("KVMBUILD-")) {
+        println!("{test}: {line}");
+    }
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -3,9 +3,17 @@
 //! KVM reports what it can virtualise; it does not know our topology. Each vCPU gets its own
 //! APIC ID and a flat topology: one socket, `vcpus` cores, one thread per core. Linux reads
 //! this to number its CPUs and size its per-CPU data, so it must agree with the MADT.
+//!
+//! Timers: kvmbuild creates no in-kernel PIT unless asked (`VmConfig::pit`), so Linux keeps
+//! time with kvmclock (KVM's paravirtual leaves 0x4000_0000.., passed through as KVM reports
+//! them) and the LAPIC timer. The TSC-deadline bit is added when KVM emulates that mode
+//! (`KVM_CAP_TSC_DEADLINE_TIMER`); KVM_GET_SUPPORTED_CPUID leaves it out because it depends
+//! on the in-kernel LAPIC. With it, Linux uses the LAPIC timer without calibrating it.
 
 use kvm_bindings::kvm_cpuid_entry2;
 
+/// Leaf 1 ECX: the LAPIC timer has a TSC-deadline mode.
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 /// Leaf 1 ECX: running under a hypervisor.
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 /// Leaf 1 EDX: more than one logical processor per package.
@@ -16,19 +24,35 @@ const CLFLUSH_LINE_8_BYTE_UNITS: u32 = 8;
 const LEVEL_TYPE_SMT: u32 = 1;
 const LEVEL_TYPE_CORE: u32 = 2;
 
+/// The first of the three leaves that hold the processor brand string.
+const BRAND_LEAF: u32 = 0x8000_0002;
+/// The brand string offered when KVM passes none on (48 bytes with the NUL padding).
+pub const BRAND: &str = "kvmbuild virtual CPU";
+
+/// What the host's KVM can offer beyond its supported CPUID.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Extras {
+    /// KVM emulates the LAPIC timer's TSC-deadline mode (`KVM_CAP_TSC_DEADLINE_TIMER`).
+    pub tsc_deadline: bool,
+}
+
 /// The number of APIC ID bits needed to number `count` cores (ceil(log2(count))).
 fn id_bits(count: u32) -> u32 {
     count.next_power_of_two().trailing_zeros()
 }
 
-/// Rewrites `entries` (from `KVM_GET_SUPPORTED_CPUID`) for vCPU `index` of `count`.
-pub fn shape(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8) {
+/// Rewrites `entries` (from `KVM_GET_SUPPORTED_CPUID`) for vCPU `index` of `count`, adding
+/// what `extras` allows and a brand string when KVM passes none on.
+pub fn shape(entries: &mut Vec<kvm_cpuid_entry2>, index: u8, count: u8, extras: Extras) {
     let (apic_id, count) = (u32::from(index), u32::from(count));
     for entry in entries.iter_mut() {
         match entry.function {
             0x1 => {
                 entry.ebx = (apic_id << 24) | (count << 16) | (CLFLUSH_LINE_8_BYTE_UNITS << 8);
                 entry.ecx |= LEAF1_ECX_HYPERVISOR;
+                if extras.tsc_deadline {
+                    entry.ecx |= LEAF1_ECX_TSC_DEADLINE;
+                }
                 if count > 1 {
                     entry.edx |= LEAF1_EDX_HTT;
                 } else {
@@ -62,6 +86,40 @@ pub fn shape(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8) {
             _ => {}
         }
     }
+    offer_brand_string(entries);
+}
+
+/// Fills leaves 0x8000_0002..4 with [`BRAND`] when they are absent or all zero, provided the
+/// extended range reaches them (0x8000_0000 EAX); a brand string KVM passes on is kept.
+fn offer_brand_string(entries: &mut Vec<kvm_cpuid_entry2>) {
+    let reaches_brand = entries
+        .iter()
+        .any(|e| e.function == 0x8000_0000 && e.eax >= BRAND_LEAF + 2);
+    let brand_leaves = |e: &&kvm_cpuid_entry2| (BRAND_LEAF..BRAND_LEAF + 3).contains(&e.function);
+    let has_brand = entries
+        .iter()
+        .filter(brand_leaves)
+        .any(|e| e.eax | e.ebx | e.ecx | e.edx != 0);
+    if !reaches_brand || has_brand {
+        return;
+    }
+    entries.retain(|e| !brand_leaves(&e));
+    let mut bytes = [0u8; 48];
+    bytes[..BRAND.len()].copy_from_slice(BRAND.as_bytes());
+    let words: Vec<u32> = bytes
+        .chunks_exact(4)
+        .map(|w| u32::from_le_bytes(w.try_into().expect("4-byte chunk")))
+        .collect();
+    for (function, regs) in (BRAND_LEAF..).zip(words.chunks_exact(4)) {
+        entries.push(kvm_cpuid_entry2 {
+            function,
+            eax: regs[0],
+            ebx: regs[1],
+            ecx: regs[2],
+            edx: regs[3],
+            ..Default::default()
+        });
+    }
 }
 
 #[cfg(test)]
@@ -84,6 +142,10 @@ mod tests {
     }
 
     fn shaped(index: u8, count: u8) -> Vec<kvm_cpuid_entry2> {
+        shaped_with(index, count, Extras::default())
+    }
+
+    fn shaped_with(index: u8, count: u8, extras: Extras) -> Vec<kvm_cpuid_entry2> {
         let mut leaf4_l3 = entry(0x4, 3);
         leaf4_l3.eax = 3 << 5 | 0x3; // level 3, unified cache
         let mut leaf1 = entry(0x1, 0);
@@ -98,8 +160,66 @@ mod tests {
             entry(0x8000_0008, 0),
             entry(0x8000_001e, 0),
         ];
-        shape(&mut entries, index, count);
+        shape(&mut entries, index, count, extras);
         entries
+    }
+
+    /// The brand string the guest would read from leaves 0x8000_0002..4.
+    fn brand(entries: &[kvm_cpuid_entry2]) -> String {
+        let bytes: Vec<u8> = (BRAND_LEAF..BRAND_LEAF + 3)
+            .flat_map(|f| {
+                let e = find(entries, f, 0);
+                [e.eax, e.ebx, e.ecx, e.edx]
+            })
+            .flat_map(u32::to_le_bytes)
+            .collect();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    #[test]
+    fn tsc_deadline_is_offered_only_when_kvm_emulates_it() {
+        let without = find(&shaped(0, 1), 0x1, 0);
+        assert_eq!(without.ecx & LEAF1_ECX_TSC_DEADLINE, 0);
+        let with = find(&shaped_with(0, 1, Extras { tsc_deadline: true }), 0x1, 0);
+        assert_ne!(with.ecx & LEAF1_ECX_TSC_DEADLINE, 0);
+        assert_ne!(with.ecx & LEAF1_ECX_HYPERVISOR, 0);
+    }
+
+    #[test]
+    fn an_empty_brand_string_is_filled_in() {
+        let mut max = entry(0x8000_0000, 0);
+        max.eax = 0x8000_0008;
+        // KVM reports the brand leaves, but empty; one is missing altogether.
+        let mut entries = vec![max, entry(0x8000_0002, 0), entry(0x8000_0003, 0)];
+        shape(&mut entries, 0, 1, Extras::default());
+        let text = brand(&entries);
+        assert_eq!(text.len(), 48);
+        assert_eq!(text.trim_end_matches('\0'), BRAND);
+        let count = |f| entries.iter().filter(|e| e.function == f).count();
+        assert_eq!(
+            [0x8000_0002, 0x8000_0003, 0x8000_0004].map(count),
+            [1, 1, 1]
+        );
+    }
+
+    #[test]
+    fn the_host_brand_string_is_kept() {
+        let mut max = entry(0x8000_0000, 0);
+        max.eax = 0x8000_0004;
+        let mut leaf2 = entry(0x8000_0002, 0);
+        leaf2.eax = u32::from_le_bytes(*b"Host");
+        let mut entries = vec![max, leaf2, entry(0x8000_0003, 0), entry(0x8000_0004, 0)];
+        shape(&mut entries, 0, 1, Extras::default());
+        assert_eq!(brand(&entries).trim_end_matches('\0'), "Host");
+    }
+
+    #[test]
+    fn no_brand_string_beyond_the_extended_range() {
+        let mut max = entry(0x8000_0000, 0);
+        max.eax = 0x8000_0001;
+        let mut entries = vec![max];
+        shape(&mut entries, 0, 1, Extras::default());
+        assert_eq!(entries.len(), 1);
     }
 
     #[test]

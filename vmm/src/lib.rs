@@ -12,6 +12,7 @@ pub mod layout;
 pub mod loader;
 pub mod memory;
 pub mod pvh;
+pub mod release;
 pub mod serial_input;
 pub mod vcpu;
 pub mod virtio_mmio;

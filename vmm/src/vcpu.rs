@@ -30,6 +30,9 @@ pub enum VcpuError {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
+    /// The shaped CPUID does not fit KVM's table.
+    #[error("vCPU {index}: {entries} CPUID entries are more than KVM takes")]
+    Cpuid { index: u8, entries: usize },
     /// KVM accepted only some of the boot MSRs.
     #[error("vCPU {index}: KVM refused MSR {msr:#x}")]
     Msr { index: u8, msr: u32 },
@@ -154,13 +157,15 @@ pub enum BootEntry {
     Pvh(GuestAddress),
 }
 
-/// Configures vCPU `index` of `count`: CPUID, MSRs, FPU and LAPIC for every vCPU, and the
-/// entry state for the boot vCPU.
+/// Configures vCPU `index` of `count`: CPUID (KVM's supported set shaped by
+/// [`cpuid::shape`] with `extras`), MSRs, FPU and LAPIC for every vCPU, and the entry state
+/// for the boot vCPU.
 pub fn configure(
     vcpu: &VcpuFd,
     index: u8,
     count: u8,
     supported_cpuid: &CpuId,
+    extras: cpuid::Extras,
     entry: BootEntry,
 ) -> Result<(), VcpuError> {
     let kvm_err = |what| {
@@ -170,8 +175,12 @@ pub fn configure(
             source,
         }
     };
-    let mut cpuid = supported_cpuid.clone();
-    cpuid::shape(cpuid.as_mut_slice(), index, count);
+    let mut entries = supported_cpuid.as_slice().to_vec();
+    cpuid::shape(&mut entries, index, count, extras);
+    let cpuid = CpuId::from_entries(&entries).map_err(|_| VcpuError::Cpuid {
+        index,
+        entries: entries.len(),
+    })?;
     vcpu.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
     set_boot_msrs(vcpu, index)?;
     let fpu = kvm_fpu {

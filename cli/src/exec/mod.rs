@@ -273,6 +273,7 @@ fn vm_config(
             )
         })?),
         rng: true,
+        pit: false,
         timeout: plan.timeout,
     })
 }
