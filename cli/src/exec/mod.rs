@@ -285,7 +285,11 @@ fn stdio_console() -> std::io::Result<ConsoleConfig> {
         Ok(file) => file,
         Err(_) => File::open("/dev/null")?,
     };
-    let output = |fd| dup_fd(fd).ok().map(|f| Box::new(f) as Box<dyn Write + Send>);
+    let output = |fd| {
+        dup_fd(fd)
+            .ok()
+            .map(|f| Box::new(f) as Box<dyn Write + Send>)
+    };
     let [stdin_name, stdout_name, stderr_name] = STDIO_PORT_NAMES.map(String::from);
     Ok(ConsoleConfig::Ports(vec![
         PortConfig {

@@ -288,6 +288,26 @@ pub fn next_chain<'a>(
     Ok(iter.next())
 }
 
+/// The next available chain for a device that fills buffers as it has data: when the ring is
+/// empty, asks the driver for a kick when it adds one and looks again, in case it just did (so
+/// no buffer added in between goes unnoticed). `None` means "wait for the kick".
+pub fn next_chain_or_rearm<'a>(
+    queue: &mut Queue,
+    mem: &'a GuestMemoryMmap,
+) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, ChainError> {
+    loop {
+        if let Some(chain) = next_chain(queue, mem)? {
+            return Ok(Some(chain));
+        }
+        if !queue
+            .enable_notification(mem)
+            .map_err(|_| ChainError::Ring)?
+        {
+            return Ok(None);
+        }
+    }
+}
+
 /// Raises the used-buffer interrupt if the driver wants it (always, without EVENT_IDX).
 pub fn notify_used(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &Interrupt) {
     // On a ring read error, notify anyway: a spurious interrupt is harmless, a lost one hangs

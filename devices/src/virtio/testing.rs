@@ -26,6 +26,37 @@ pub const QUEUE_AREA: u64 = 0x1_0000;
 const QUEUE_STRIDE: u64 = 0x1_0000;
 const AVAIL_OFFSET: u64 = 0x4000;
 const USED_OFFSET: u64 = 0x8000;
+/// An output whose bytes a test reads back (a console's host side).
+#[derive(Clone, Default)]
+pub struct Sink(std::sync::Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Sink {
+    /// Everything written so far.
+    pub fn bytes(&self) -> Vec<u8> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// Everything written once there are at least `len` bytes, or after 5 s.
+    pub fn wait_len(&self, len: usize) -> Vec<u8> {
+        let start = Instant::now();
+        while self.0.lock().unwrap().len() < len && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.bytes()
+    }
+}
+
 /// Start of the area tests use for data buffers.
 pub const DATA: u64 = 0x10_0000;
 

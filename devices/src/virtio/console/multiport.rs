@@ -35,8 +35,8 @@ use super::single::CONFIG_LEN;
 use super::{lock, ConsoleError, PortConfig, F_MULTIPORT};
 use crate::exit::VmExit;
 use crate::virtio::chain::{
-    drain_queue, next_chain, notify_used, read_stream, sub_range, write_stream, Chain, ChainError,
-    Segment,
+    drain_queue, next_chain_or_rearm, notify_used, read_stream, sub_range, write_stream, Chain,
+    ChainError, Segment,
 };
 use crate::virtio::{register_queue_events, ActivateError, Activation, DeviceWorker, Interrupt};
 
@@ -378,15 +378,7 @@ impl MultiportWorker {
     fn fill_control_rx(&mut self, used_any: &mut bool) -> Result<(), ChainError> {
         let (mem, queue) = (&self.mem, &mut self.queues[CONTROL_RX]);
         while let Some(bytes) = self.outbox.front().map(Message::encode) {
-            let Some(chain) = next_chain(queue, mem)? else {
-                // Out of buffers: ask for a kick when the driver adds some, and look again in
-                // case it just did.
-                if queue
-                    .enable_notification(mem)
-                    .map_err(|_| ChainError::Ring)?
-                {
-                    continue;
-                }
+            let Some(chain) = next_chain_or_rearm(queue, mem)? else {
                 return Ok(());
             };
             let head = chain.head_index();
@@ -522,17 +514,9 @@ impl MultiportWorker {
         loop {
             let current = match tx {
                 Some(current) => current,
-                None => match next_chain(queue, mem)? {
+                None => match next_chain_or_rearm(queue, mem)? {
                     Some(chain) => tx.insert(TxChain::new(mem, chain)?),
-                    None => {
-                        if queue
-                            .enable_notification(mem)
-                            .map_err(|_| ChainError::Ring)?
-                        {
-                            continue;
-                        }
-                        return Ok(());
-                    }
+                    None => return Ok(()),
                 },
             };
             if !current.copy_out(mem, output.as_ref(), &mut self.scratch)? {
@@ -628,13 +612,7 @@ fn fill_rx(
     used_any: &mut bool,
 ) -> Result<(), ChainError> {
     while !input.pending.is_empty() {
-        let Some(chain) = next_chain(queue, mem)? else {
-            if queue
-                .enable_notification(mem)
-                .map_err(|_| ChainError::Ring)?
-            {
-                continue;
-            }
+        let Some(chain) = next_chain_or_rearm(queue, mem)? else {
             return Ok(());
         };
         let head = chain.head_index();

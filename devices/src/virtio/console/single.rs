@@ -20,7 +20,9 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::super::chain::{drain_queue, next_chain, notify_used, write_stream, Chain, ChainError};
+use super::super::chain::{
+    drain_queue, next_chain_or_rearm, notify_used, write_stream, Chain, ChainError,
+};
 use super::super::{
     features, register_queue_events, ActivateError, Activation, DeviceWorker, Interrupt,
 };
@@ -173,16 +175,7 @@ impl ConsoleWorker {
 
     fn fill_rx(&mut self, used_any: &mut bool) -> Result<(), ChainError> {
         while !self.pending.is_empty() {
-            let Some(chain) = next_chain(&mut self.rx, &self.mem)? else {
-                // Out of buffers: ask for a kick when the driver adds some, and look again in
-                // case it just did.
-                if self
-                    .rx
-                    .enable_notification(&self.mem)
-                    .map_err(|_| ChainError::Ring)?
-                {
-                    continue;
-                }
+            let Some(chain) = next_chain_or_rearm(&mut self.rx, &self.mem)? else {
                 return Ok(());
             };
             let head = chain.head_index();
@@ -309,30 +302,10 @@ impl MutEventSubscriber for ConsoleWorker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::testing::{Driver, DATA, MEM_SIZE, R, W};
+    use crate::virtio::testing::{Driver, Sink, DATA, MEM_SIZE, R, W};
     use std::os::unix::net::UnixStream;
 
     const FEATURES: u64 = features::VERSION_1 | features::RING_EVENT_IDX;
-
-    /// An output the test can read.
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Sink {
-        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl Sink {
-        fn text(&self) -> Vec<u8> {
-            self.0.lock().unwrap().clone()
-        }
-    }
 
     fn console(input: Option<UnixStream>) -> (Driver, Sink) {
         let sink = Sink::default();
@@ -353,7 +326,7 @@ mod tests {
         d.push(1, &[(DATA, 6, R), (DATA + 0x100, 6, R)]);
         d.kick(1);
         assert_eq!(d.wait_used(1, 1), (0, 0));
-        assert_eq!(sink.text(), b"hello world\n");
+        assert_eq!(sink.bytes(), b"hello world\n");
     }
 
     #[test]
@@ -364,7 +337,7 @@ mod tests {
         d.push(1, &[(DATA, big.len() as u32, R)]);
         d.kick(1);
         d.wait_used(1, 1);
-        assert_eq!(sink.text(), big);
+        assert_eq!(sink.bytes(), big);
     }
 
     #[test]
@@ -399,7 +372,7 @@ mod tests {
         d.push(1, &[(DATA, 10, R)]);
         d.kick(1);
         d.wait_used(1, 1);
-        assert_eq!(sink.text(), b"still here");
+        assert_eq!(sink.bytes(), b"still here");
     }
 
     #[test]

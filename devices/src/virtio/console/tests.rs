@@ -1,15 +1,15 @@
 //! Multiport console tests: the test driver plays Linux's virtio_console driver.
 
 use std::collections::HashMap;
-use std::io::{self, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::control::{self, Message};
 use super::{Console, ConsoleError, ConsoleFlush, ConsoleInput, PortConfig, F_MULTIPORT};
 use crate::exit::{ExitReason, VmExit};
-use crate::virtio::testing::{Driver, DATA, MEM_SIZE, R, W};
+use crate::virtio::testing::{Driver, Sink, DATA, MEM_SIZE, R, W};
 use crate::virtio::{features, VirtioDevice};
 
 const FEATURES: u64 = features::VERSION_1 | features::RING_EVENT_IDX | F_MULTIPORT;
@@ -27,34 +27,6 @@ fn rx(port: u16) -> u16 {
 
 fn tx(port: u16) -> u16 {
     rx(port) + 1
-}
-
-/// An output the test can read.
-#[derive(Clone, Default)]
-struct Sink(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Sink {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Sink {
-    fn bytes(&self) -> Vec<u8> {
-        self.0.lock().unwrap().clone()
-    }
-
-    fn wait_len(&self, len: usize) -> Vec<u8> {
-        let start = Instant::now();
-        while self.0.lock().unwrap().len() < len && start.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        self.bytes()
-    }
 }
 
 fn port(name: &str) -> PortConfig {
