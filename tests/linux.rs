@@ -44,6 +44,7 @@ const TESTS: &[Test] = tests![
     exec::exec_runs_host_programs_on_the_host_root,
     exec::exec_streams_are_separate_exact_and_stdin_ends,
     exec::exec_copies_through_two_shares_and_ro_refuses_writes,
+    exec::exec_disks_written_in_the_guest_are_on_the_host,
     exec::exec_passes_the_status_through,
     exec::exec_ends_when_a_virtiofsd_dies,
     exec::exec_sigterm_stops_everything,

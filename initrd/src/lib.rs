@@ -19,8 +19,9 @@
 //! compressed files the kernel cannot decompress are decompressed in memory and loaded with
 //! `init_module`; "already loaded" is fine), mounts the virtio-fs shares and disks, writes 2,
 //! runs the command with its arguments, environment and working directory while reaping
-//! orphans, writes 3, calls `sync()` and writes the status byte to the exit port 0x6f1, which ends
-//! the VM. If the VM is still running after that, it calls `reboot(RB_POWER_OFF)`. Errors are
+//! orphans, writes 3, flushes the disks (`syncfs` of each block-backed mount, `fsync` of each
+//! block device; not the virtio-fs shares, whose writes are already on the host) and writes the
+//! status byte to the exit port 0x6f1, which ends the VM. If the VM is still running after that, it calls `reboot(RB_POWER_OFF)`. Errors are
 //! printed on the console (`kvmbuild-init: error: ...`) and reported with the statuses below;
 //! nothing waits forever (a device that has not appeared is waited for at most 3 s).
 //!

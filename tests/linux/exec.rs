@@ -454,3 +454,55 @@ fn cached_images(cache: &Path) -> Vec<PathBuf> {
     images.sort();
     images
 }
+
+/// Disks: an ext4 made and filled by the command is e2fsck-clean on the host and holds the
+/// file; bytes written raw to a second disk, with no fsync by the command, are on the host
+/// too (the init flushes block devices before the VM ends).
+pub fn exec_disks_written_in_the_guest_are_on_the_host() {
+    let dir = scratch("exec-disks");
+    let (ext4, raw) = (dir.join("ext4.img"), dir.join("raw.img"));
+    for image in [&ext4, &raw] {
+        std::fs::File::create(image)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
+    }
+    let script = "mkfs.ext4 -q /dev/vda && mount /dev/vda /mnt && echo made-in-guest > /mnt/f \
+                  && umount /mnt && printf raw-from-guest > /dev/vdb";
+    let run = exec(
+        &dir.join("cache"),
+        &[
+            &format!("--disk={}", ext4.display()),
+            &format!("--disk={}", raw.display()),
+            "--env=PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+        b"",
+    );
+    run.check(
+        run.status == Some(0),
+        "mkfs, mount, write, umount and the raw write",
+    );
+    let fsck = Command::new("e2fsck")
+        .arg("-fn")
+        .arg(&ext4)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "e2fsck: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    let cat = Command::new("debugfs")
+        .args(["-R", "cat /f"])
+        .arg(&ext4)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&cat.stdout), "made-in-guest\n");
+    let head = std::fs::read(&raw).unwrap();
+    assert_eq!(&head[..14], b"raw-from-guest");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -4,11 +4,13 @@
 //! `/dev/pts` and `/dev/shm`, read the settings ([`crate::config`]), load the modules listed in
 //! `/etc/kvmbuild/modules` ([`crate::modules::parse_load_list`]), mount the shares and disks,
 //! mark "command started", run the command and reap children until it ends, mark "command
-//! finished", `sync`, and report the status on the exit port, which ends the VM. Should the VM
-//! still run, the init powers it off with `reboot(RB_POWER_OFF)`. Every failure is printed on the
+//! finished", flush the disks (not the virtio-fs shares: see [`flush`]), and report the status
+//! on the exit port, which ends the VM. Should the VM still run, the init powers it off with
+//! `reboot(RB_POWER_OFF)`. Every failure is printed on the
 //! console and reported as one of the statuses in [`crate::status`]; a panic is reported too.
 
 mod exec;
+mod flush;
 mod mount;
 mod root;
 mod stdio;
@@ -384,7 +386,7 @@ fn mount_all(config: &Config, log: &Log) -> Result<(), Error> {
 fn finish(ports: sys::Ports, status: u8) -> ! {
     let console: Vec<_> = [1, 2].iter().filter_map(|&fd| dup_fd(fd)).collect();
     drain_terminals(console);
-    sys::sync();
+    flush::flush_disks();
     ports.exit(status);
     let error = sys::power_off();
     eprintln!("kvmbuild-init: cannot power off: {error}");

@@ -151,6 +151,12 @@ pub fn sync() {
     unsafe { libc::sync() };
 }
 
+/// syncfs(2): flushes the file system that holds `file`.
+pub fn syncfs(file: &std::fs::File) -> io::Result<()> {
+    // SAFETY: syncfs takes an open descriptor, which `file` keeps open for the call.
+    check(unsafe { libc::syncfs(file.as_raw_fd()) }.into())
+}
+
 /// Powers the machine off; returns only on failure.
 pub fn power_off() -> io::Error {
     // SAFETY: reboot with RB_POWER_OFF has no memory arguments; PID 1 is allowed to call it.
