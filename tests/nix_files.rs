@@ -207,6 +207,10 @@ fn native_run_in_linux_vm_maps_its_attributes_to_exec() {
             .unwrap_or_else(|| panic!("no {flag} in {args:?}"))
     };
     assert_eq!(args[0], "exec");
+    assert!(
+        !args.contains(&"-v"),
+        "quiet unless kvmbuildVerbose: {args:?}"
+    );
     assert!(args.contains(&"--no-root"), "{args:?}");
     assert_eq!(after("--mem"), "2048", "QEMU_OPTS' -m wins over memSize");
     assert_eq!(after("--cpus"), "3");
@@ -229,7 +233,7 @@ fn native_run_in_linux_vm_maps_its_attributes_to_exec() {
     // memSize alone, and enableParallelBuilding giving NIX_BUILD_CORES vCPUs.
     let drv = native_drv(
         &kvmbuild,
-        r#"{ memSize = 300; enableParallelBuilding = true; NIX_BUILD_CORES = "5"; }"#,
+        r#"{ memSize = 300; enableParallelBuilding = true; NIX_BUILD_CORES = "5"; kvmbuildVerbose = true; }"#,
     );
     let top = tmp.path().join("build2");
     std::fs::create_dir_all(&top).unwrap();
@@ -238,6 +242,10 @@ fn native_run_in_linux_vm_maps_its_attributes_to_exec() {
     assert!(
         args.contains("--mem\n300\n") && args.contains("--cpus\n5\n"),
         "{args}"
+    );
+    assert!(
+        args.starts_with("exec\n-v\n"),
+        "kvmbuildVerbose is -v: {args}"
     );
 
     // An option with no kvmbuild equivalent fails the build by name, before any VM.

@@ -17,6 +17,9 @@
 #     the guest's root) is not supported.
 #   * structured attributes (`__structuredAttrs`) are not supported.
 #
+# `kvmbuildVerbose = true` adds `kvmbuild exec -v`'s account (kernel, initrd, virtiofsd, boot
+# and command timings) to the build log.
+#
 # The store is shared writable, as vmTools shares it: the builder writes its outputs at their
 # own store paths. Inside Nix's sandbox that store holds only the build's inputs and outputs.
 #
@@ -143,7 +146,9 @@ let
     # kvmbuild caches its initrd per kernel and init; here the cache lives with the build.
     export XDG_CACHE_HOME="$NIX_BUILD_TOP/.kvmbuild-cache"
     vmStatus=0
-    ${kvmbuild}/bin/kvmbuild exec --no-root \
+    verbose=
+    [ -z "$kvmbuildVerbose" ] || verbose=-v
+    ${kvmbuild}/bin/kvmbuild exec $verbose --no-root \
       --kernel ${kernel} --modules ${modules} --virtiofsd ${virtiofsd} \
       --mem "$mem" --cpus "$cpus" \
       --share ${storeDir}:${storeDir} \
@@ -186,6 +191,8 @@ else
       QEMU_OPTS = attrs.QEMU_OPTS or "";
       enableParallelBuilding = attrs.enableParallelBuilding or false;
       requiredSystemFeatures = (attrs.requiredSystemFeatures or [ ]) ++ [ "kvm" ];
+      # true: kvmbuild exec -v (its kernel, initrd, virtiofsd and timings) in the build log.
+      kvmbuildVerbose = attrs.kvmbuildVerbose or false;
       kvmbuildStage2 = stage2;
       kvmbuildArgs = quotedArgs;
       # Attributes passed as files would be paths on the build host, not in the guest.
