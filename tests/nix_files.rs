@@ -157,7 +157,8 @@ fn run_host_side(drv: &serde_json::Value, top: &Path) -> (Option<i32>, String, S
 }
 
 /// A stand-in `bin/kvmbuild`: records its arguments one per line, checks the exchange
-/// directory, and writes the builder's status 0.
+/// directory, and writes the builder's status 0; with the attribute `fakeVm = "vanish"` it
+/// exits 70 without a status, with `"fail3"` the builder's status is 3.
 fn fake_kvmbuild(dir: &Path) -> PathBuf {
     let bin = dir.join("fake/bin");
     std::fs::create_dir_all(&bin).unwrap();
@@ -168,6 +169,10 @@ fn fake_kvmbuild(dir: &Path) -> PathBuf {
          for a in \"$@\"; do printf '%s\\n' \"$a\"; done > \"$NIX_BUILD_TOP/kvmbuild-args\"\n\
          grep -q '^export memSize=' \"$NIX_BUILD_TOP/xchg/saved-env\" || exit 50\n\
          grep -q 'in-vm-exit' \"$NIX_BUILD_TOP/xchg/stage2\" || exit 51\n\
+         case ${fakeVm-} in\n\
+           vanish) exit 70 ;;\n\
+           fail3) echo 3 > \"$NIX_BUILD_TOP/xchg/in-vm-exit\"; exit 3 ;;\n\
+         esac\n\
          echo 0 > \"$NIX_BUILD_TOP/xchg/in-vm-exit\"\n",
     )
     .unwrap();
@@ -277,4 +282,27 @@ fn native_run_in_linux_vm_maps_its_attributes_to_exec() {
     let (status, stderr, _) = run_host_side(&drv, &top);
     assert_eq!(status, Some(1));
     assert!(stderr.contains("mountDisk"), "{stderr}");
+
+    // A VM that reports nothing fails the build with kvmbuild's status and says so; a
+    // builder's failure is the build's status, and postVM does not run.
+    let post = r#"postVM = "echo post > $NIX_BUILD_TOP/post";"#;
+    for (fake, want_status, want_text) in [
+        (
+            "vanish",
+            70,
+            "produced no exit code (kvmbuild exec exited 70)",
+        ),
+        ("fail3", 3, ""),
+    ] {
+        let drv = native_drv(&kvmbuild, &format!(r#"{{ fakeVm = "{fake}"; {post} }}"#));
+        let top = tmp.path().join(fake);
+        std::fs::create_dir_all(&top).unwrap();
+        let (status, stderr, _) = run_host_side(&drv, &top);
+        assert_eq!(status, Some(want_status), "{fake}: {stderr}");
+        assert!(stderr.contains(want_text), "{fake}: {stderr}");
+        assert!(
+            !top.join("post").exists(),
+            "{fake}: postVM ran after a failure"
+        );
+    }
 }
