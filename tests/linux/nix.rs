@@ -26,6 +26,16 @@ const APPLETS: &[&str] = &["sh", "mkdir", "ln", "cat", "nproc", "uname", "echo"]
 
 /// The test's scratch directory with the package set, a Nix configuration and `test.nix`.
 fn setup(test: &str) -> PathBuf {
+    let uid = Command::new("id").arg("-u").output().expect("id runs");
+    assert_eq!(
+        String::from_utf8_lossy(&uid.stdout).trim(),
+        "0",
+        "the Nix tests run as root (a single-user store on a tmpfs mounted in a namespace)"
+    );
+    assert!(
+        Command::new("nix-build").arg("--version").output().is_ok(),
+        "nix-build is missing: install Debian's nix-bin (.ci/install-deps)"
+    );
     let dir = scratch(test);
     let pkgs = dir.join("pkgs");
     let _ = std::fs::remove_dir_all(&pkgs);
