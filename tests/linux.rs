@@ -13,6 +13,7 @@ mod linux {
     pub mod guest;
     pub mod harness;
     pub mod init;
+    pub mod nix;
     pub mod smoke;
     pub mod virtio;
     pub mod virtiofs;
@@ -50,6 +51,8 @@ const TESTS: &[Test] = tests![
     exec::exec_sigterm_stops_everything,
     exec::exec_sigkill_leaves_no_virtiofsd,
     exec::exec_caches_the_initrd,
+    nix::nix_run_in_linux_vm_builds_in_the_guest,
+    nix::nix_builder_status_and_output_reach_nix,
 ];
 
 fn main() -> std::process::ExitCode {

@@ -1,0 +1,22 @@
+# The native functions with nixpkgs' defaults: `runInLinuxVM drv`, booting `kernel` (nixpkgs'
+# default Linux unless given) with kvmbuild's own initrd and init.
+{
+  pkgs,
+  kvmbuild ? pkgs.callPackage ../package.nix { },
+  kernel ? pkgs.linux,
+}:
+
+let
+  modulesOutput = pkgs.lib.getOutput "modules" kernel;
+in
+{
+  runInLinuxVM = import ./run-in-linux-vm.nix {
+    inherit kvmbuild;
+    kernel = "${kernel}/${pkgs.stdenv.hostPlatform.linux-kernel.target}";
+    modules = "${modulesOutput}/lib/modules/${kernel.modDirVersion}";
+    virtiofsd = "${pkgs.virtiofsd}/bin/virtiofsd";
+    shell = "${pkgs.bash}/bin/bash";
+    inherit (pkgs) coreutils;
+    storeDir = builtins.storeDir;
+  };
+}
