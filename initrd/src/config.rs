@@ -369,12 +369,14 @@ pub fn decode(value: &str) -> Result<OsString, Error> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = bytes
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok());
-            let byte = hex
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| Error::BadEncoding(value.to_owned()))?;
+            // Two hex digits exactly: `u8::from_str_radix` alone would also take a sign
+            // (`%+5`).
+            let byte = match bytes.get(i + 1..i + 3) {
+                Some(&[hi, lo]) if hi.is_ascii_hexdigit() && lo.is_ascii_hexdigit() => {
+                    (hex_value(hi) << 4) | hex_value(lo)
+                }
+                _ => return Err(Error::BadEncoding(value.to_owned())),
+            };
             out.push(byte);
             i += 3;
         } else {
@@ -383,6 +385,15 @@ pub fn decode(value: &str) -> Result<OsString, Error> {
         }
     }
     Ok(OsString::from_vec(out))
+}
+
+/// The value of one ASCII hex digit.
+fn hex_value(digit: u8) -> u8 {
+    match digit {
+        b'0'..=b'9' => digit - b'0',
+        b'a'..=b'f' => digit - b'a' + 10,
+        _ => digit - b'A' + 10,
+    }
 }
 
 /// Encodes every byte outside a small safe set as `%XX`, so the result survives the kernel
@@ -541,6 +552,14 @@ mod tests {
             parse("kvmbuild.cmd=%4"),
             Err(Error::BadEncoding(_))
         ));
+        // Found by the config_parse fuzz target: a sign is not a hex digit.
+        for signed in ["~%+5", "%-5", "%+F"] {
+            assert!(
+                matches!(decode(signed), Err(Error::BadEncoding(_))),
+                "{signed}"
+            );
+        }
+        assert_eq!(decode("%4a%4F").unwrap(), os("JO"));
         assert!(matches!(
             parse("kvmbuild.comand=/bin/true"),
             Err(Error::UnknownKey(_))

@@ -19,7 +19,9 @@ use std::path::{Component, Path};
 /// Errors building an archive.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The path is empty, or climbs out of the archive with `..`.
+    /// The path is empty, climbs out of the archive with `..`, contains a NUL byte (the
+    /// kernel reads names as C strings, so it would be cut short there) or is the name that
+    /// ends an archive (`TRAILER!!!`).
     #[error("invalid archive path {0:?}")]
     InvalidPath(String),
     /// Two entries claim the same path.
@@ -33,6 +35,9 @@ pub enum Error {
         /// The entry being added.
         path: String,
     },
+    /// A symbolic link's target contains a NUL byte, where the kernel would cut it short.
+    #[error("symbolic link {0:?} has a NUL byte in its target")]
+    NulInTarget(String),
     /// An entry is bigger than the format's 32-bit size field.
     #[error("{0:?} is larger than 4 GiB, the cpio newc limit")]
     TooLarge(String),
@@ -184,6 +189,9 @@ impl Archive {
         target: impl AsRef<Path>,
     ) -> Result<(), Error> {
         let target = target.as_ref().as_os_str().as_bytes().to_vec();
+        if target.contains(&0) {
+            return Err(Error::NulInTarget(path.as_ref().display().to_string()));
+        }
         self.add(path.as_ref(), Kind::Symlink(target), 0o777)
     }
 
@@ -315,8 +323,11 @@ fn padding(len: usize) -> &'static [u8] {
     &[0u8; 3][..(4 - len % 4) % 4]
 }
 
-/// Turns `/a/./b/` into `a/b`; rejects empty paths and `..`.
+/// Turns `/a/./b/` into `a/b`; rejects empty paths, `..`, NUL bytes and the trailer's name.
 fn normalise(path: &Path) -> Result<Vec<u8>, Error> {
+    if path.as_os_str().as_bytes().contains(&0) {
+        return Err(Error::InvalidPath(path.display().to_string()));
+    }
     let mut key = Vec::new();
     for component in path.components() {
         match component {
@@ -332,7 +343,7 @@ fn normalise(path: &Path) -> Result<Vec<u8>, Error> {
             }
         }
     }
-    if key.is_empty() {
+    if key.is_empty() || key == TRAILER {
         return Err(Error::InvalidPath(path.display().to_string()));
     }
     Ok(key)
@@ -460,6 +471,37 @@ mod tests {
         a.add_file("d/x", vec![], 0o644).unwrap();
         a.add_dir("d", 0o700).unwrap();
         assert_eq!(a.entries[b"d".as_slice()].perm, 0o700);
+    }
+
+    /// Found by the cpio fuzz target: names the kernel would read differently from what was
+    /// added (cut at a NUL, or ending the archive early) are refused.
+    #[test]
+    fn nul_bytes_and_the_trailer_name_are_refused() {
+        use std::ffi::OsStr;
+        let nul = |b: &'static [u8]| Path::new(OsStr::from_bytes(b));
+        let mut a = Archive::new();
+        assert!(matches!(
+            a.add_file(nul(b"\0"), vec![], 0o644),
+            Err(Error::InvalidPath(_))
+        ));
+        assert!(matches!(
+            a.add_dir(nul(b"a\0b"), 0o755),
+            Err(Error::InvalidPath(_))
+        ));
+        assert!(matches!(
+            a.add_file("TRAILER!!!", vec![], 0o644),
+            Err(Error::InvalidPath(_))
+        ));
+        assert!(matches!(
+            a.add_file("/./TRAILER!!!", vec![], 0o644),
+            Err(Error::InvalidPath(_))
+        ));
+        assert!(matches!(
+            a.add_symlink("l", nul(b"x\0y")),
+            Err(Error::NulInTarget(_))
+        ));
+        assert!(a.is_empty());
+        a.add_file("d/TRAILER!!!", vec![], 0o644).unwrap();
     }
 
     #[test]

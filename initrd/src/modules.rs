@@ -98,6 +98,22 @@ struct SoftDep {
     post: Vec<String>,
 }
 
+/// The contents of a modules directory's index files, for [`ModuleTree::from_indexes`]; an
+/// optional file that is missing is empty.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Indexes<'a> {
+    /// `modules.dep` (required by [`ModuleTree::open`]).
+    pub dep: &'a str,
+    /// `modules.softdep`.
+    pub softdep: &'a str,
+    /// `modules.alias`.
+    pub alias: &'a str,
+    /// `modules.builtin`.
+    pub builtin: &'a str,
+    /// `modules.builtin.modinfo` (NUL-separated, not necessarily UTF-8).
+    pub builtin_modinfo: &'a [u8],
+}
+
 /// How a name resolves.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Resolved {
@@ -128,10 +144,6 @@ impl ModuleTree {
     /// `modules.dep` is required; the other files are optional.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, Error> {
         let dir = dir.as_ref().to_path_buf();
-        let version = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
         let dep_path = dir.join("modules.dep");
         let dep = read(&dep_path)?.ok_or_else(|| Error::Read {
             path: dep_path.clone(),
@@ -140,18 +152,34 @@ impl ModuleTree {
                 "no modules.dep (run depmod -b ROOT VERSION)",
             ),
         })?;
-        let mut tree = Self {
-            version,
-            ..Self::default()
+        let indexes = Indexes {
+            dep: &dep,
+            softdep: &read(&dir.join("modules.softdep"))?.unwrap_or_default(),
+            alias: &read(&dir.join("modules.alias"))?.unwrap_or_default(),
+            builtin: &read(&dir.join("modules.builtin"))?.unwrap_or_default(),
+            builtin_modinfo: &read_bytes(&dir.join("modules.builtin.modinfo"))?,
         };
-        tree.modules = parse_dep(&dep, &dep_path)?;
-        tree.softdeps = parse_softdep(&read(&dir.join("modules.softdep"))?.unwrap_or_default());
-        tree.aliases = parse_alias(&read(&dir.join("modules.alias"))?.unwrap_or_default());
-        tree.builtin = parse_builtin(&read(&dir.join("modules.builtin"))?.unwrap_or_default());
-        tree.builtin_aliases =
-            parse_builtin_modinfo(&read_bytes(&dir.join("modules.builtin.modinfo"))?);
-        tree.dir = dir;
-        Ok(tree)
+        Self::from_indexes(dir, &indexes)
+    }
+
+    /// A tree from index contents already in memory, as [`ModuleTree::open`] reads them from
+    /// `dir` (which only names the tree: its last component is the kernel version, and errors
+    /// name `dir/modules.dep`). Nothing is read from disk.
+    pub fn from_indexes(dir: impl Into<PathBuf>, indexes: &Indexes<'_>) -> Result<Self, Error> {
+        let dir = dir.into();
+        let version = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(Self {
+            modules: parse_dep(indexes.dep, &dir.join("modules.dep"))?,
+            softdeps: parse_softdep(indexes.softdep),
+            aliases: parse_alias(indexes.alias),
+            builtin: parse_builtin(indexes.builtin),
+            builtin_aliases: parse_builtin_modinfo(indexes.builtin_modinfo),
+            version,
+            dir,
+        })
     }
 
     /// The kernel version: the name of the modules directory.
@@ -763,6 +791,46 @@ mod tests {
         assert_eq!(
             (order[0].name.as_str(), order[DEPTH - 1].path.as_str()),
             ("m0", "m199999.ko")
+        );
+    }
+
+    #[test]
+    fn indexes_in_memory_give_the_same_tree_as_files() {
+        let (_d, from_files) = tree();
+        let dir = from_files.dir();
+        let text = |name: &str| fs::read_to_string(dir.join(name)).unwrap();
+        let (dep, softdep, alias, builtin) = (
+            text("modules.dep"),
+            text("modules.softdep"),
+            text("modules.alias"),
+            text("modules.builtin"),
+        );
+        let modinfo = fs::read(dir.join("modules.builtin.modinfo")).unwrap();
+        let indexes = Indexes {
+            dep: &dep,
+            softdep: &softdep,
+            alias: &alias,
+            builtin: &builtin,
+            builtin_modinfo: &modinfo,
+        };
+        let in_memory = ModuleTree::from_indexes(dir, &indexes).unwrap();
+        assert_eq!(in_memory.version(), "6.1.0-test");
+        let roots = ["fs-ext4", "virtio_mmio", "virtio-rng", "a", "fs-tmpfs"];
+        assert_eq!(
+            in_memory.closure(&roots).unwrap(),
+            from_files.closure(&roots).unwrap()
+        );
+        let err = ModuleTree::from_indexes(
+            "/x/6.1",
+            &Indexes {
+                dep: "no colon\n",
+                ..Indexes::default()
+            },
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "/x/6.1/modules.dep:1: malformed modules.dep line"
         );
     }
 

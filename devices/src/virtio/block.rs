@@ -185,6 +185,17 @@ impl Block {
         self.image.read_only
     }
 
+    /// The image as a driver that accepted `features` sees it.
+    pub(super) fn disk(&self, features: u64) -> Disk {
+        Disk {
+            image: self.image.clone(),
+            // Without the FLUSH feature the driver assumes a write-through disk.
+            write_through: features & F_FLUSH == 0,
+            discard: features & F_DISCARD != 0,
+            write_zeroes: features & F_WRITE_ZEROES != 0,
+        }
+    }
+
     fn config(&self) -> [u8; CONFIG_LEN] {
         let mut c = [0u8; CONFIG_LEN];
         let mut put = |offset: usize, bytes: &[u8]| {
@@ -245,13 +256,7 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, a: Activation) -> Result<DeviceWorker, ActivateError> {
-        let disk = Disk {
-            image: self.image.clone(),
-            // Without the FLUSH feature the driver assumes a write-through disk.
-            write_through: a.features & F_FLUSH == 0,
-            discard: a.features & F_DISCARD != 0,
-            write_zeroes: a.features & F_WRITE_ZEROES != 0,
-        };
+        let disk = self.disk(a.features);
         Ok(Box::new(SingleQueueWorker::new(disk, a)?))
     }
 }
@@ -267,7 +272,7 @@ impl RequestHandler for Disk {
 }
 
 /// The image as one activation negotiated it.
-struct Disk {
+pub(super) struct Disk {
     image: Arc<DiskImage>,
     write_through: bool,
     discard: bool,
@@ -285,7 +290,7 @@ struct Header {
 
 impl Disk {
     /// Serves one request chain; returns the bytes written into it, status byte included.
-    fn serve(
+    pub(super) fn serve(
         &self,
         mem: &GuestMemoryMmap,
         chain: DescriptorChain<&GuestMemoryMmap>,

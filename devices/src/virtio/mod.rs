@@ -26,6 +26,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 pub mod block;
 mod chain;
 pub mod console;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod mmio;
 pub mod rng;
 pub mod thread;
