@@ -232,6 +232,39 @@ pub fn main(tests: &[Test]) -> ExitCode {
     run_all(tests, filter().as_deref())
 }
 
+/// What kvmbuild says when a guest triple-faults.
+const TRIPLE_FAULT: &str = "reset itself by triple-faulting";
+
+/// Runs `test`; a failure because a nested guest triple-faulted gets one more run.
+///
+/// About one nested boot in 40 under the TCG test host triple-faults early in the kernel (seen
+/// with stock vmTools through the QEMU entry point too, and QEMU itself hung once in 17 boots
+/// there). Whether that is the test host's nested SVM or kvmbuild is the hardening issue's open
+/// question; until it is answered, such a failure is printed in full (the panic above) and
+/// the test runs once more, and a second failure fails it.
+fn run_with_one_retry_after_a_triple_fault(test: &Test) -> bool {
+    match std::panic::catch_unwind(test.run) {
+        Ok(()) => true,
+        Err(payload) if panic_text(&payload).contains(TRIPLE_FAULT) => {
+            println!(
+                "RETRY {}: a nested guest triple-faulted (see the failure above); running it once more",
+                test.name
+            );
+            std::panic::catch_unwind(test.run).is_ok()
+        }
+        Err(_) => false,
+    }
+}
+
+/// A panic's message, when it has one.
+fn panic_text(payload: &Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
 fn run_all(tests: &[Test], filter: Option<&str>) -> ExitCode {
     let selected = selected(tests, filter);
     let started = Instant::now();
@@ -241,7 +274,7 @@ fn run_all(tests: &[Test], filter: Option<&str>) -> ExitCode {
         // Named before it runs too, so that a run that stops shows where.
         println!("starting {}", test.name);
         let t0 = Instant::now();
-        let ok = std::panic::catch_unwind(test.run).is_ok();
+        let ok = run_with_one_retry_after_a_triple_fault(test);
         println!(
             "test {} ... {} ({:.1} s)",
             test.name,
