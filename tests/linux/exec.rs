@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::guest::{cloud_kernel, run_guarded, scratch, Run};
+use super::guest::{cloud_kernel, run_guarded, scratch, wait_until, Run};
 use super::virtiofs::which_virtiofsd;
 
 const GUARD: Duration = Duration::from_secs(300);
@@ -37,10 +37,6 @@ fn exec(cache: &Path, args: &[&str], stdin: &[u8]) -> Run {
     let input = scratch("exec-stdin").join(format!("in-{}", unique()));
     std::fs::write(&input, stdin).unwrap();
     cmd.stdin(std::fs::File::open(&input).unwrap());
-    run_guarded_with_stdin(cmd)
-}
-
-fn run_guarded_with_stdin(cmd: Command) -> Run {
     run_guarded(cmd, GUARD)
 }
 
@@ -226,18 +222,7 @@ fn wait_output(mut child: Child, guard: Duration) -> Output {
         let _ = std::io::Read::read_to_end(&mut stderr, &mut v);
         v
     });
-    let deadline = Instant::now() + guard;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status.code();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_within(&mut child, guard);
     Output {
         status,
         stdout: out.join().unwrap(),
@@ -316,17 +301,13 @@ fn wait_output_stderr(mut child: Child) -> String {
 
 /// Waits up to `limit` for `child` to exit; its status code.
 fn exit_within(child: &mut Child, limit: Duration) -> Option<i32> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status.code();
-        }
-        if Instant::now() > deadline {
+    match wait_until(child, Instant::now() + limit) {
+        Some(status) => status.code(),
+        None => {
             let _ = child.kill();
             let _ = child.wait();
-            return None;
+            None
         }
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

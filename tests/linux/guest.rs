@@ -251,7 +251,7 @@ pub fn run_guarded(mut cmd: Command, guard: Duration) -> Run {
 }
 
 /// Waits for `child` to exit until `deadline`.
-fn wait_until(child: &mut std::process::Child, deadline: Instant) -> Option<ExitStatus> {
+pub fn wait_until(child: &mut std::process::Child, deadline: Instant) -> Option<ExitStatus> {
     loop {
         if let Some(status) = child.try_wait().expect("waiting for the command") {
             return Some(status);
