@@ -8,6 +8,7 @@ mod output;
 mod qemu_compat;
 mod run;
 mod terminal;
+mod vm_error;
 
 use std::process::ExitCode;
 
@@ -93,7 +94,7 @@ fn main() -> ExitCode {
             Ok(args) => qemu_compat::qemu_compat(&args),
             Err(message) => fail(exit_code::BAD_INPUT, format!("qemu-compat: {message}")),
         };
-        vmm::release::release_after_exit();
+        release_finished_vm();
         return code;
     }
     let cli = match Cli::try_parse() {
@@ -114,6 +115,27 @@ fn main() -> ExitCode {
     };
     // Last, with every output written: the kernel's destruction of the VM (SRCU waits, ~10 ms)
     // happens after this process has exited, not in its exit.
-    vmm::release::release_after_exit();
+    release_finished_vm();
     code
+}
+
+/// The VM a front end finished with, until the process is about to exit (see
+/// [`vmm::release`]): its destruction is left to a keeper process, after the exit status.
+static FINISHED_VM: std::sync::Mutex<Option<vmm::release::Remains>> = std::sync::Mutex::new(None);
+
+/// Keeps a finished VM's fd and memory for [`release_finished_vm`]; a VM kept before is
+/// released here.
+pub(crate) fn keep_finished_vm(remains: Option<vmm::release::Remains>) {
+    let previous = std::mem::replace(
+        &mut *FINISHED_VM.lock().unwrap_or_else(|p| p.into_inner()),
+        remains,
+    );
+    drop(previous);
+}
+
+fn release_finished_vm() {
+    let remains = FINISHED_VM.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(remains) = remains {
+        remains.release_after_exit();
+    }
 }

@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use vmm::device_manager::{ConsoleConfig, DiskConfig, ShareConfig};
 use vmm::exit::{ExitReason, ResetSource};
-use vmm::virtio_mmio::{ConsoleConfig, DiskConfig, ShareConfig};
-use vmm::vm::{self, ErrorClass, RunReport, VmConfig};
+use vmm::vm::{self, RunReport, VmConfig};
+
+use crate::vm_error::{self, OptionNames};
 
 use crate::output::create_output;
 use crate::terminal::{self, RawishStdin};
@@ -144,7 +146,11 @@ impl ConsoleSink {
     }
 }
 
-fn vm_config(args: RunArgs, stdin: Option<&RawishStdin>) -> Result<VmConfig, ExitCode> {
+fn vm_config(
+    args: RunArgs,
+    stdin: Option<&RawishStdin>,
+    names: &OptionNames,
+) -> Result<VmConfig, ExitCode> {
     let mut inputs: Vec<&Path> = vec![&args.kernel];
     inputs.extend(args.initrd.as_deref());
     inputs.extend(args.disk.iter().map(|d| d.path.as_path()));
@@ -155,7 +161,7 @@ fn vm_config(args: RunArgs, stdin: Option<&RawishStdin>) -> Result<VmConfig, Exi
         sink.writer()
             .map_err(|e| fail(exit_code::INTERNAL, format!("{e:#}")))
     };
-    let vcpus = vm::vcpu_count(args.cpus).map_err(|e| fail(exit_code::BAD_INPUT, e))?;
+    let vcpus = vm::vcpu_count(args.cpus).map_err(|e| vm_error::report(&e, names))?;
     // What is typed goes to the console device: the serial port, or hvc0.
     let mut terminal_input = stdin.and_then(|t| t.input().ok());
     let cmdline = args.cmdline.unwrap_or_else(|| {
@@ -182,40 +188,38 @@ fn vm_config(args: RunArgs, stdin: Option<&RawishStdin>) -> Result<VmConfig, Exi
         },
         rng: args.rng,
         pit: args.pit,
-        timeout: args.timeout,
     })
 }
 
 pub fn run(args: RunArgs) -> ExitCode {
+    run_as(args, &vm_error::RUN)
+}
+
+/// Runs a VM for a front end that names its options `names` (`run`, the QEMU entry point).
+pub(crate) fn run_as(args: RunArgs, names: &OptionNames) -> ExitCode {
     let timeout = args.timeout;
-    if let Err(e) = terminal::stop_vm_on_signals() {
-        return fail(
-            exit_code::INTERNAL,
-            format!("cannot install signal handlers: {e}"),
-        );
-    }
+    let stop = match terminal::stop_vm_on_signals() {
+        Ok(stop) => stop,
+        Err(code) => return code,
+    };
     // The terminal feeds the console device (the serial port or hvc0); it is restored when
     // `stdin` drops, before any message below is printed.
     let stdin = RawishStdin::enter();
-    let config = match vm_config(args, stdin.as_ref()) {
+    let config = match vm_config(args, stdin.as_ref(), names) {
         Ok(config) => config,
         Err(code) => return code,
     };
     if vmm::kvm::is_pvm_host() {
         eprintln!("kvmbuild: warning: {}", vmm::kvm::PVM_WARNING);
     }
-    let result = vm::run(config);
+    let result = vm::run(config, stop, timeout);
     drop(stdin);
     match result {
-        Ok(report) => report_outcome(&report, timeout),
-        Err(e) => {
-            let code = match e.class() {
-                ErrorClass::KvmUnavailable => exit_code::KVM_UNAVAILABLE,
-                ErrorClass::BadInput => exit_code::BAD_INPUT,
-                ErrorClass::Internal => exit_code::INTERNAL,
-            };
-            fail(code, format!("{:#}", anyhow::Error::from(e)))
+        Ok(mut report) => {
+            crate::keep_finished_vm(report.remains.take());
+            report_outcome(&report, timeout)
         }
+        Err(e) => vm_error::report(&e, names),
     }
 }
 
@@ -253,9 +257,12 @@ pub(crate) fn report_outcome(report: &RunReport, timeout: Option<Duration>) -> E
         // A reader of the guest's output went away: end as a process in a pipeline would on
         // SIGPIPE, silently.
         ExitReason::OutputClosed => ExitCode::from(exit_code::OUTPUT_CLOSED),
-        ExitReason::Signal(signal) => fail(
-            (128 + signal).clamp(0, 255) as u8,
-            format!("stopped the guest on {}", terminal::signal_name(*signal)),
-        ),
+        ExitReason::Stopped => {
+            let signal = terminal::stop_signal().unwrap_or(libc::SIGTERM);
+            fail(
+                u8::try_from(128 + signal).unwrap_or(u8::MAX),
+                format!("stopped the guest on {}", terminal::signal_name(signal)),
+            )
+        }
     }
 }

@@ -35,8 +35,9 @@ pub enum ExitReason {
     Reset(ResetSource),
     /// `--timeout` elapsed.
     Timeout,
-    /// kvmbuild itself was asked to stop by this signal (SIGINT, SIGTERM, SIGHUP).
-    Signal(i32),
+    /// The VM's owner asked it to stop, through the stop event it passed to the run (kvmbuild's
+    /// front ends do on SIGINT, SIGTERM and SIGHUP).
+    Stopped,
     /// A console port's reader went away (a broken pipe): the VM ends as a process in a
     /// pipeline would on SIGPIPE.
     OutputClosed,
@@ -44,36 +45,8 @@ pub enum ExitReason {
     Internal(String),
 }
 
-/// Boot phases the guest marks on [`crate::ports::KVMBUILD_MARKER`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum BootPhase {
-    /// kvmbuild's init has started (PID 1 is running).
-    InitStarted = 1,
-    /// The user's command has been started.
-    CommandStarted = 2,
-    /// The user's command has finished.
-    CommandFinished = 3,
-}
-
-impl BootPhase {
-    /// Every phase, in order.
-    pub const ALL: [BootPhase; 3] = [
-        Self::InitStarted,
-        Self::CommandStarted,
-        Self::CommandFinished,
-    ];
-
-    /// The phase a marker byte names, if any.
-    pub fn from_byte(byte: u8) -> Option<Self> {
-        match byte {
-            1 => Some(Self::InitStarted),
-            2 => Some(Self::CommandStarted),
-            3 => Some(Self::CommandFinished),
-            _ => None,
-        }
-    }
-}
+/// Boot phases the guest marks on kvmbuild's marker port (part of the guest ABI).
+pub use abi::BootPhase;
 
 /// The exit channel shared by every vCPU, device and the run loop.
 pub struct VmExit {
@@ -208,13 +181,5 @@ mod tests {
             std::mem::size_of::<Markers>(),
             std::mem::size_of::<[Option<Instant>; 3]>() + 24
         );
-    }
-
-    #[test]
-    fn marker_bytes_map_to_phases() {
-        assert_eq!(BootPhase::from_byte(1), Some(BootPhase::InitStarted));
-        assert_eq!(BootPhase::from_byte(3), Some(BootPhase::CommandFinished));
-        assert_eq!(BootPhase::from_byte(0), None);
-        assert_eq!(BootPhase::from_byte(4), None);
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! Register emulation is vm-superio's; this module connects it to kvmbuild: the interrupt
 //! leaves through an `EventFd` that the VMM registers as an irqfd for
-//! [`ports::SERIAL_COM1_IRQ`](crate::ports::SERIAL_COM1_IRQ), and the guest's output goes to a
+//! the UART's interrupt line (COM1's IRQ 4 on kvmbuild's machine), and the guest's output goes to a
 //! host writer (stdout, a file, or `std::io::sink()`).
 //!
 //! **Output buffering.** vm-superio writes and flushes every byte the guest transmits. One
@@ -21,7 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 
-/// Length of the UART's I/O port range, starting at [`crate::ports::SERIAL_COM1`].
+/// Length of the UART's I/O port range (from 0x3f8 for COM1).
 pub const SERIAL_LEN: u64 = 8;
 
 /// Output is handed to the host writer once a line is this long, even without a newline.
@@ -102,7 +102,7 @@ impl Drop for ConsoleOutput {
 
 /// The COM1 UART as a device on the PIO bus.
 ///
-/// Register it at [`crate::ports::SERIAL_COM1`] with length [`SERIAL_LEN`].
+/// Register it at the UART's base port (0x3f8 for COM1) with length [`SERIAL_LEN`].
 pub struct Serial {
     uart: Uart<IrqTrigger, vm_superio::serial::NoEvents, ConsoleOutput>,
 }
@@ -334,7 +334,7 @@ mod tests {
         let serial: crate::bus::SharedDevice =
             Arc::new(Mutex::new(serial_with(Box::new(out.clone()))));
         let mut bus = crate::bus::Bus::new();
-        let com1 = u64::from(crate::ports::SERIAL_COM1);
+        let com1 = 0x3f8;
         bus.insert(serial, com1, SERIAL_LEN).unwrap();
         for &b in b"ok\n" {
             assert!(bus.write(com1 + DATA, &[b]));

@@ -341,8 +341,13 @@ pub(crate) fn install_kick_handler() -> Result<(), VcpuError> {
     installed.map_err(VcpuError::Signal)
 }
 
-/// Starts the thread that runs `vcpu`.
-pub fn spawn(mut vcpu: VcpuFd, index: u8, ctx: VcpuContext) -> Result<JoinHandle<()>, VcpuError> {
+/// Starts the thread that runs `vcpu` until the VM ends; joining it gives the vCPU back, its
+/// state intact, for whoever wants to read or save it.
+pub fn spawn(
+    mut vcpu: VcpuFd,
+    index: u8,
+    ctx: VcpuContext,
+) -> Result<JoinHandle<VcpuFd>, VcpuError> {
     install_kick_handler()?;
     std::thread::Builder::new()
         .name(format!("vcpu{index}"))
@@ -352,12 +357,13 @@ pub fn spawn(mut vcpu: VcpuFd, index: u8, ctx: VcpuContext) -> Result<JoinHandle
                 ctx.exit.request(reason);
             }
             IMMEDIATE_EXIT.with(|flag| flag.set(std::ptr::null_mut()));
+            vcpu
         })
         .map_err(|source| VcpuError::Spawn { index, source })
 }
 
 /// Interrupts a vCPU thread's `KVM_RUN` so it notices that the VM is ending.
-pub fn kick(thread: &JoinHandle<()>) {
+pub fn kick<T>(thread: &JoinHandle<T>) {
     // ESRCH only means the thread has already finished.
     let _ = thread.kill(kick_signal());
 }

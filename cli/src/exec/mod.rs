@@ -24,16 +24,17 @@ use std::time::Instant;
 use initrd::config::{Config, Share as GuestShare, STDIO_PORT_NAMES};
 use initrd::guest::error_chain;
 use initrd::{InitBinary, InitrdSpec};
+use vmm::device_manager::mmio::VirtioError;
+use vmm::device_manager::{ConsoleConfig, DeviceError, PortConfig, ShareConfig};
 use vmm::exit::{BootPhase, ExitReason};
-use vmm::virtio_mmio::{ConsoleConfig, PortConfig, ShareConfig, VirtioMmioError};
-use vmm::vm::{self, ErrorClass, RunReport, VmConfig};
+use vmm::vm::{self, RunReport, VmConfig};
 
 pub use options::ExecArgs;
 use options::Plan;
 use virtiofsd::Virtiofsd;
 
 use crate::initrd::EMBEDDED_INIT;
-use crate::{exit_code, fail, run, terminal};
+use crate::{exit_code, fail, run, terminal, vm_error};
 
 pub const EXEC_HELP: &str = concat!(
     "Examples:
@@ -70,12 +71,10 @@ pub fn exec(args: ExecArgs) -> ExitCode {
             "this host's /dev/kvm is PVM, which cannot run an ordinary Linux kernel; run kvmbuild exec inside the test host: tests/host-vm/run -- kvmbuild exec ...",
         );
     }
-    if let Err(e) = terminal::stop_vm_on_signals() {
-        return fail(
-            exit_code::INTERNAL,
-            format!("cannot install signal handlers: {e}"),
-        );
-    }
+    let stop = match terminal::stop_vm_on_signals() {
+        Ok(stop) => stop,
+        Err(code) => return code,
+    };
     let log = Log { verbose };
     log.say(format_args!(
         "kernel {} ({})",
@@ -105,12 +104,15 @@ pub fn exec(args: ExecArgs) -> ExitCode {
         Ok(config) => config,
         Err(code) => return code,
     };
-    let result = vm::run(config);
+    let result = vm::run(config, stop, plan.timeout);
     // Stopped before the status is reported: nothing of this run outlives it.
     drop(daemons);
     drop(run_dir);
     match result {
-        Ok(report) => outcome(&report, &plan, &console, &log),
+        Ok(mut report) => {
+            crate::keep_finished_vm(report.remains.take());
+            outcome(&report, &plan, &console, &log)
+        }
         Err(e) => vm_error(e),
     }
 }
@@ -118,18 +120,13 @@ pub fn exec(args: ExecArgs) -> ExitCode {
 /// A VM that could not start. Its shares are virtiofsd processes this run started, so a
 /// share that fails is kvmbuild's problem (70), not the user's input.
 fn vm_error(e: vm::VmError) -> ExitCode {
-    if let vm::VmError::Virtio(VirtioMmioError::Share(cause)) = &e {
+    if let vm::VmError::Device(DeviceError::Virtio(VirtioError::Share { source, .. })) = &e {
         return fail(
             exit_code::INTERNAL,
-            format!("cannot connect to virtiofsd: {}", error_chain(cause)),
+            format!("cannot connect to virtiofsd: {}", error_chain(source)),
         );
     }
-    let code = match e.class() {
-        ErrorClass::KvmUnavailable => exit_code::KVM_UNAVAILABLE,
-        ErrorClass::BadInput => exit_code::BAD_INPUT,
-        ErrorClass::Internal => exit_code::INTERNAL,
-    };
-    fail(code, format!("{:#}", anyhow::Error::from(e)))
+    vm_error::report(&e, &vm_error::EXEC)
 }
 
 /// The directories that get a tmpfs over the host's root in the guest, as absolute paths.
@@ -274,7 +271,6 @@ fn vm_config(
         })?),
         rng: true,
         pit: false,
-        timeout: plan.timeout,
     })
 }
 

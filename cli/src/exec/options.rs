@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use vmm::virtio_mmio::DiskConfig;
+use vmm::device_manager::DiskConfig;
 
 use super::kernel::{self, KernelChoice};
 use super::root_scratch_dirs;

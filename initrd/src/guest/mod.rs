@@ -18,6 +18,8 @@ mod sys;
 
 use std::ffi::{CString, OsString};
 use std::fmt;
+
+use abi::BootPhase;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
@@ -25,7 +27,6 @@ pub use exec::find_program;
 pub use mount::{parse_filesystems, parse_options};
 pub use root::SCRATCH_DIRS;
 pub use stdio::find_ports;
-pub use sys::{EXIT_PORT, MARKER_PORT};
 
 use crate::config::{self, Config};
 use crate::modules::{parse_load_list, LoadEntry};
@@ -38,11 +39,6 @@ pub const MODULES_FILE: &str = "/etc/kvmbuild/modules";
 
 /// The command's stderr port, once open: the init's own errors are copied there.
 static ERROR_PORT: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
-
-/// Boot phases written to the marker port.
-const INIT_STARTED: u8 = 1;
-const COMMAND_STARTED: u8 = 2;
-const COMMAND_FINISHED: u8 = 3;
 
 /// Everything that stops the init from running the command, with the status it reports.
 #[derive(Debug, thiserror::Error)]
@@ -214,7 +210,7 @@ pub fn main() -> ! {
         std::process::exit(2);
     }
     let ports = sys::Ports::open();
-    ports.mark(INIT_STARTED);
+    ports.mark(BootPhase::InitStarted);
     std::panic::set_hook(Box::new(move |info| {
         eprintln!("kvmbuild-init: internal error: {info}");
         finish(ports, status::INTERNAL)
@@ -245,9 +241,9 @@ fn run(ports: sys::Ports) -> Result<u8, Error> {
     }
     mount_all(&config, &log)?;
     let prepared = exec::prepare(&config, streams)?;
-    ports.mark(COMMAND_STARTED);
+    ports.mark(BootPhase::CommandStarted);
     let status = exec::run(prepared, &log)?;
-    ports.mark(COMMAND_FINISHED);
+    ports.mark(BootPhase::CommandFinished);
     if let Some(tty) = &config.tty {
         if let Ok(file) = std::fs::File::open(tty) {
             drain_terminals(vec![file]);

@@ -8,10 +8,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-/// kvmbuild's boot-marker port (must equal `devices::ports::KVMBUILD_MARKER`).
-pub const MARKER_PORT: u16 = 0x6f0;
-/// kvmbuild's exit port (must equal `devices::ports::KVMBUILD_EXIT`).
-pub const EXIT_PORT: u16 = 0x6f1;
+use abi::ports::{EXIT as EXIT_PORT, MARKER as MARKER_PORT};
 
 /// `finit_module` flag: the file is compressed and the kernel should decompress it.
 const MODULE_INIT_COMPRESSED_FILE: libc::c_uint = 4;
@@ -40,13 +37,19 @@ impl Ports {
     /// skipped and the init ends the VM by powering off instead.
     pub fn open() -> Self {
         // SAFETY: ioperm only changes this process's I/O permission bitmap.
-        let enabled = unsafe { libc::ioperm(libc::c_ulong::from(MARKER_PORT), 2, 1) } == 0;
+        let enabled = unsafe {
+            libc::ioperm(
+                libc::c_ulong::from(abi::ports::BASE),
+                libc::c_ulong::from(abi::ports::LEN),
+                1,
+            )
+        } == 0;
         Self { enabled }
     }
 
-    /// Marks a boot phase (1 init started, 2 command started, 3 command finished).
-    pub fn mark(&self, phase: u8) {
-        self.out(MARKER_PORT, phase);
+    /// Marks a boot phase.
+    pub fn mark(&self, phase: abi::BootPhase) {
+        self.out(MARKER_PORT, phase.byte());
     }
 
     /// Reports the exit status; on kvmbuild this ends the VM before it returns.
