@@ -2,6 +2,12 @@
 //! test guests): the I/O ports only kvmbuild has, the boot phases a guest marks on them, and
 //! the statuses kvmbuild's init reports. One definition, used by both sides.
 //!
+//! | port  | write |
+//! |-------|-------|
+//! | 0x6f0 | a [`BootPhase`] byte, timestamped on the host |
+//! | 0x6f1 | the program's exit status; ends the VM |
+//! | 0x6f2 | the snapshot point (any byte) |
+//!
 //! This crate has no dependencies, so the static init and the VMM can both build on it.
 
 #![no_std]
@@ -14,10 +20,15 @@ pub mod ports {
     /// The exit port: the byte written here is the guest program's exit status, and the write
     /// ends the VM at once.
     pub const EXIT: u16 = 0x6f1;
-    /// The first port of the range the two share ([`MARKER`]..=[`EXIT`]).
+    /// The snapshot port: a write here says "this is the snapshot point": the VMM may save
+    /// the VM now and restore later runs from here. Only meaningful before any virtio driver
+    /// has started a device; the VMM ignores it when it was not asked to take snapshots. The
+    /// guest cannot tell whether it was saved, or whether it is the saved one resumed.
+    pub const SNAPSHOT: u16 = 0x6f2;
+    /// The first port of kvmbuild's range ([`MARKER`]..=[`SNAPSHOT`]).
     pub const BASE: u16 = MARKER;
     /// How many ports the range spans.
-    pub const LEN: u16 = EXIT - MARKER + 1;
+    pub const LEN: u16 = SNAPSHOT - MARKER + 1;
 }
 
 /// Boot phases a guest marks on [`ports::MARKER`].

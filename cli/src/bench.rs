@@ -197,6 +197,8 @@ fn boot_once(args: &BenchArgs) -> anyhow::Result<Sample> {
         virtio_console: None,
         rng: false,
         pit: false,
+        snapshot_to: None,
+        restore: None,
     };
     // Nothing stops a bench run but its timeout.
     let stop = EventFd::new(libc::EFD_NONBLOCK)?;
@@ -482,6 +484,7 @@ mod tests {
             ],
             console_error: None,
             stuck_vcpus: Vec::new(),
+            snapshot: None,
             remains: None,
         };
         let s = sample(&report, t0 + ms(41));
@@ -502,6 +505,7 @@ mod tests {
             markers: vec![],
             console_error: None,
             stuck_vcpus: Vec::new(),
+            snapshot: None,
             remains: None,
         };
         let s = sample(&report, t0 + ms(10));

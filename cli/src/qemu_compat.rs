@@ -245,6 +245,8 @@ fn translate(args: &[String]) -> Result<RunArgs, String> {
         // QEMU's machines have a PIT; the kernels vmTools boots keep time without one.
         pit: false,
         timeout: None,
+        snapshot: None,
+        restore: None,
     })
 }
 

@@ -8,8 +8,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use initrd::guest::error_chain;
 use vmm::device_manager::{ConsoleConfig, DiskConfig, ShareConfig};
 use vmm::exit::{ExitReason, ResetSource};
+use vmm::snapshot::Snapshot;
 use vmm::vm::{self, RunReport, VmConfig};
 
 use crate::vm_error::{self, OptionNames};
@@ -75,6 +77,15 @@ pub struct RunArgs {
     /// End the guest after this many seconds (fractions allowed).
     #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
     pub(crate) timeout: Option<Duration>,
+    /// Save the VM into DIR (which must not exist) when the guest writes kvmbuild's snapshot
+    /// port (0x6f2), then let it run on. For guests that write it before any virtio driver
+    /// starts a device.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) snapshot: Option<PathBuf>,
+    /// Start from the snapshot in DIR instead of booting: same --kernel, --cmdline, --mem and
+    /// --cpus as when it was saved; devices are this run's.
+    #[arg(long, value_name = "DIR", conflicts_with = "snapshot")]
+    pub(crate) restore: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -168,7 +179,19 @@ fn vm_config(
         let console = if hvc0 { "hvc0" } else { "ttyS0" };
         format!("console={console} {DEFAULT_CMDLINE}")
     });
+    let key = snapshot_key(&args.kernel, &cmdline);
+    let restore = match &args.restore {
+        Some(dir) => Some(Snapshot::open(dir, &key).map_err(|e| {
+            fail(
+                exit_code::BAD_INPUT,
+                format!("--restore {}: {}", dir.display(), error_chain(&e)),
+            )
+        })?),
+        None => None,
+    };
     Ok(VmConfig {
+        snapshot_to: args.snapshot.map(|dir| (dir, key)),
+        restore,
         kernel: args.kernel,
         initrd: args.initrd,
         initrd_prefix: Vec::new(),
@@ -223,7 +246,19 @@ pub(crate) fn run_as(args: RunArgs, names: &OptionNames) -> ExitCode {
     }
 }
 
+/// What a `run` snapshot is for: the same kernel (by path) and command line.
+fn snapshot_key(kernel: &Path, cmdline: &str) -> String {
+    let kernel = std::fs::canonicalize(kernel).unwrap_or_else(|_| kernel.to_path_buf());
+    format!("run kernel={} cmdline={cmdline}", kernel.display())
+}
+
 pub(crate) fn report_outcome(report: &RunReport, timeout: Option<Duration>) -> ExitCode {
+    if let Some(Err(e)) = &report.snapshot {
+        eprintln!(
+            "kvmbuild: warning: no snapshot was saved: {}",
+            error_chain(e)
+        );
+    }
     if let Some(e) = &report.console_error {
         eprintln!("kvmbuild: warning: console output was lost: {e}");
     }
@@ -257,6 +292,10 @@ pub(crate) fn report_outcome(report: &RunReport, timeout: Option<Duration>) -> E
         // A reader of the guest's output went away: end as a process in a pipeline would on
         // SIGPIPE, silently.
         ExitReason::OutputClosed => ExitCode::from(exit_code::OUTPUT_CLOSED),
+        // Vm::run saves and runs on at the snapshot point; it never ends there.
+        ExitReason::SnapshotPoint => {
+            fail(exit_code::INTERNAL, "the VM stopped at its snapshot point")
+        }
         ExitReason::Stopped => {
             let signal = terminal::stop_signal().unwrap_or(libc::SIGTERM);
             fail(

@@ -15,6 +15,7 @@ pub struct OptionNames {
     pub vcpus: &'static str,
     pub disk: &'static str,
     pub share: &'static str,
+    pub snapshot: &'static str,
 }
 
 /// `kvmbuild run` and `bench`.
@@ -23,6 +24,7 @@ pub const RUN: OptionNames = OptionNames {
     vcpus: "--cpus",
     disk: "--disk",
     share: "--vhost-user-fs",
+    snapshot: "--restore",
 };
 
 /// `kvmbuild exec`.
@@ -31,6 +33,7 @@ pub const EXEC: OptionNames = OptionNames {
     vcpus: "--cpus",
     disk: "--disk",
     share: "--share",
+    snapshot: "--warm",
 };
 
 /// The QEMU entry point.
@@ -39,6 +42,7 @@ pub const QEMU: OptionNames = OptionNames {
     vcpus: "-smp",
     disk: "-drive",
     share: "-chardev",
+    snapshot: "-loadvm",
 };
 
 impl OptionNames {
@@ -48,6 +52,7 @@ impl OptionNames {
             ConfigField::Vcpus => self.vcpus,
             ConfigField::Disk => self.disk,
             ConfigField::Share => self.share,
+            ConfigField::Snapshot => self.snapshot,
         }
     }
 }

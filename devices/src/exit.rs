@@ -43,6 +43,9 @@ pub enum ExitReason {
     OutputClosed,
     /// A vCPU or device failed in a way the VMM cannot recover from.
     Internal(String),
+    /// The guest reached the snapshot point and the VM's owner asked to stop there (see
+    /// [`VmExit::pause_at_snapshot_point`]). Not an end: the owner saves the VM and resumes it.
+    SnapshotPoint,
 }
 
 /// Boot phases the guest marks on kvmbuild's marker port (part of the guest ABI).
@@ -51,6 +54,8 @@ pub use abi::BootPhase;
 /// The exit channel shared by every vCPU, device and the run loop.
 pub struct VmExit {
     reason: Mutex<Option<ExitReason>>,
+    /// Whether the snapshot port pauses the VM (else it is ignored).
+    pause_at_snapshot: AtomicBool,
     /// Set with `reason`: lets vCPU threads check on every KVM exit without taking the lock.
     requested: AtomicBool,
     markers: Mutex<Markers>,
@@ -62,6 +67,7 @@ impl VmExit {
     pub fn new() -> io::Result<Self> {
         Ok(Self {
             reason: Mutex::new(None),
+            pause_at_snapshot: AtomicBool::new(false),
             requested: AtomicBool::new(false),
             markers: Mutex::new(Markers::default()),
             event: EventFd::new(EFD_NONBLOCK)?,
@@ -78,6 +84,31 @@ impl VmExit {
             // A full eventfd counter only means the loop is already being woken.
             let _ = self.event.write(1);
         }
+    }
+
+    /// Makes the guest's next write to the snapshot port stop the VM with
+    /// [`ExitReason::SnapshotPoint`] (once).
+    pub fn pause_at_snapshot_point(&self) {
+        self.pause_at_snapshot.store(true, Ordering::SeqCst);
+    }
+
+    /// The guest wrote the snapshot port: stops the VM if its owner asked for that.
+    pub fn snapshot_point(&self) {
+        if self.pause_at_snapshot.swap(false, Ordering::SeqCst) {
+            self.request(ExitReason::SnapshotPoint);
+        }
+    }
+
+    /// Clears a [`ExitReason::SnapshotPoint`] stop, so the VM can run on; any other reason
+    /// stays (the VM has ended). Returns whether the VM may run on.
+    pub fn resume(&self) -> bool {
+        let mut current = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if *current == Some(ExitReason::SnapshotPoint) {
+            *current = None;
+            self.requested.store(false, Ordering::Release);
+            let _ = self.event.read();
+        }
+        current.is_none()
     }
 
     /// Whether an exit was requested: a lock-free check for hot paths.
@@ -159,6 +190,22 @@ mod tests {
         assert_eq!(exit.reason(), Some(ExitReason::GuestStatus(7)));
         assert!(exit.is_requested());
         assert_eq!(exit.event().read().unwrap(), 1);
+    }
+
+    #[test]
+    fn the_snapshot_point_pauses_only_when_asked_and_only_once() {
+        let exit = VmExit::new().unwrap();
+        exit.snapshot_point();
+        assert_eq!(exit.reason(), None, "ignored unless asked for");
+        exit.pause_at_snapshot_point();
+        exit.snapshot_point();
+        assert_eq!(exit.reason(), Some(ExitReason::SnapshotPoint));
+        assert!(exit.resume());
+        assert!(!exit.is_requested());
+        exit.snapshot_point();
+        assert_eq!(exit.reason(), None, "once");
+        exit.request(ExitReason::PowerOff);
+        assert!(!exit.resume(), "a real end stays");
     }
 
     #[test]

@@ -16,6 +16,8 @@
 use std::io::{self, Write};
 
 use vm_superio::serial::Error as UartError;
+/// The UART's registers and receive FIFO, as vm-superio saves and restores them.
+pub use vm_superio::serial::SerialState;
 use vm_superio::{Serial as Uart, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -36,6 +38,9 @@ pub enum SerialError {
     /// Writing guest output to the host failed; the output was dropped.
     #[error("serial output lost")]
     Output(#[source] io::Error),
+    /// A saved state the UART cannot have had (a receive FIFO over its 64 bytes).
+    #[error("the saved serial state is impossible")]
+    BadState,
 }
 
 /// Raises the UART interrupt by signalling the irqfd.
@@ -112,14 +117,43 @@ impl Serial {
     ///
     /// `irq` is meant to be registered as an irqfd for GSI 4; see [`Serial::irq`].
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
-        let out = ConsoleOutput {
+        Self {
+            uart: Uart::new(IrqTrigger(irq), Self::output(out)),
+        }
+    }
+
+    /// A UART whose registers start as `state` (saved by [`Serial::state`]). Fails for a
+    /// state whose receive FIFO holds more than a 16550A's.
+    pub fn with_state(
+        irq: EventFd,
+        out: Box<dyn Write + Send>,
+        state: &SerialState,
+    ) -> Result<Self, SerialError> {
+        let uart = Uart::from_state(
+            state,
+            IrqTrigger(irq),
+            vm_superio::serial::NoEvents,
+            Self::output(out),
+        )
+        .map_err(|e| match e {
+            UartError::Trigger(e) => SerialError::Interrupt(e),
+            UartError::IOError(e) => SerialError::Output(e),
+            UartError::FullFifo => SerialError::BadState,
+        })?;
+        Ok(Self { uart })
+    }
+
+    fn output(out: Box<dyn Write + Send>) -> ConsoleOutput {
+        ConsoleOutput {
             out,
             line: Vec::with_capacity(256),
             error: None,
-        };
-        Self {
-            uart: Uart::new(IrqTrigger(irq), out),
         }
+    }
+
+    /// The UART's registers and receive FIFO, for a snapshot.
+    pub fn state(&self) -> SerialState {
+        self.uart.state()
     }
 
     /// The interrupt eventfd, for registering it as an irqfd.

@@ -15,6 +15,7 @@ pub mod memory;
 pub mod pvh;
 pub mod release;
 pub mod serial_input;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 

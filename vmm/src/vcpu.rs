@@ -357,9 +357,22 @@ pub fn spawn(
                 ctx.exit.request(reason);
             }
             IMMEDIATE_EXIT.with(|flag| flag.set(std::ptr::null_mut()));
+            complete_pending_io(&mut vcpu);
             vcpu
         })
         .map_err(|source| VcpuError::Spawn { index, source })
+}
+
+/// Leaves the vCPU between two instructions. An exit for port or MMIO I/O completes the
+/// instruction only when `KVM_RUN` is next entered; with `immediate_exit` set, that entry
+/// completes it and returns at once without running the guest (KVM's API documentation,
+/// `KVM_CAP_IMMEDIATE_EXIT`). A state saved afterwards then resumes after the instruction,
+/// not at it (which would, for instance, hit the snapshot port again).
+fn complete_pending_io(vcpu: &mut VcpuFd) {
+    vcpu.set_kvm_immediate_exit(1);
+    // EINTR is the expected answer; any other leaves the vCPU as it was, to be dropped.
+    let _ = vcpu.run();
+    vcpu.set_kvm_immediate_exit(0);
 }
 
 /// Interrupts a vCPU thread's `KVM_RUN` so it notices that the VM is ending.

@@ -271,6 +271,8 @@ fn vm_config(
         })?),
         rng: true,
         pit: false,
+        snapshot_to: None,
+        restore: None,
     })
 }
 

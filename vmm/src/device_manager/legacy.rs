@@ -12,7 +12,7 @@ use devices::bus::Bus;
 use devices::exit::VmExit;
 use devices::exit_port::{self, ExitPort};
 use devices::i8042::{self, I8042};
-use devices::serial::{Serial, SERIAL_LEN};
+use devices::serial::{Serial, SerialState, SERIAL_LEN};
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -53,6 +53,7 @@ pub fn attach(
     vm: &VmFd,
     pio: &mut Bus,
     console: Box<dyn Write + Send>,
+    serial_state: Option<&SerialState>,
     exit: &Arc<VmExit>,
 ) -> Result<Arc<Mutex<Serial>>, DeviceError> {
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| DeviceError::Create {
@@ -64,7 +65,16 @@ pub fn attach(
             what: "route the serial interrupt",
             source,
         })?;
-    let serial = Arc::new(Mutex::new(Serial::new(irq, console)));
+    let serial = match serial_state {
+        Some(state) => {
+            Serial::with_state(irq, console, state).map_err(|e| DeviceError::Create {
+                what: "serial port",
+                reason: e.to_string(),
+            })?
+        }
+        None => Serial::new(irq, console),
+    };
+    let serial = Arc::new(Mutex::new(serial));
     let [com1, kbc, pm, ports] = PORT_RANGES;
     insert(pio, serial.clone(), com1)?;
     insert(pio, Arc::new(Mutex::new(I8042::new(exit.clone()))), kbc)?;

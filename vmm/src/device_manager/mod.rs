@@ -51,6 +51,8 @@ pub struct DeviceConfig {
     pub virtio_console: Option<ConsoleConfig>,
     /// Whether the guest gets a virtio-rng.
     pub rng: bool,
+    /// COM1's registers as a snapshot saved them, for a restored VM.
+    pub serial_state: Option<devices::serial::SerialState>,
 }
 
 /// Every device of one VM, where it sits, and the thread that runs the virtio ones.
@@ -72,7 +74,13 @@ impl DeviceManager {
         exit: &Arc<VmExit>,
     ) -> Result<Self, DeviceError> {
         let mut pio = Bus::new();
-        let serial = legacy::attach(vm, &mut pio, config.console, exit)?;
+        let serial = legacy::attach(
+            vm,
+            &mut pio,
+            config.console,
+            config.serial_state.as_ref(),
+            exit,
+        )?;
         let list = mmio::build_devices(
             &config.disks,
             &config.shares,
@@ -87,6 +95,25 @@ impl DeviceManager {
             serial,
             virtio,
         })
+    }
+
+    /// The first virtio device a driver has started (its status register is not 0), by its
+    /// position; `None` while every device is as reset, which is all a snapshot may hold.
+    pub fn virtio_device_in_use(&self) -> Option<usize> {
+        self.virtio.acpi.iter().position(|device| {
+            let mut status = [0u8; 4];
+            let register = u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS);
+            self.mmio.read(device.addr + register, &mut status);
+            u32::from_le_bytes(status) != 0
+        })
+    }
+
+    /// COM1's registers, for a snapshot.
+    pub fn serial_state(&self) -> devices::serial::SerialState {
+        self.serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .state()
     }
 
     /// COM1, for the console input that feeds it.

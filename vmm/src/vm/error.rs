@@ -60,6 +60,9 @@ pub enum VmError {
     /// Writing boot structures into guest memory failed.
     #[error("cannot write the boot structures into guest memory: {0}")]
     BootStructures(vm_memory::GuestMemoryError),
+    /// A snapshot could not be restored.
+    #[error("cannot restore the snapshot")]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     /// The run's own plumbing (its stop event, the exit channel) could not be set up.
     #[error("cannot create the {0}: {1}")]
     Setup(&'static str, std::io::Error),
@@ -77,6 +80,8 @@ pub enum ConfigField {
     Disk,
     /// One of `shares` (its back end).
     Share,
+    /// `restore` (the snapshot's files).
+    Snapshot,
 }
 
 impl VmError {
@@ -93,6 +98,7 @@ impl VmError {
             VmError::Device(DeviceError::Virtio(VirtioError::Share { .. })) => {
                 Some(ConfigField::Share)
             }
+            VmError::Snapshot(_) => Some(ConfigField::Snapshot),
             _ => None,
         }
     }

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use devices::exit::{BootPhase, ExitReason, VmExit};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use error::{vcpu_count, ConfigField, VmError, MAX_VCPUS};
@@ -33,6 +33,7 @@ use crate::memory;
 use crate::pvh::{self, PvhInfo};
 use crate::release::Remains;
 use crate::serial_input;
+use crate::snapshot::{self, SavedState, Snapshot, SnapshotError, VcpuState};
 use crate::vcpu::{self, BootEntry, VcpuContext};
 
 /// What to boot and how.
@@ -67,6 +68,13 @@ pub struct VmConfig {
     /// against the PIT or need it as their timer do. Creating it cost 0.1-2.3 ms here, and its
     /// clean-up adds an SRCU wait to the VM's destruction.
     pub pit: bool,
+    /// Save the VM into this snapshot directory, for this key (see [`Snapshot::open`]), when
+    /// the guest writes the snapshot port (else the port is ignored); then run on.
+    pub snapshot_to: Option<(PathBuf, String)>,
+    /// Start from this snapshot instead of booting `kernel` and `initrd` (which are then not
+    /// read): its memory, vCPUs, interrupt controllers, clock and COM1, with fresh virtio
+    /// devices made from this configuration.
+    pub restore: Option<Snapshot>,
 }
 
 /// How a run ended.
@@ -88,6 +96,8 @@ pub struct RunReport {
     /// vCPUs that did not leave `KVM_RUN` when the VM ended (stuck in the host kernel); the
     /// process should exit rather than wait for them.
     pub stuck_vcpus: Vec<usize>,
+    /// How saving the snapshot went (see [`RunOutcome::snapshot`]).
+    pub snapshot: Option<Result<(), SnapshotError>>,
     /// The VM fd and guest RAM, still to be released (see [`crate::release`]); `None` when a
     /// stuck vCPU may still use them.
     pub remains: Option<Remains>,
@@ -103,6 +113,9 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 
 /// A VM: its memory, devices and vCPUs, and the guest loaded into it.
 pub struct Vm {
+    kvm: Kvm,
+    pit: bool,
+    snapshot_to: Option<(PathBuf, String)>,
     /// Present from [`Vm::build`] until [`Vm::teardown`] stops them.
     devices: Option<DeviceManager>,
     /// Present while no vCPU thread runs them.
@@ -131,6 +144,9 @@ pub struct RunOutcome {
     pub markers: Vec<(BootPhase, Instant)>,
     /// vCPUs that did not leave `KVM_RUN` (see [`RunReport::stuck_vcpus`]).
     pub stuck_vcpus: Vec<usize>,
+    /// Whether the snapshot the configuration asked for was saved; `None` when none was
+    /// asked for or the guest never reached its snapshot point.
+    pub snapshot: Option<Result<(), SnapshotError>>,
 }
 
 /// What [`Vm::teardown`] reports.
@@ -142,14 +158,25 @@ pub struct Teardown {
 }
 
 impl Vm {
-    /// Creates the VM and everything in it, and loads the guest, ready to run.
+    /// Creates the VM and everything in it, and loads the guest (or restores the snapshot),
+    /// ready to run.
     pub fn build(mut config: VmConfig) -> Result<Vm, VmError> {
         let started = Instant::now();
         let kvm = kvm::open()?;
         error::check_vcpu_count(&kvm, config.vcpus)?;
         let mem_size = error::check_memory_size(config.mem_mib)?;
+        let restore = config.restore.take();
+        if let Some(snapshot) = &restore {
+            snapshot.check_machine(mem_size, config.vcpus)?;
+        }
         let (fd, mem) = create_vm(&kvm, mem_size, config.pit)?;
+        if let Some(snapshot) = &restore {
+            restore_memory(&mem, snapshot)?;
+        }
         let exit = Arc::new(VmExit::new().map_err(|e| VmError::Setup("exit channel", e))?);
+        if config.snapshot_to.is_some() {
+            exit.pause_at_snapshot_point();
+        }
         let devices = DeviceManager::attach(
             &fd,
             &mem,
@@ -159,11 +186,17 @@ impl Vm {
                 shares: std::mem::take(&mut config.shares),
                 virtio_console: config.virtio_console.take(),
                 rng: config.rng,
+                serial_state: restore.as_ref().map(|s| (&s.state.serial).into()),
             },
             &exit,
         )?;
-        let entry = load_guest(&mem, &devices, &config, mem_size)?;
-        let vcpus = create_vcpus(&kvm, &fd, config.vcpus, entry)?;
+        let vcpus = match &restore {
+            Some(snapshot) => restore_vcpus(&fd, &snapshot.state)?,
+            None => {
+                let entry = load_guest(&mem, &devices, &config, mem_size)?;
+                create_vcpus(&kvm, &fd, config.vcpus, entry)?
+            }
+        };
         let serial_input = match config.serial_input.take() {
             Some(input) => Some(
                 serial_input::start(input, devices.serial().clone(), exit.clone())
@@ -172,6 +205,9 @@ impl Vm {
             None => None,
         };
         Ok(Vm {
+            kvm,
+            pit: config.pit,
+            snapshot_to: config.snapshot_to.take(),
             devices: Some(devices),
             vcpus,
             vcpu_count: config.vcpus,
@@ -184,23 +220,85 @@ impl Vm {
         })
     }
 
+    /// Saves the stopped VM into the snapshot directory `dir` for `key` (see [`snapshot`]).
+    /// [`Vm::run`] calls it at the snapshot point when the configuration asks for it.
+    pub fn save_snapshot(&self, dir: &std::path::Path, key: &str) -> Result<(), SnapshotError> {
+        if self.vcpus.len() != usize::from(self.vcpu_count) {
+            return Err(SnapshotError::VcpusRunning);
+        }
+        if let Some(index) = self.devices().virtio_device_in_use() {
+            return Err(SnapshotError::DeviceInUse(index));
+        }
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for vcpu in &self.vcpus {
+            let cpuid =
+                vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+                    .map_err(|source| SnapshotError::Kvm {
+                        what: "read CPUID",
+                        source,
+                    })?;
+            vcpus.push(VcpuState::save(&self.kvm, vcpu, &cpuid)?);
+        }
+        let state = SavedState {
+            key: key.to_owned(),
+            mem_size: self.mem.iter().map(|r| r.len()).sum(),
+            vcpus,
+            vm: snapshot::VmState::save(&self.fd, self.pit)?,
+            serial: self.devices().serial_state().into(),
+            memory_crc: 0,
+        };
+        snapshot::write(dir, state, |file| snapshot::memory::save(&self.mem, file))
+    }
+
+    /// Lets a VM stopped at the snapshot point run on. Returns false when it had ended.
+    fn resume(&self) -> bool {
+        self.exit.resume()
+    }
+
     /// Runs the guest until it ends: it exits, fails, `stop` is signalled (before or during
-    /// the run) or `timeout` passes. Returns once every vCPU thread has stopped (or been given
-    /// up as stuck); the devices keep running until [`Vm::teardown`].
+    /// the run) or `timeout` passes. When the configuration asked for a snapshot, the VM is
+    /// saved at the guest's snapshot point on the way (the outcome says how that went) and
+    /// runs on. Returns once every vCPU thread has stopped (or been given up as stuck); the
+    /// devices keep running until [`Vm::teardown`].
     pub fn run(
         &mut self,
         stop: &EventFd,
         timeout: Option<Duration>,
     ) -> Result<RunOutcome, VmError> {
         let deadline = timeout.map(|t| Instant::now() + t);
+        // Stamped before the first thread starts: a quick guest marks its first phase at once.
+        let guest_started = Instant::now();
+        let mut snapshot = None;
+        loop {
+            let reason = self.run_vcpus(stop, deadline);
+            let ended = Instant::now();
+            if reason == ExitReason::SnapshotPoint && self.stuck.is_empty() {
+                if let Some((dir, key)) = &self.snapshot_to {
+                    snapshot = Some(self.save_snapshot(dir, key));
+                }
+                if self.resume() {
+                    continue;
+                }
+            }
+            return Ok(RunOutcome {
+                reason,
+                guest_started,
+                ended,
+                markers: self.exit.markers(),
+                stuck_vcpus: self.stuck.clone(),
+                snapshot,
+            });
+        }
+    }
+
+    /// Starts a thread per vCPU, waits for the VM to stop and takes the vCPUs back.
+    fn run_vcpus(&mut self, stop: &EventFd, deadline: Option<Instant>) -> ExitReason {
         let ctx = VcpuContext {
             pio: Arc::new(self.devices().pio.clone()),
             mmio: Arc::new(self.devices().mmio.clone()),
             exit: self.exit.clone(),
             mem: self.mem.clone(),
         };
-        // Stamped before the first thread starts: a quick guest marks its first phase at once.
-        let guest_started = Instant::now();
         let mut threads = Vec::with_capacity(self.vcpus.len());
         for (index, fd) in (0..).zip(std::mem::take(&mut self.vcpus)) {
             match vcpu::spawn(fd, index, ctx.clone()) {
@@ -212,19 +310,12 @@ impl Vm {
             }
         }
         let reason = wait::wait_for_exit(&self.exit, stop, deadline);
-        let ended = Instant::now();
         let (joined, stuck) = wait::stop_vcpus(threads, wait::VCPU_STOP_GRACE);
         match wait::all_returned(joined, usize::from(self.vcpu_count)) {
             Some(vcpus) => self.vcpus = vcpus,
-            None => self.stuck.clone_from(&stuck),
+            None => self.stuck = stuck,
         }
-        Ok(RunOutcome {
-            reason,
-            guest_started,
-            ended,
-            markers: self.exit.markers(),
-            stuck_vcpus: stuck,
-        })
+        reason
     }
 
     /// Stops the devices and writes out the consoles' last output. The VM fd and guest RAM are
@@ -286,6 +377,7 @@ pub fn run(
         markers: outcome.markers,
         console_error,
         stuck_vcpus: outcome.stuck_vcpus,
+        snapshot: outcome.snapshot,
         remains,
     })
 }
@@ -360,6 +452,26 @@ fn load_guest(
     mem.write_obj(params, GuestAddress(layout::ZERO_PAGE))
         .map_err(VmError::BootStructures)?;
     Ok(BootEntry::Linux64(kernel.entry))
+}
+
+/// Fills fresh guest memory from a snapshot and checks what it read.
+fn restore_memory(mem: &GuestMemoryMmap, snapshot: &Snapshot) -> Result<(), SnapshotError> {
+    if snapshot::memory::restore(mem, &snapshot.memory)? != snapshot.state.memory_crc {
+        return Err(SnapshotError::Corrupt("the memory file's checksum"));
+    }
+    Ok(())
+}
+
+/// Restores the VM's own state, then creates each vCPU and restores its state.
+fn restore_vcpus(vm: &VmFd, state: &SavedState) -> Result<Vec<VcpuFd>, VmError> {
+    state.vm.restore(vm)?;
+    let mut fds = Vec::with_capacity(state.vcpus.len());
+    for (index, saved) in (0u64..).zip(&state.vcpus) {
+        let fd = vm.create_vcpu(index).map_err(kvm_err("create a vCPU"))?;
+        saved.restore(&fd)?;
+        fds.push(fd);
+    }
+    Ok(fds)
 }
 
 /// Creates and configures every vCPU, so a failure leaves nothing running.
