@@ -15,6 +15,7 @@ mod mount;
 mod root;
 mod stdio;
 mod sys;
+mod warm;
 
 use std::ffi::{CString, OsString};
 use std::fmt;
@@ -226,12 +227,20 @@ pub fn main() -> ! {
 fn run(ports: sys::Ports) -> Result<u8, Error> {
     mount::mount_basics()?;
     exec::ensure_console();
-    let config = read_config()?;
-    let log = Log {
+    let mut config = read_config()?;
+    let mut log = Log {
         verbose: config.verbose,
     };
     log.step(format_args!("settings read"));
-    load_modules(&log)?;
+    if config.warm {
+        load_modules(&log, |entry| !warm::is_transport(entry))?;
+        ports.snapshot_point();
+        load_modules(&log, warm::is_transport)?;
+        warm::read_run_settings(&mut config, &log)?;
+        log.verbose = config.verbose;
+    } else {
+        load_modules(&log, |_| true)?;
+    }
     let streams = match config.stdio_ports {
         true => Some(open_stdio_ports(&log)?),
         false => None,
@@ -307,12 +316,12 @@ pub fn check_mount_points(config: &Config) -> Result<(), Error> {
     Ok(())
 }
 
-/// Loads every module of the load list, in order.
-fn load_modules(log: &Log) -> Result<(), Error> {
+/// Loads the modules of the load list that `wanted` selects, in order.
+fn load_modules(log: &Log, wanted: impl Fn(&LoadEntry) -> bool) -> Result<(), Error> {
     let Some(list) = read_optional(Path::new(MODULES_FILE))? else {
         return Ok(());
     };
-    for entry in parse_load_list(&list) {
+    for entry in parse_load_list(&list).into_iter().filter(|e| wanted(e)) {
         log.step(format_args!("loading {}", entry.path));
         load_module(&entry)?;
     }

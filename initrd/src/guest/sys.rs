@@ -52,6 +52,12 @@ impl Ports {
         self.out(MARKER_PORT, phase.byte());
     }
 
+    /// Reaches the snapshot point: kvmbuild may save the VM here, and later runs may resume
+    /// from here (the init cannot tell which it is).
+    pub fn snapshot_point(&self) {
+        self.out(abi::ports::SNAPSHOT, 1);
+    }
+
     /// Reports the exit status; on kvmbuild this ends the VM before it returns.
     pub fn exit(&self, status: u8) {
         self.out(EXIT_PORT, status);
@@ -184,6 +190,46 @@ pub fn wait_any() -> io::Result<(libc::pid_t, i32)> {
     } else {
         Ok((pid, status))
     }
+}
+
+/// Sets the wall clock (`CLOCK_REALTIME`) to `ns` nanoseconds since the Unix epoch.
+pub fn set_wall_clock(ns: u64) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: libc::time_t::try_from(ns / 1_000_000_000)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
+        // Below 10^9, so it fits any c_long.
+        tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: `ts` is a valid timespec for the call's duration.
+    check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) }.into())
+}
+
+/// `RNDADDENTROPY`: `_IOW('R', 0x03, int[2])`.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDRESEEDCRNG`: `_IO('R', 0x07)`.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// Mixes `seed` into the kernel's entropy pool, credited as fully random (the host read it
+/// from its own generator), then reseeds the kernel's generator from the pool at once, so
+/// nothing drawn from here on depends only on the state before.
+pub fn add_entropy_and_reseed(seed: &[u8]) -> io::Result<()> {
+    let random = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let bits =
+        i32::try_from(seed.len() * 8).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
+    let len = i32::try_from(seed.len()).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
+    let mut info = Vec::with_capacity(8 + seed.len().next_multiple_of(4));
+    info.extend_from_slice(&bits.to_ne_bytes());
+    info.extend_from_slice(&len.to_ne_bytes());
+    info.extend_from_slice(seed);
+    info.resize(8 + seed.len().next_multiple_of(4), 0);
+    // SAFETY: `info` is a rand_pool_info with `buf_size` bytes after its header, alive for
+    // the call; the kernel only reads it.
+    check(unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) }.into())?;
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    check(unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG as _) }.into())
 }
 
 /// Seconds since boot, for verbose logs that line up with the kernel's timestamps.
