@@ -12,19 +12,25 @@ const WARM_RUNS: usize = 10;
 
 /// The guest prints its share's file, its boot id, 16 random bytes, its clock and its
 /// environment's `RUN`, and exits with the number in its share's file.
-const SCRIPT: &str = "cat /data/n; cat /proc/sys/kernel/random/boot_id; \
+const SCRIPT: &str = "cat /tmp/data/n; cat /proc/sys/kernel/random/boot_id; \
     head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s; echo \"run=$RUN\"; \
-    exit $(cat /data/n)";
+    exit $(cat /tmp/data/n)";
 
 fn warm_run(cache: &Path, share: &Path, index: usize, console: &Path) -> Run {
-    let share = format!("--share={}:/data:ro", share.display());
+    let share = format!("--share={}:/tmp/data:ro", share.display());
     let env = format!("--env=RUN={index}");
     let log = format!("--console-log={}", console.display());
-    exec(
+    // -v with a console log keeps the kernel's messages (no `quiet`), which tell a cold boot.
+    let mut run = exec(
         cache,
-        &["--warm", &share, &env, &log, "--", "sh", "-c", SCRIPT],
+        &["--warm", "-v", &share, &env, &log, "--", "sh", "-c", SCRIPT],
         b"",
-    )
+    );
+    // The log lives in the test host's scratch space: keep it with the run for a failure.
+    let log = std::fs::read_to_string(console).unwrap_or_default();
+    let tail = &log[log.len().saturating_sub(6000)..];
+    run.stderr.push_str(&format!("--- console log (end) ---\n{tail}"));
+    run
 }
 
 fn now() -> u64 {
