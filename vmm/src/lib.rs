@@ -13,7 +13,6 @@ pub mod loader;
 pub mod memory;
 pub mod pvh;
 pub mod release;
-pub mod serial_input;
 pub mod vcpu;
 pub mod virtio_mmio;
 pub mod vm;

@@ -13,7 +13,8 @@ use devices::exit::{BootPhase, ExitReason, VmExit};
 use devices::exit_port::{ExitPort, EXIT_PORT_BASE, EXIT_PORT_LEN};
 use devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use devices::ports;
-use devices::serial::{Serial, SERIAL_LEN};
+use devices::serial::{Serial, SerialInput, SERIAL_LEN};
+use devices::virtio::DeviceThread;
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -29,7 +30,6 @@ use crate::loader::{self, LoaderError};
 use crate::memory::{self, MemoryError};
 use crate::pvh::{self, PvhError, PvhInfo};
 use crate::release::{self, Remains};
-use crate::serial_input;
 use crate::vcpu::{self, BootEntry, VcpuContext, VcpuError};
 use crate::virtio_mmio::{
     self, ConsoleConfig, DiskConfig, ShareConfig, VirtioDevices, VirtioMmioError,
@@ -277,7 +277,9 @@ fn attach_legacy_devices(
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("serial port"))?;
     fd.register_irqfd(&irq, ports::SERIAL_COM1_IRQ)
         .map_err(kvm_err("route the serial interrupt"))?;
-    let serial = Arc::new(Mutex::new(Serial::new(irq, console)));
+    let serial = Arc::new(Mutex::new(
+        Serial::new(irq, console).map_err(device_err("serial port"))?,
+    ));
     let attach = |pio: &mut Bus, dev, base, len, what| {
         pio.insert(dev, base, len)
             .map_err(|e: BusError| VmError::Device {
@@ -478,7 +480,7 @@ pub fn run(mut config: VmConfig) -> Result<RunReport, VmError> {
         &exit,
     )?;
     let virtio = virtio_mmio::attach(&fd, &mem, virtio_list)?;
-    let vm = Vm {
+    let mut vm = Vm {
         fd,
         mem,
         pio,
@@ -487,13 +489,9 @@ pub fn run(mut config: VmConfig) -> Result<RunReport, VmError> {
         exit,
     };
     let entry = load_guest(&vm, &config, mem_size)?;
-    let input_pump = match config.serial_input.take() {
-        Some(input) => Some(
-            serial_input::start(input, vm.serial.clone(), vm.exit.clone())
-                .map_err(device_err("serial input"))?,
-        ),
-        None => None,
-    };
+    if let Some(input) = config.serial_input.take() {
+        start_serial_input(&mut vm, input)?;
+    }
     let (threads, guest_started) = start_vcpus(&kvm, &vm, config.vcpus, entry)?;
 
     STOP_EVENT.store(stop.as_raw_fd(), Ordering::SeqCst);
@@ -506,9 +504,6 @@ pub fn run(mut config: VmConfig) -> Result<RunReport, VmError> {
         console_error,
         remains,
     } = tear_down(vm, threads);
-    if let Some(pump) = input_pump {
-        serial_input::wait_stopped(pump);
-    }
     if let Some(remains) = remains {
         release::keep(remains);
     }
@@ -521,6 +516,21 @@ pub fn run(mut config: VmConfig) -> Result<RunReport, VmError> {
         console_error,
         stuck_vcpus,
     })
+}
+
+/// Serves `input` to the serial port from the device thread, starting that thread if no
+/// virtio device did.
+fn start_serial_input(vm: &mut Vm, input: std::fs::File) -> Result<(), VmError> {
+    let worker = SerialInput::new(input, vm.serial.clone()).map_err(device_err("serial input"))?;
+    let thread = match &mut vm.virtio.thread {
+        Some(thread) => thread,
+        slot @ None => slot.insert(DeviceThread::start().map_err(device_err("serial input"))?),
+    };
+    thread
+        .handle()
+        .add(Box::new(worker))
+        .map_err(device_err("serial input"))?;
+    Ok(())
 }
 
 /// How long vCPU threads get to leave `KVM_RUN` once the VM has ended. They take

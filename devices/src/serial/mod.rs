@@ -12,14 +12,23 @@
 //! killed VMM; only a trailing partial line (a prompt, the last words of a panic) waits. The
 //! VMM must call [`Serial::flush`] when the VM ends (and may call it whenever it wants partial
 //! lines shown, e.g. before blocking for input). Dropping the device flushes too.
+//!
+//! **Input.** What the user types reaches the receive FIFO through [`SerialInput`], a
+//! subscriber on the device thread. The UART tells it when the guest has emptied the FIFO
+//! (vm-superio's `SerialEvents::in_buffer_empty`) on an `EventFd`, so a FIFO that is full
+//! is waited on, not polled.
 
 use std::io::{self, Write};
 
-use vm_superio::serial::Error as UartError;
+use vm_superio::serial::{Error as UartError, SerialEvents};
 use vm_superio::{Serial as Uart, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
+
+mod input;
+
+pub use input::SerialInput;
 
 /// Length of the UART's I/O port range, starting at [`crate::ports::SERIAL_COM1`].
 pub const SERIAL_LEN: u64 = 8;
@@ -46,6 +55,22 @@ impl Trigger for IrqTrigger {
 
     fn trigger(&self) -> io::Result<()> {
         self.0.write(1)
+    }
+}
+
+/// Tells the input side, on an `EventFd`, that the guest emptied the receive FIFO.
+struct InputDrained(EventFd);
+
+impl SerialEvents for InputDrained {
+    fn buffer_read(&self) {}
+
+    fn out_byte(&self) {}
+
+    fn tx_lost_byte(&self) {}
+
+    fn in_buffer_empty(&self) {
+        // The only failure is a saturated counter: the wake-up is already pending.
+        let _ = self.0.write(1);
     }
 }
 
@@ -104,27 +129,35 @@ impl Drop for ConsoleOutput {
 ///
 /// Register it at [`crate::ports::SERIAL_COM1`] with length [`SERIAL_LEN`].
 pub struct Serial {
-    uart: Uart<IrqTrigger, vm_superio::serial::NoEvents, ConsoleOutput>,
+    uart: Uart<IrqTrigger, InputDrained, ConsoleOutput>,
 }
 
 impl Serial {
     /// A UART that raises its interrupt on `irq` and writes guest output to `out`.
     ///
-    /// `irq` is meant to be registered as an irqfd for GSI 4; see [`Serial::irq`].
-    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
+    /// `irq` is meant to be registered as an irqfd for GSI 4; see [`Serial::irq`]. Fails only
+    /// when the input-drained `EventFd` cannot be created.
+    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> io::Result<Self> {
         let out = ConsoleOutput {
             out,
             line: Vec::with_capacity(256),
             error: None,
         };
-        Self {
-            uart: Uart::new(IrqTrigger(irq), out),
-        }
+        let drained = InputDrained(EventFd::new(libc::EFD_NONBLOCK)?);
+        Ok(Self {
+            uart: Uart::with_events(IrqTrigger(irq), drained, out),
+        })
     }
 
     /// The interrupt eventfd, for registering it as an irqfd.
     pub fn irq(&self) -> &EventFd {
         &self.uart.interrupt_evt().0
+    }
+
+    /// A clone of the `EventFd` signalled each time the guest reads the last byte of the
+    /// receive FIFO: the moment to offer it more input.
+    pub fn input_drained_event(&self) -> io::Result<EventFd> {
+        self.uart.events().0.try_clone()
     }
 
     /// Queues bytes for the guest to read, raising the receive interrupt if it is enabled.
@@ -228,7 +261,7 @@ mod tests {
     }
 
     fn serial_with(out: Box<dyn Write + Send>) -> Serial {
-        Serial::new(EventFd::new(EFD_NONBLOCK).unwrap(), out)
+        Serial::new(EventFd::new(EFD_NONBLOCK).unwrap(), out).unwrap()
     }
 
     fn put(serial: &mut Serial, text: &[u8]) {
@@ -307,6 +340,17 @@ mod tests {
         assert_eq!(get(&mut serial, DATA), b'h');
         assert_eq!(get(&mut serial, DATA), b'i');
         assert_eq!(get(&mut serial, LSR) & LSR_DATA_READY, 0);
+    }
+
+    #[test]
+    fn reading_the_last_input_byte_signals_the_drained_event() {
+        let mut serial = serial_with(Box::new(io::sink()));
+        let drained = serial.input_drained_event().unwrap();
+        serial.enqueue_input(b"ab").unwrap();
+        assert_eq!(get(&mut serial, DATA), b'a');
+        assert!(drained.read().is_err(), "signalled with a byte left");
+        assert_eq!(get(&mut serial, DATA), b'b');
+        assert_eq!(drained.read().unwrap(), 1);
     }
 
     #[test]
