@@ -175,10 +175,8 @@ mod tests {
     fn unread(pipe: &File) -> usize {
         let mut n: libc::c_int = 0;
         // SAFETY: FIONREAD writes one int to the valid pointer.
-        assert_eq!(
-            unsafe { libc::ioctl(pipe.as_raw_fd(), libc::FIONREAD, &mut n) },
-            0
-        );
+        let rc = unsafe { libc::ioctl(pipe.as_raw_fd(), libc::FIONREAD, &mut n) };
+        assert_eq!(rc, 0);
         usize::try_from(n).unwrap()
     }
 
