@@ -5,13 +5,16 @@
 //! longer than the device allows, or device-readable buffers after device-writable ones make it
 //! *broken* (the device must then be reset). Whether each buffer lies in guest memory is a
 //! separate check, so a device can still answer a request with bad buffers through a good
-//! status byte. Devices then see the chain as two flat byte streams, the readable and the
-//! writable part, and never depend on how the driver split them into descriptors.
+//! status byte. Devices then read and write the chain through virtio-queue's [`Reader`] and
+//! [`Writer`] (two flat byte streams, whatever way the driver split them into descriptors),
+//! built only once the walk and the memory check have passed; the segments stay for what must
+//! outlive the borrow of guest memory (a transmit chain resumed later) and for virtio-blk's
+//! zero-copy data path.
 
 use std::ops::Deref;
 
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryMmap, Permissions};
 
 use super::Interrupt;
@@ -204,23 +207,56 @@ pub fn read_stream(
     Ok(())
 }
 
-/// Writes `data` at the start of the byte stream formed by `segments`, as far as it fits;
-/// returns how many bytes were written.
-pub fn write_stream(
-    mem: &GuestMemoryMmap,
-    segments: &[Segment],
-    data: &[u8],
-) -> Result<usize, GuestMemoryError> {
-    let mut done = 0;
-    for s in segments {
-        if done == data.len() {
-            break;
-        }
-        let n = (s.len as usize).min(data.len() - done);
-        mem.write_slice(&data[done..done + n], s.addr)?;
-        done += n;
+/// The readable part of a chain that passed the walk and the memory check, as a [`Reader`].
+///
+/// The crate reads the descriptor table again, so a driver that changes it after the walk
+/// gets what it wrote; every access is still bounded by guest memory.
+pub fn reader<'a>(
+    mem: &'a GuestMemoryMmap,
+    chain: DescriptorChain<&'a GuestMemoryMmap>,
+) -> Result<Reader<'a>, ChainError> {
+    Reader::new(mem, chain).map_err(|_| ChainError::Memory)
+}
+
+/// The writable part of a chain that passed the walk and the memory check, as a [`Writer`]
+/// (see [`reader`]).
+pub fn writer<'a>(
+    mem: &'a GuestMemoryMmap,
+    chain: DescriptorChain<&'a GuestMemoryMmap>,
+) -> Result<Writer<'a>, ChainError> {
+    Writer::new(mem, chain).map_err(|_| ChainError::Memory)
+}
+
+/// Walks a chain the driver offers for the device to fill (receive queues, entropy), checks
+/// its buffers, and returns a [`Writer`] over them. Readable buffers in it break the queue.
+pub fn writable_chain<'a>(
+    mem: &'a GuestMemoryMmap,
+    chain: DescriptorChain<&'a GuestMemoryMmap>,
+    max_descriptors: usize,
+) -> Result<Writer<'a>, ChainError> {
+    let walked = Chain::walk(chain.clone(), max_descriptors)?;
+    walked.check_memory(mem)?;
+    if !walked.readable.is_empty() {
+        // The driver must only offer buffers for the device to write.
+        return Err(ChainError::Order);
     }
-    Ok(done)
+    writer(mem, chain)
+}
+
+/// Walks a chain the driver sends to the device (control messages), checks its buffers, and
+/// returns a [`Reader`] over them. Writable buffers in it break the queue.
+pub fn readable_chain<'a>(
+    mem: &'a GuestMemoryMmap,
+    chain: DescriptorChain<&'a GuestMemoryMmap>,
+    max_descriptors: usize,
+) -> Result<Reader<'a>, ChainError> {
+    let walked = Chain::walk(chain.clone(), max_descriptors)?;
+    walked.check_memory(mem)?;
+    if !walked.writable.is_empty() {
+        // The driver must only offer buffers for the device to read.
+        return Err(ChainError::Order);
+    }
+    reader(mem, chain)
 }
 
 /// Runs the standard virtqueue loop on `queue`: take every available chain, hand it to
@@ -337,12 +373,11 @@ mod tests {
         RawDescriptor::from(Descriptor::new(addr, len, flags, next))
     }
 
-    /// Writes `descs` at the start of the table, publishes `head` and walks it.
-    fn walk(
-        mem: &GuestMemoryMmap,
+    /// Writes `descs` at the start of the table, publishes the chain at 0 and takes it.
+    fn publish<'a>(
+        mem: &'a GuestMemoryMmap,
         descs: &[RawDescriptor],
-        max: usize,
-    ) -> Result<Chain, ChainError> {
+    ) -> DescriptorChain<&'a GuestMemoryMmap> {
         let vq = MockSplitQueue::new(mem, 16);
         for (i, d) in descs.iter().enumerate() {
             vq.desc_table().store(i as u16, *d).unwrap();
@@ -350,8 +385,73 @@ mod tests {
         vq.avail().ring().ref_at(0).unwrap().store(0);
         vq.avail().idx().store(1);
         let mut q: Queue = vq.create_queue().unwrap();
-        let chain = next_chain(&mut q, mem).unwrap().unwrap();
-        Chain::walk(chain, max)
+        next_chain(&mut q, mem).unwrap().unwrap()
+    }
+
+    /// Publishes `descs` and walks the chain.
+    fn walk(
+        mem: &GuestMemoryMmap,
+        descs: &[RawDescriptor],
+        max: usize,
+    ) -> Result<Chain, ChainError> {
+        Chain::walk(publish(mem, descs), max)
+    }
+
+    #[test]
+    fn writers_span_segments_and_stop_at_the_end() {
+        use std::io::Write;
+        let mem = memory();
+        let two = [desc(0x1000, 3, NEXT | WRITE, 1), desc(0x2000, 5, WRITE, 0)];
+        let mut w = writable_chain(&mem, publish(&mem, &two), 8).unwrap();
+        assert_eq!(w.write(b"abcdefghij").unwrap(), 8);
+        assert_eq!(w.write(b"k").unwrap(), 0);
+        let mut buf = [0u8; 8];
+        mem.read_slice(&mut buf[..3], GuestAddress(0x1000)).unwrap();
+        mem.read_slice(&mut buf[3..], GuestAddress(0x2000)).unwrap();
+        assert_eq!(&buf, b"abcdefgh");
+    }
+
+    #[test]
+    fn readers_span_segments() {
+        use std::io::Read;
+        let mem = memory();
+        mem.write_slice(b"abc", GuestAddress(0x1000)).unwrap();
+        mem.write_slice(b"defgh", GuestAddress(0x2000)).unwrap();
+        let two = [desc(0x1000, 3, NEXT, 1), desc(0x2000, 5, 0, 0)];
+        let mut r = readable_chain(&mem, publish(&mem, &two), 8).unwrap();
+        assert_eq!(r.available_bytes(), 8);
+        let mut buf = [0u8; 6];
+        r.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"abcdef");
+        assert!(r.read_exact(&mut [0u8; 3]).is_err());
+    }
+
+    #[test]
+    fn one_way_chains_refuse_the_other_direction_broken_chains_and_bad_buffers() {
+        let mem = memory();
+        let both = [desc(0x1000, 16, NEXT, 1), desc(0x2000, 16, WRITE, 0)];
+        let err = writable_chain(&mem, publish(&mem, &both), 8).err();
+        assert_eq!(err, Some(ChainError::Order));
+        let err = readable_chain(&mem, publish(&mem, &both), 8).err();
+        assert_eq!(err, Some(ChainError::Order));
+        let looped = [
+            desc(0x1000, 16, NEXT | WRITE, 1),
+            desc(0x2000, 16, NEXT | WRITE, 0),
+        ];
+        let err = writable_chain(&mem, publish(&mem, &looped), 64).err();
+        assert_eq!(err, Some(ChainError::Unterminated));
+        let outside = [desc(0xf_ff00, 0x200, WRITE, 0)];
+        let err = writable_chain(&mem, publish(&mem, &outside), 8).err();
+        assert!(
+            matches!(err, Some(ChainError::OutOfMemory { .. })),
+            "{err:?}"
+        );
+        let outside = [desc(0xf_ff00, 0x200, 0, 0)];
+        let err = readable_chain(&mem, publish(&mem, &outside), 8).err();
+        assert!(
+            matches!(err, Some(ChainError::OutOfMemory { .. })),
+            "{err:?}"
+        );
     }
 
     #[test]
@@ -459,7 +559,8 @@ mod tests {
                 len: 5,
             },
         ];
-        assert_eq!(write_stream(&mem, &segs, b"abcdefghij").unwrap(), 8);
+        mem.write_slice(b"abc", GuestAddress(0x1000)).unwrap();
+        mem.write_slice(b"defgh", GuestAddress(0x2000)).unwrap();
         let mut buf = [0u8; 6];
         read_stream(&mem, &segs, &mut buf).unwrap();
         assert_eq!(&buf, b"abcdef");

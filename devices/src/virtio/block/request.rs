@@ -4,25 +4,58 @@
 
 use std::sync::Arc;
 
+use std::io::Write;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
-use virtio_queue::DescriptorChain;
+
+use virtio_queue::{DescriptorChain, Reader, Writer};
+use vm_memory::endian::{Le32, Le64};
 use vm_memory::{
-    Bytes, GuestMemory, GuestMemoryMmap, Permissions, ReadVolatile, VolatileSlice, WriteVolatile,
+    ByteValued, Bytes, GuestMemory, GuestMemoryMmap, Permissions, ReadVolatile, VolatileSlice,
+    WriteVolatile,
 };
 
 use super::backend::{punch_hole, zero_range, FileAt};
 use super::{DiskImage, MAX_DESCRIPTORS, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SIZE};
-use crate::virtio::chain::{read_stream, sub_range, write_stream, Chain, ChainError, Segment};
+use crate::virtio::chain::{reader, sub_range, writer, Chain, ChainError, Segment};
 use crate::virtio::worker::RequestHandler;
 
 /// Size of the request header: type, reserved, sector.
 const HEADER_LEN: u64 = 16;
 /// Size of one discard/write-zeroes segment: sector, num_sectors, flags.
 const DISCARD_SEGMENT_LEN: u64 = 16;
+
+/// The request header (virtio 1.2, section 5.2.6): type, reserved, sector.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C)]
+struct RequestHeader {
+    kind: Le32,
+    reserved: Le32,
+    sector: Le64,
+}
+
+// SAFETY: little-endian integers laid out without padding (4 + 4 + 8 bytes, each aligned);
+// every bit pattern is a valid value.
+unsafe impl ByteValued for RequestHeader {}
+
+/// One discard or write-zeroes segment (virtio 1.2, section 5.2.6).
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C)]
+struct DiscardSegment {
+    sector: Le64,
+    num_sectors: Le32,
+    flags: Le32,
+}
+
+// SAFETY: little-endian integers laid out without padding (8 + 4 + 4 bytes, each aligned);
+// every bit pattern is a valid value.
+unsafe impl ByteValued for DiscardSegment {}
+
+const _: () = assert!(std::mem::size_of::<RequestHeader>() as u64 == HEADER_LEN);
+const _: () = assert!(std::mem::size_of::<DiscardSegment>() as u64 == DISCARD_SEGMENT_LEN);
 
 /// The status byte for a virtio-bindings status value.
 const fn status_byte(status: u32) -> u8 {
@@ -56,12 +89,6 @@ pub(in crate::virtio) struct Disk {
 /// A request's outcome: bytes written into the guest's data buffers, or an error status.
 type Outcome = Result<u32, u8>;
 
-/// The parsed request header.
-struct Header {
-    kind: u32,
-    sector: u64,
-}
-
 impl Disk {
     /// Serves one request chain; returns the bytes written into it, status byte included.
     pub(in crate::virtio) fn serve(
@@ -69,38 +96,51 @@ impl Disk {
         mem: &GuestMemoryMmap,
         chain: DescriptorChain<&GuestMemoryMmap>,
     ) -> Result<u32, ChainError> {
-        let chain = Chain::walk(chain, MAX_DESCRIPTORS)?;
-        let status_at = chain.last_writable_byte(mem).ok_or(ChainError::NoStatus)?;
-        let outcome = match chain.check_memory(mem) {
-            Ok(()) => self.execute(mem, &chain),
+        let walked = Chain::walk(chain.clone(), MAX_DESCRIPTORS)?;
+        let status_at = walked.last_writable_byte(mem).ok_or(ChainError::NoStatus)?;
+        let outcome = match walked.check_memory(mem) {
+            Ok(()) => self.execute(mem, &walked, chain),
             Err(_) => Err(S_IOERR),
         };
         let (status, written) = match outcome {
             Ok(n) => (S_OK, n),
             Err(status) => (status, 0),
         };
+        // Written at its checked address, not through a Writer: none can be built over a
+        // chain with a buffer outside guest memory, and that request must still be answered.
         mem.write_obj(status, status_at)
             .map_err(|_| ChainError::Memory)?;
         Ok(written.saturating_add(1))
     }
 
-    fn execute(&self, mem: &GuestMemoryMmap, chain: &Chain) -> Outcome {
-        let header = read_header(mem, chain)?;
+    /// Serves a request whose buffers are all in guest memory: `walked` is `chain` as the
+    /// walk saw it. Headers, get-id and discard segments go through virtio-queue's Reader and
+    /// Writer; read and write data moves between the file and the walked segments without a
+    /// copy.
+    fn execute(
+        &self,
+        mem: &GuestMemoryMmap,
+        walked: &Chain,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+    ) -> Outcome {
+        let mut reader = reader(mem, chain.clone()).map_err(|_| S_IOERR)?;
+        let header = read_header(walked, &mut reader)?;
+        let (kind, sector) = (header.kind.to_native(), header.sector.to_native());
         // The data the driver sends (after the header) and the room it gives for data back
-        // (before the status byte).
-        let payload = chain.readable_len() - HEADER_LEN;
-        let room = chain.writable_len() - 1;
-        let data_out = || sub_range(&chain.readable, HEADER_LEN, payload).ok_or(S_IOERR);
-        let data_in = || sub_range(&chain.writable, 0, room).ok_or(S_IOERR);
-        match header.kind {
-            VIRTIO_BLK_T_IN if payload == 0 => self.read(mem, &data_in()?, header.sector, room),
-            VIRTIO_BLK_T_OUT if room == 0 => self.write(mem, &data_out()?, header.sector, payload),
+        // (before the status byte, which the caller found).
+        let payload = walked.readable_len() - HEADER_LEN;
+        let room = walked.writable_len() - 1;
+        let data_out = || sub_range(&walked.readable, HEADER_LEN, payload).ok_or(S_IOERR);
+        let data_in = || sub_range(&walked.writable, 0, room).ok_or(S_IOERR);
+        match kind {
+            VIRTIO_BLK_T_IN if payload == 0 => self.read(mem, &data_in()?, sector, room),
+            VIRTIO_BLK_T_OUT if room == 0 => self.write(mem, &data_out()?, sector, payload),
             // Data in the wrong direction.
             VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => Err(S_IOERR),
             VIRTIO_BLK_T_FLUSH => self.flush(),
-            VIRTIO_BLK_T_GET_ID => self.get_id(mem, &data_in()?),
-            VIRTIO_BLK_T_DISCARD => self.unmap(mem, &data_out()?, payload, false),
-            VIRTIO_BLK_T_WRITE_ZEROES => self.unmap(mem, &data_out()?, payload, true),
+            VIRTIO_BLK_T_GET_ID => self.get_id(writer(mem, chain).map_err(|_| S_IOERR)?, room),
+            VIRTIO_BLK_T_DISCARD => self.unmap(&mut reader, payload, false),
+            VIRTIO_BLK_T_WRITE_ZEROES => self.unmap(&mut reader, payload, true),
             _ => Err(S_UNSUPP),
         }
     }
@@ -157,15 +197,20 @@ impl Disk {
         Ok(0)
     }
 
-    fn get_id(&self, mem: &GuestMemoryMmap, data: &[Segment]) -> Outcome {
-        let n = write_stream(mem, data, &self.image.id).map_err(|_| S_IOERR)?;
+    /// Writes the id into the first `room` bytes of the writable buffers (the status byte
+    /// follows them).
+    fn get_id(&self, mut data: Writer, room: u64) -> Outcome {
+        let room = usize::try_from(room).map_err(|_| S_IOERR)?;
+        // What follows `room` is the status byte's, not the id's.
+        data.split_at(room).map_err(|_| S_IOERR)?;
+        let n = data.write(&self.image.id).map_err(|_| S_IOERR)?;
         // At most 20.
         Ok(n as u32)
     }
 
     /// Discard (`zeroes` false) or write-zeroes: checks every segment, then frees or zeroes
     /// their ranges.
-    fn unmap(&self, mem: &GuestMemoryMmap, data: &[Segment], len: u64, zeroes: bool) -> Outcome {
+    fn unmap(&self, data: &mut Reader, len: u64, zeroes: bool) -> Outcome {
         if self.image.read_only {
             return Err(S_IOERR);
         }
@@ -176,7 +221,7 @@ impl Disk {
         }) {
             return Err(S_UNSUPP);
         }
-        let ranges = self.unmap_ranges(mem, data, len, zeroes)?;
+        let ranges = self.unmap_ranges(data, len, zeroes)?;
         for (offset, bytes, unmap) in ranges {
             let done = if unmap {
                 punch_hole(&self.image.file, offset, bytes)
@@ -192,8 +237,7 @@ impl Disk {
     /// `(offset, length, may deallocate)` byte ranges.
     fn unmap_ranges(
         &self,
-        mem: &GuestMemoryMmap,
-        data: &[Segment],
+        data: &mut Reader,
         len: u64,
         zeroes: bool,
     ) -> Result<Vec<(u64, u64, bool)>, u8> {
@@ -201,13 +245,12 @@ impl Disk {
         if len % DISCARD_SEGMENT_LEN != 0 || count == 0 || count > u64::from(MAX_DISCARD_SEG) {
             return Err(S_IOERR);
         }
-        let mut raw = vec![0u8; len as usize];
-        read_stream(mem, data, &mut raw).map_err(|_| S_IOERR)?;
-        raw.chunks_exact(DISCARD_SEGMENT_LEN as usize)
-            .map(|seg| {
-                let sector = u64::from_le_bytes(seg[0..8].try_into().unwrap_or_default());
-                let sectors = u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default());
-                let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());
+        (0..count)
+            .map(|_| {
+                let seg: DiscardSegment = data.read_obj().map_err(|_| S_IOERR)?;
+                let sector = seg.sector.to_native();
+                let sectors = seg.num_sectors.to_native();
+                let flags = seg.flags.to_native();
                 // Discard takes no flags; write-zeroes only UNMAP.
                 let allowed = if zeroes {
                     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
@@ -232,17 +275,13 @@ impl Disk {
     }
 }
 
-fn read_header(mem: &GuestMemoryMmap, chain: &Chain) -> Result<Header, u8> {
-    if chain.readable_len() < HEADER_LEN {
+/// Reads the header from the start of the readable buffers, which the walk found to hold at
+/// least one.
+fn read_header(walked: &Chain, reader: &mut Reader) -> Result<RequestHeader, u8> {
+    if walked.readable_len() < HEADER_LEN {
         return Err(S_IOERR);
     }
-    let mut raw = [0u8; HEADER_LEN as usize];
-    read_stream(mem, &chain.readable, &mut raw).map_err(|_| S_IOERR)?;
-    let [k0, k1, k2, k3, _, _, _, _, s @ ..] = raw;
-    Ok(Header {
-        kind: u32::from_le_bytes([k0, k1, k2, k3]),
-        sector: u64::from_le_bytes(s),
-    })
+    reader.read_obj().map_err(|_| S_IOERR)
 }
 
 /// The host memory behind a guest buffer, as (possibly several) volatile slices.

@@ -342,21 +342,17 @@ impl MmioTransport {
     fn activate(&mut self) -> Result<(), MmioError> {
         let event_idx = self.driver_features & features::RING_EVENT_IDX != 0;
         let queues = (0..)
-            .zip(&self.queues)
-            .map(|(i, q)| q.build(i, &self.mem, event_idx))
-            .collect::<Result<Vec<_>, _>>()?;
-        let queue_events = self
-            .notify
-            .iter()
-            .map(EventFd::try_clone)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(MmioError::EventFd)?;
+            .zip(self.queues.iter().zip(&self.notify))
+            .map(|(i, (q, notify))| {
+                let queue = q.build(i, &self.mem, event_idx)?;
+                Ok((queue, notify.try_clone().map_err(MmioError::EventFd)?))
+            })
+            .collect::<Result<Vec<_>, MmioError>>()?;
         let worker = self
             .device
             .activate(Activation {
                 mem: self.mem.clone(),
                 queues,
-                queue_events,
                 interrupt: self.interrupt.clone(),
                 features: self.driver_features,
             })

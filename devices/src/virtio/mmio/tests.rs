@@ -57,14 +57,14 @@ impl VirtioDevice for Dummy {
         a.expect_queues(2)?;
         let _ = self.log.send(format!(
             "activate sizes {:?} features {:#x}",
-            a.queues.iter().map(|q| q.size()).collect::<Vec<_>>(),
+            a.queues.iter().map(|(q, _)| q.size()).collect::<Vec<_>>(),
             a.features
         ));
         if self.fail {
             return Err(ActivateError::Io(std::io::Error::other("no")));
         }
         Ok(Box::new(DummyWorker {
-            events: a.queue_events,
+            events: a.queues.into_iter().map(|(_, e)| e).collect(),
             log: self.log.clone(),
         }))
     }

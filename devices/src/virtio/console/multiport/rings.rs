@@ -1,6 +1,8 @@
 //! Bytes between the rings and the host: transmit chains copied to a port's output, control
 //! messages read and written, and pending input put into receive buffers.
 
+use std::io::{Read, Write};
+
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
@@ -9,7 +11,8 @@ use super::super::input::PortInput;
 use super::super::output::Output;
 use super::QUEUE_SIZE;
 use crate::virtio::chain::{
-    next_chain_or_rearm, read_stream, sub_range, write_stream, Chain, ChainError, Segment,
+    next_chain_or_rearm, read_stream, readable_chain, sub_range, writable_chain, Chain, ChainError,
+    Segment,
 };
 
 /// A transmit chain being copied to the port's output.
@@ -76,16 +79,14 @@ pub(super) fn read_control(
     mem: &GuestMemoryMmap,
     chain: DescriptorChain<&GuestMemoryMmap>,
 ) -> Result<Option<Message>, ChainError> {
-    let chain = Chain::walk(chain, usize::from(QUEUE_SIZE))?;
-    chain.check_memory(mem)?;
-    if !chain.writable.is_empty() {
-        return Err(ChainError::Order);
-    }
-    if chain.readable_len() < control::HEADER_LEN as u64 {
+    let mut reader = readable_chain(mem, chain, usize::from(QUEUE_SIZE))?;
+    if reader.available_bytes() < control::HEADER_LEN {
         return Ok(None);
     }
     let mut header = [0u8; control::HEADER_LEN];
-    read_stream(mem, &chain.readable, &mut header).map_err(|_| ChainError::Memory)?;
+    reader
+        .read_exact(&mut header)
+        .map_err(|_| ChainError::Memory)?;
     Ok(Message::decode(&header))
 }
 
@@ -96,12 +97,8 @@ pub(super) fn write_chain(
     chain: DescriptorChain<&GuestMemoryMmap>,
     bytes: &[u8],
 ) -> Result<u32, ChainError> {
-    let chain = Chain::walk(chain, usize::from(QUEUE_SIZE))?;
-    chain.check_memory(mem)?;
-    if !chain.readable.is_empty() {
-        return Err(ChainError::Order);
-    }
-    let n = write_stream(mem, &chain.writable, bytes).map_err(|_| ChainError::Memory)?;
+    let mut writer = writable_chain(mem, chain, usize::from(QUEUE_SIZE))?;
+    let n = writer.write(bytes).map_err(|_| ChainError::Memory)?;
     // At most PENDING_MAX or a control message.
     Ok(n as u32)
 }

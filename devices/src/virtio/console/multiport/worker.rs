@@ -73,10 +73,11 @@ pub(super) struct MultiportWorker {
 impl MultiportWorker {
     /// The device running on `a`'s queues for `ports`.
     pub(super) fn new(a: Activation, ports: &[PortShared], flush: Arc<FlushState>) -> Self {
+        let (queues, events) = a.queues.into_iter().unzip();
         Self {
             mem: a.mem,
-            queues: a.queues,
-            events: a.queue_events,
+            queues,
+            events,
             interrupt: a.interrupt,
             ports: (0..).zip(ports).map(PortState::new).collect(),
             outbox: Outbox::new(ports.len()),
