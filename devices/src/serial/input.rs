@@ -149,6 +149,7 @@ impl MutEventSubscriber for SerialInput {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{DATA as RBR, LSR, LSR_DATA_READY as DATA_READY};
     use super::*;
     use crate::bus::BusDevice;
     use event_manager::{EventManager, SubscriberOps};
@@ -156,10 +157,6 @@ mod tests {
     use std::os::fd::{AsRawFd, FromRawFd};
     use std::time::{Duration, Instant};
 
-    /// Receiver buffer and line status registers, and LSR's data-ready bit.
-    const RBR: u64 = 0;
-    const LSR: u64 = 5;
-    const DATA_READY: u8 = 1;
     /// The 16550A's receive FIFO.
     const FIFO_LEN: usize = 64;
 

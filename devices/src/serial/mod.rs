@@ -215,15 +215,15 @@ mod tests {
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     // UART register offsets and bits used by the tests (16550A data sheet).
-    const DATA: u64 = 0;
+    pub(super) const DATA: u64 = 0;
     const IER: u64 = 1;
     const IIR: u64 = 2;
     const LCR: u64 = 3;
-    const LSR: u64 = 5;
+    pub(super) const LSR: u64 = 5;
     const SCR: u64 = 7;
     const IER_RDA: u8 = 0x01;
     const IER_THRE: u8 = 0x02;
-    const LSR_DATA_READY: u8 = 0x01;
+    pub(super) const LSR_DATA_READY: u8 = 0x01;
 
     /// A writer the test can inspect, counting the writer-level flushes.
     #[derive(Clone, Default)]

@@ -234,12 +234,7 @@ pub fn writable_chain<'a>(
     chain: DescriptorChain<&'a GuestMemoryMmap>,
     max_descriptors: usize,
 ) -> Result<Writer<'a>, ChainError> {
-    let walked = Chain::walk(chain.clone(), max_descriptors)?;
-    walked.check_memory(mem)?;
-    if !walked.readable.is_empty() {
-        // The driver must only offer buffers for the device to write.
-        return Err(ChainError::Order);
-    }
+    check_one_way(mem, chain.clone(), max_descriptors, true)?;
     writer(mem, chain)
 }
 
@@ -250,13 +245,30 @@ pub fn readable_chain<'a>(
     chain: DescriptorChain<&'a GuestMemoryMmap>,
     max_descriptors: usize,
 ) -> Result<Reader<'a>, ChainError> {
-    let walked = Chain::walk(chain.clone(), max_descriptors)?;
+    check_one_way(mem, chain.clone(), max_descriptors, false)?;
+    reader(mem, chain)
+}
+
+/// Walks `chain` and checks its buffers, which must all be device-writable (`writable`) or
+/// all device-readable.
+fn check_one_way(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    max_descriptors: usize,
+    writable: bool,
+) -> Result<(), ChainError> {
+    let walked = Chain::walk(chain, max_descriptors)?;
     walked.check_memory(mem)?;
-    if !walked.writable.is_empty() {
-        // The driver must only offer buffers for the device to read.
+    let wrong_way = if writable {
+        &walked.readable
+    } else {
+        &walked.writable
+    };
+    if !wrong_way.is_empty() {
+        // The queue carries buffers one way only.
         return Err(ChainError::Order);
     }
-    reader(mem, chain)
+    Ok(())
 }
 
 /// Runs the standard virtqueue loop on `queue`: take every available chain, hand it to
