@@ -521,7 +521,8 @@ pub fn run(mut config: VmConfig) -> Result<RunReport, VmError> {
 /// Serves `input` to the serial port from the device thread, starting that thread if no
 /// virtio device did.
 fn start_serial_input(vm: &mut Vm, input: std::fs::File) -> Result<(), VmError> {
-    let worker = SerialInput::new(input, vm.serial.clone()).map_err(device_err("serial input"))?;
+    let worker = SerialInput::new(input, vm.serial.clone(), vm.exit.clone())
+        .map_err(device_err("serial input"))?;
     let thread = match &mut vm.virtio.thread {
         Some(thread) => thread,
         slot @ None => slot.insert(DeviceThread::start().map_err(device_err("serial input"))?),

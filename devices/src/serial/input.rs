@@ -6,7 +6,8 @@
 //! what it read, and waits for the UART's input-drained event (the guest read the FIFO's last
 //! byte) to offer it again: keystrokes are never dropped, a paste larger than the FIFO
 //! arrives whole and in order, and nothing polls or sleeps. At end of input (or a read error)
-//! it stops watching for good.
+//! it stops watching for good, and once the VM is ending it reads nothing more, so what is
+//! typed then stays for the shell.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -16,6 +17,7 @@ use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::Serial;
+use crate::exit::VmExit;
 
 /// Bytes read per read(2): what may wait outside the FIFO at most.
 const READ_CHUNK: usize = 256;
@@ -29,6 +31,7 @@ const DRAINED: u32 = 1;
 pub struct SerialInput {
     input: File,
     serial: Arc<Mutex<Serial>>,
+    exit: Arc<VmExit>,
     drained: EventFd,
     /// Read from the input, not yet taken by the FIFO; at most [`READ_CHUNK`] bytes.
     pending: Vec<u8>,
@@ -39,13 +42,15 @@ pub struct SerialInput {
 }
 
 impl SerialInput {
-    /// A subscriber that copies `input` into `serial`'s receive FIFO. `input` should be an
-    /// unbuffered descriptor epoll accepts (a terminal or a pipe, e.g. a dup of stdin).
-    pub fn new(input: File, serial: Arc<Mutex<Serial>>) -> io::Result<Self> {
+    /// A subscriber that copies `input` into `serial`'s receive FIFO until `exit` is
+    /// requested. `input` should be an unbuffered descriptor epoll accepts (a terminal or a
+    /// pipe, e.g. a dup of stdin).
+    pub fn new(input: File, serial: Arc<Mutex<Serial>>, exit: Arc<VmExit>) -> io::Result<Self> {
         let drained = lock(&serial).input_drained_event()?;
         Ok(Self {
             input,
             serial,
+            exit,
             drained,
             pending: Vec::with_capacity(READ_CHUNK),
             watching: false,
@@ -55,6 +60,10 @@ impl SerialInput {
 
     /// Reads once from the input (epoll said it is readable), then offers what was read.
     fn read_input(&mut self, ops: &mut EventOps) {
+        if self.exit.is_requested() {
+            self.end(ops);
+            return;
+        }
         let mut buf = [0u8; READ_CHUNK];
         // Epoll reported the input readable, so this read returns at once; the descriptor is
         // not made non-blocking because its file description is shared with the terminal.
@@ -177,19 +186,30 @@ mod tests {
         usize::try_from(n).unwrap()
     }
 
+    fn running() -> Arc<VmExit> {
+        Arc::new(VmExit::new().unwrap())
+    }
+
     fn serial() -> Arc<Mutex<Serial>> {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         Arc::new(Mutex::new(Serial::new(irq, Box::new(io::sink())).unwrap()))
     }
 
-    /// An event loop running only the input of `serial`, read from a new pipe; returns the
-    /// loop and the pipe's write end.
-    fn input_loop(serial: &Arc<Mutex<Serial>>) -> (EventManager<SerialInput>, File, File) {
+    /// An event loop running only the input of `serial` for a VM that ends on `exit`, read
+    /// from a new pipe; returns the loop, the pipe's write end, and a clone of its read end.
+    fn input_loop_until(
+        serial: &Arc<Mutex<Serial>>,
+        exit: Arc<VmExit>,
+    ) -> (EventManager<SerialInput>, File, File) {
         let (reader, writer) = pipe();
         let probe = reader.try_clone().unwrap();
         let mut manager = EventManager::new().unwrap();
-        manager.add_subscriber(SerialInput::new(reader, serial.clone()).unwrap());
+        manager.add_subscriber(SerialInput::new(reader, serial.clone(), exit).unwrap());
         (manager, writer, probe)
+    }
+
+    fn input_loop(serial: &Arc<Mutex<Serial>>) -> (EventManager<SerialInput>, File, File) {
+        input_loop_until(serial, running())
     }
 
     /// Whether the guest would see a byte, and the byte it reads then.
@@ -275,11 +295,27 @@ mod tests {
     }
 
     #[test]
+    fn nothing_is_read_once_the_vm_is_ending() {
+        let serial = serial();
+        let exit = running();
+        let (mut manager, mut writer, probe) = input_loop_until(&serial, exit.clone());
+        writer.write_all(b"ls\r").unwrap();
+        assert_eq!(guest_reads(&mut manager, &serial, 3), b"ls\r");
+        exit.request(crate::exit::ExitReason::PowerOff);
+        writer.write_all(b"exit\r").unwrap();
+        manager.run_with_timeout(50).unwrap();
+        assert_eq!(unread(&probe), 5, "typed after the VM ended, and read");
+        assert_eq!(guest_read(&serial), None);
+        // And the input is no longer watched.
+        assert_eq!(manager.run_with_timeout(50).unwrap(), 0);
+    }
+
+    #[test]
     fn serves_input_on_the_device_thread() {
         let serial = serial();
         let (reader, mut writer) = pipe();
         let thread = crate::virtio::DeviceThread::start().unwrap();
-        let input = SerialInput::new(reader, serial.clone()).unwrap();
+        let input = SerialInput::new(reader, serial.clone(), running()).unwrap();
         thread.handle().add(Box::new(input)).unwrap();
         let sent: Vec<u8> = (0..300u32).map(|i| (i % 241) as u8).collect();
         writer.write_all(&sent).unwrap();
