@@ -29,7 +29,8 @@ fn warm_run(cache: &Path, share: &Path, index: usize, console: &Path) -> Run {
     // The log lives in the test host's scratch space: keep it with the run for a failure.
     let log = std::fs::read_to_string(console).unwrap_or_default();
     let tail = &log[log.len().saturating_sub(6000)..];
-    run.stderr.push_str(&format!("--- console log (end) ---\n{tail}"));
+    run.stderr
+        .push_str(&format!("--- console log (end) ---\n{tail}"));
     run
 }
 

@@ -14,7 +14,6 @@ pub mod loader;
 pub mod memory;
 pub mod pvh;
 pub mod release;
-pub mod serial_input;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

@@ -72,7 +72,10 @@ pub fn attach(
                 reason: e.to_string(),
             })?
         }
-        None => Serial::new(irq, console),
+        None => Serial::new(irq, console).map_err(|e| DeviceError::Create {
+            what: "serial port",
+            reason: e.to_string(),
+        })?,
     };
     let serial = Arc::new(Mutex::new(serial));
     let [com1, kbc, pm, ports] = PORT_RANGES;

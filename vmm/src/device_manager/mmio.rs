@@ -113,7 +113,8 @@ pub struct VirtioDevices {
     pub acpi: Vec<MmioDeviceAcpi>,
     /// `virtio_mmio.device=` entries to append to the command line.
     pub cmdline: String,
-    /// The thread that runs the devices; None when there are none.
+    /// The thread that runs the devices; None when there are none (the VM starts it for
+    /// serial input then).
     pub thread: Option<DeviceThread>,
     /// Flushes the multiport console's output when the VM ends, if there is one.
     pub console_flush: Option<ConsoleFlush>,

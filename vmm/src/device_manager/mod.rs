@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use devices::bus::Bus;
 use devices::exit::VmExit;
-use devices::serial::Serial;
+use devices::serial::{Serial, SerialInput};
 use devices::virtio::{ConsoleFlush, DeviceThread};
 use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
@@ -116,9 +116,33 @@ impl DeviceManager {
             .state()
     }
 
-    /// COM1, for the console input that feeds it.
-    pub fn serial(&self) -> &Arc<Mutex<Serial>> {
-        &self.serial
+    /// Serves `input` (the user's terminal) to COM1 from the device thread, starting that
+    /// thread if no virtio device did.
+    pub fn serve_serial_input(
+        &mut self,
+        input: std::fs::File,
+        exit: &Arc<VmExit>,
+    ) -> Result<(), DeviceError> {
+        let create = |e: std::io::Error| DeviceError::Create {
+            what: "serial input",
+            reason: e.to_string(),
+        };
+        let worker = SerialInput::new(input, self.serial.clone(), exit.clone()).map_err(create)?;
+        let thread = match &mut self.virtio.thread {
+            Some(thread) => thread,
+            slot @ None => slot.insert(DeviceThread::start().map_err(|e| DeviceError::Create {
+                what: "device thread",
+                reason: e.to_string(),
+            })?),
+        };
+        thread
+            .handle()
+            .add(Box::new(worker))
+            .map(|_| ())
+            .map_err(|e| DeviceError::Create {
+                what: "serial input",
+                reason: e.to_string(),
+            })
     }
 
     /// What the DSDT must describe of the virtio-mmio devices.

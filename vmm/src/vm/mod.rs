@@ -32,7 +32,6 @@ use crate::loader;
 use crate::memory;
 use crate::pvh::{self, PvhInfo};
 use crate::release::Remains;
-use crate::serial_input;
 use crate::snapshot::{self, SavedState, Snapshot, SnapshotError, VcpuState};
 use crate::vcpu::{self, BootEntry, VcpuContext};
 
@@ -122,7 +121,6 @@ pub struct Vm {
     vcpus: Vec<VcpuFd>,
     vcpu_count: u8,
     exit: Arc<VmExit>,
-    serial_input: Option<std::thread::JoinHandle<()>>,
     started: Instant,
     /// vCPUs that did not come back from their threads: they may still use memory and devices.
     stuck: Vec<usize>,
@@ -177,7 +175,7 @@ impl Vm {
         if config.snapshot_to.is_some() {
             exit.pause_at_snapshot_point();
         }
-        let devices = DeviceManager::attach(
+        let mut devices = DeviceManager::attach(
             &fd,
             &mem,
             DeviceConfig {
@@ -197,13 +195,9 @@ impl Vm {
                 create_vcpus(&kvm, &fd, config.vcpus, entry)?
             }
         };
-        let serial_input = match config.serial_input.take() {
-            Some(input) => Some(
-                serial_input::start(input, devices.serial().clone(), exit.clone())
-                    .map_err(|e| VmError::Setup("serial input", e))?,
-            ),
-            None => None,
-        };
+        if let Some(input) = config.serial_input.take() {
+            devices.serve_serial_input(input, &exit)?;
+        }
         Ok(Vm {
             kvm,
             pit: config.pit,
@@ -212,7 +206,6 @@ impl Vm {
             vcpus,
             vcpu_count: config.vcpus,
             exit,
-            serial_input,
             started,
             stuck: Vec::new(),
             fd,
@@ -334,9 +327,6 @@ impl Vm {
             .devices
             .take()
             .and_then(|devices| devices.stop(Instant::now() + CONSOLE_FLUSH_GRACE));
-        if let Some(pump) = self.serial_input.take() {
-            serial_input::wait_stopped(pump);
-        }
         let Vm { fd, mem, .. } = self;
         Teardown {
             console_error,
