@@ -226,6 +226,7 @@ pub fn main() -> ! {
 /// Everything between "init started" and reporting the status.
 fn run(ports: sys::Ports) -> Result<u8, Error> {
     mount::mount_basics()?;
+    ports.prefer_dev_port();
     exec::ensure_console();
     let mut config = read_config()?;
     let mut log = Log {
@@ -235,11 +236,6 @@ fn run(ports: sys::Ports) -> Result<u8, Error> {
     if config.warm {
         load_modules(&log, |entry| !warm::is_transport(entry))?;
         ports.snapshot_point();
-        // A restored guest's first `out` from here to kvmbuild's ports took a #GP in the
-        // nested test host although the permission was granted before the snapshot. Asking
-        // again gives the bitmap a new sequence number, so the kernel copies it into this
-        // CPU's TSS on the next return to user space.
-        let _ = sys::Ports::open();
         load_modules(&log, warm::is_transport)?;
         warm::read_run_settings(&mut config, &log)?;
         log.verbose = config.verbose;
