@@ -28,7 +28,11 @@ fn warm_run(cache: &Path, share: &Path, index: usize, console: &Path) -> Run {
     );
     // The log lives in the test host's scratch space: keep it with the run for a failure.
     let log = std::fs::read_to_string(console).unwrap_or_default();
-    let tail = &log[log.len().saturating_sub(6000)..];
+    let tail = log
+        .char_indices()
+        .map(|(i, _)| i)
+        .find(|&i| i + 6000 >= log.len())
+        .map_or("", |i| &log[i..]);
     run.stderr
         .push_str(&format!("--- console log (end) ---\n{tail}"));
     run
@@ -70,6 +74,13 @@ pub fn exec_warm_restores_one_snapshot_for_many_runs() {
             clock + 1 >= before && clock <= after + 1,
             &format!("the guest's clock {clock} within a second of the host's {before}..{after}"),
         );
+        // For the record (never asserted): exec -v says when the command started.
+        if let Some(line) = run.stderr.lines().find(|l| l.contains("command started")) {
+            println!(
+                "warm: run {index} ({}): {line}",
+                if index == 0 { "cold" } else { "restored" }
+            );
+        }
         seen_ids.push(lines[1].to_string());
         seen_random.push(lines[2].to_string());
         // Only the first run boots the kernel; the others start after it.

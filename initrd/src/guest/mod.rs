@@ -226,7 +226,6 @@ pub fn main() -> ! {
 /// Everything between "init started" and reporting the status.
 fn run(ports: sys::Ports) -> Result<u8, Error> {
     mount::mount_basics()?;
-    ports.prefer_dev_port();
     exec::ensure_console();
     let mut config = read_config()?;
     let mut log = Log {

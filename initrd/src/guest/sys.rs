@@ -63,35 +63,12 @@ impl Ports {
         self.out(EXIT_PORT, status);
     }
 
-    /// From now on, writes go through `/dev/port` (once `/dev` is mounted), so the kernel
-    /// does the port I/O in ring 0.
-    ///
-    /// Why: QEMU's TCG, which runs the nested test host, refuses user-mode port I/O (#GP)
-    /// unless the cached TR type is 9 ("available TSS"). Its own LTR leaves it at 9, but KVM
-    /// reports TR as busy (11), which is what hardware caches and VMX requires, so a vCPU
-    /// restored from a snapshot has TR type 11 and every `out` from user mode faults there.
-    /// Real CPUs check the I/O bitmap whatever the type; going through the kernel avoids the
-    /// check everywhere, for the price of a system call per write (a few per run).
-    pub fn prefer_dev_port(&self) {
-        if let Ok(file) = std::fs::OpenOptions::new().write(true).open("/dev/port") {
-            let _ = DEV_PORT.set(file);
-        }
-    }
-
     fn out(&self, port: u16, value: u8) {
-        if let Some(dev_port) = DEV_PORT.get() {
-            if std::os::unix::fs::FileExt::write_at(dev_port, &[value], u64::from(port)).is_ok() {
-                return;
-            }
-        }
         if self.enabled {
             outb(port, value);
         }
     }
 }
-
-/// `/dev/port`, once [`Ports::prefer_dev_port`] opened it.
-static DEV_PORT: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
 
 #[cfg(target_arch = "x86_64")]
 fn outb(port: u16, value: u8) {

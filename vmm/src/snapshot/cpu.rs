@@ -117,7 +117,7 @@ impl VcpuState {
             .map_err(kvm_err("set the MP state"))?;
         vcpu.set_regs(&self.regs)
             .map_err(kvm_err("set registers"))?;
-        vcpu.set_sregs(&self.sregs)
+        vcpu.set_sregs(&sregs_for_restore(&self.sregs, &self.cpuid))
             .map_err(kvm_err("set special registers"))?;
         // SAFETY: `self.xsave` is a whole `kvm_xsave` read by KVM_GET_XSAVE on this host
         // kind; set_xsave reads exactly that structure.
@@ -151,6 +151,33 @@ impl VcpuState {
         }
         Ok(())
     }
+}
+
+/// The "busy" bit of a system segment's type: a busy 64-bit TSS is type 11, an available one 9.
+const TSS_BUSY: u8 = 0x2;
+
+/// The special registers to restore: as saved, except that on AMD the task register is
+/// restored as an available TSS (type 9) rather than the busy one (11) KVM reports.
+///
+/// Why: KVM's SVM code sets the busy bit when it reports TR (hardware caches it busy after
+/// LTR, and VMX requires it on entry), while AMD's VMRUN/VMLOAD never look at the type. QEMU's
+/// TCG emulation of SVM, which runs kvmbuild's nested test host, does: it refuses user-mode
+/// port I/O (a #GP) unless the cached type is 9, so a restored guest's init could not report
+/// its status there. On Intel the busy type is kept, as VM entry requires.
+fn sregs_for_restore(saved: &kvm_sregs, cpuid: &[kvm_cpuid_entry2]) -> kvm_sregs {
+    let mut sregs = *saved;
+    if is_amd(cpuid) {
+        sregs.tr.type_ &= !TSS_BUSY;
+    }
+    sregs
+}
+
+/// Whether CPUID leaf 0 names AMD ("AuthenticAMD") or Hygon, whose CPUs implement SVM.
+fn is_amd(cpuid: &[kvm_cpuid_entry2]) -> bool {
+    cpuid.iter().find(|e| e.function == 0).is_some_and(|e| {
+        let vendor = [e.ebx, e.edx, e.ecx].map(u32::to_le_bytes).concat();
+        vendor == *b"AuthenticAMD" || vendor == *b"HygonGenuine"
+    })
 }
 
 impl VmState {
@@ -196,5 +223,32 @@ impl VmState {
             ..Default::default()
         };
         vm.set_clock(&clock).map_err(kvm_err("set the clock"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vendor_leaf(vendor: &[u8; 12]) -> kvm_cpuid_entry2 {
+        let word = |i: usize| u32::from_le_bytes(vendor[i..i + 4].try_into().unwrap());
+        kvm_cpuid_entry2 {
+            function: 0,
+            ebx: word(0),
+            edx: word(4),
+            ecx: word(8),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_amd_restores_tr_as_an_available_tss() {
+        let mut saved = kvm_sregs::default();
+        saved.tr.type_ = 11;
+        let amd = sregs_for_restore(&saved, &[vendor_leaf(b"AuthenticAMD")]);
+        assert_eq!(amd.tr.type_, 9);
+        let intel = sregs_for_restore(&saved, &[vendor_leaf(b"GenuineIntel")]);
+        assert_eq!(intel.tr.type_, 11);
+        assert_eq!(sregs_for_restore(&saved, &[]).tr.type_, 11);
     }
 }
