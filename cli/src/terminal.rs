@@ -20,6 +20,7 @@ static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn on_stop_signal(signal: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     let _ = STOP_SIGNAL.compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst);
+    vmm::exit::note_stop_signal(signal);
     let fd = STOP_FD.load(Ordering::SeqCst);
     if fd >= 0 {
         let one = 1u64;

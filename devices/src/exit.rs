@@ -7,7 +7,7 @@
 //! write the marker port any number of times, and must not grow kvmbuild's memory by doing so.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -60,6 +60,28 @@ pub struct VmExit {
     requested: AtomicBool,
     markers: Mutex<Markers>,
     event: EventFd,
+    /// When the run must end (`--timeout` counted from the start of set-up), if ever: waits
+    /// that happen before the run loop starts (a back end's answers) are bounded by it too.
+    deadline: Mutex<Option<Instant>>,
+}
+
+/// The stop signal (SIGINT, SIGTERM, SIGHUP) the process received, or 0. Process-wide because a
+/// signal handler can reach nothing else; set-up waits poll it, as they run before the run
+/// loop's own wake-up fd exists.
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+/// Records that the process was asked to stop by `signal` (the first one counts).
+/// Async-signal-safe: it only stores an integer.
+pub fn note_stop_signal(signal: i32) {
+    let _ = STOP_SIGNAL.compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst);
+}
+
+/// The first stop signal the process received, if any.
+pub fn stop_signal() -> Option<i32> {
+    match STOP_SIGNAL.load(Ordering::SeqCst) {
+        0 => None,
+        signal => Some(signal),
+    }
 }
 
 impl VmExit {
@@ -71,7 +93,18 @@ impl VmExit {
             requested: AtomicBool::new(false),
             markers: Mutex::new(Markers::default()),
             event: EventFd::new(EFD_NONBLOCK)?,
+            deadline: Mutex::new(None),
         })
+    }
+
+    /// Sets when the run must end (None: never).
+    pub fn set_deadline(&self, deadline: Option<Instant>) {
+        *self.deadline.lock().unwrap_or_else(|p| p.into_inner()) = deadline;
+    }
+
+    /// When the run must end, if it was given a deadline.
+    pub fn deadline(&self) -> Option<Instant> {
+        *self.deadline.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Asks the VM to end. Only the first request counts: a guest that reports a status and
