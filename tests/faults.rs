@@ -81,7 +81,13 @@ impl VhostUserBackend for QuietFs {
         Ok(())
     }
 
-    fn handle_event(&self, _: u16, _: EventSet, _: &[VringRwLock], _: usize) -> std::io::Result<()> {
+    fn handle_event(
+        &self,
+        _: u16,
+        _: EventSet,
+        _: &[VringRwLock],
+        _: usize,
+    ) -> std::io::Result<()> {
         Ok(())
     }
 }
@@ -212,7 +218,11 @@ fn faulty_backend(tag: &str, fault: Fault, refuse_memory: bool) -> PathBuf {
         let back = UnixStream::connect(&backend_socket).unwrap();
         let garble = Arc::new(AtomicBool::new(false));
         let answers = {
-            let (back, front, garble) = (back.try_clone().unwrap(), front.try_clone().unwrap(), garble.clone());
+            let (back, front, garble) = (
+                back.try_clone().unwrap(),
+                front.try_clone().unwrap(),
+                garble.clone(),
+            );
             thread::spawn(move || relay_answers(back, front, &garble))
         };
         relay_requests(front, back, fault, &garble);
@@ -356,8 +366,15 @@ fn secs(s: u64) -> Duration {
 fn a_back_end_that_never_accepts_ends_at_the_timeout() {
     require_kvm!();
     let (socket, _listener) = never_accepting("never-accepts-timeout");
-    let run = Case { timeout_s: Some(2), ..Case::new(&socket) }.run();
-    let parts = ["cannot read its features", "no answer before the run's timeout"];
+    let run = Case {
+        timeout_s: Some(2),
+        ..Case::new(&socket)
+    }
+    .run();
+    let parts = [
+        "cannot read its features",
+        "no answer before the run's timeout",
+    ];
     assert_ended(&run, exit::TIMEOUT, &parts, secs(2), secs(2));
 }
 
@@ -366,7 +383,11 @@ fn a_back_end_that_never_accepts_ends_at_the_set_up_bound_without_a_timeout() {
     require_kvm!();
     let (socket, _listener) = never_accepting("never-accepts-bound");
     let run = Case::new(&socket).run();
-    let parts = ["--vhost-user-fs", "cannot read its features", "no answer within 20s"];
+    let parts = [
+        "--vhost-user-fs",
+        "cannot read its features",
+        "no answer within 20s",
+    ];
     assert_ended(&run, exit::BAD_INPUT, &parts, SETUP_BOUND, SETUP_BOUND);
 }
 
@@ -375,7 +396,11 @@ fn sigterm_ends_the_wait_for_a_back_end_that_never_answers() {
     require_kvm!();
     let socket = never_answering("never-answers-sigterm");
     let after = Duration::from_millis(500);
-    let run = Case { sigterm_after: Some(after), ..Case::new(&socket) }.run();
+    let run = Case {
+        sigterm_after: Some(after),
+        ..Case::new(&socket)
+    }
+    .run();
     assert_ended(&run, 143, &["stopped by signal 15"], after, after);
 }
 
@@ -387,7 +412,11 @@ fn a_stall_at_each_set_up_step_ends_at_the_timeout() {
         ("read its protocol features", GET_PROTOCOL_FEATURES),
     ] {
         let socket = faulty_backend(&format!("stall-{code}"), Fault::Stall(code), false);
-        let run = Case { timeout_s: Some(2), ..Case::new(&socket) }.run();
+        let run = Case {
+            timeout_s: Some(2),
+            ..Case::new(&socket)
+        }
+        .run();
         assert_ended(&run, exit::TIMEOUT, &[step, "timeout"], secs(2), secs(2));
     }
 }
@@ -397,13 +426,29 @@ fn a_hang_up_or_a_wrong_answer_at_set_up_is_refused_at_once() {
     require_kvm!();
     for (step, fault) in [
         ("read its features", Fault::HangUp(GET_FEATURES)),
-        ("read its protocol features", Fault::HangUp(GET_PROTOCOL_FEATURES)),
+        (
+            "read its protocol features",
+            Fault::HangUp(GET_PROTOCOL_FEATURES),
+        ),
         ("read its features", Fault::Garble(GET_FEATURES)),
-        ("read its protocol features", Fault::Garble(GET_PROTOCOL_FEATURES)),
+        (
+            "read its protocol features",
+            Fault::Garble(GET_PROTOCOL_FEATURES),
+        ),
     ] {
         let socket = faulty_backend(&format!("{fault:?}"), fault, false);
-        let run = Case { timeout_s: Some(30), ..Case::new(&socket) }.run();
-        assert_ended(&run, exit::BAD_INPUT, &["--vhost-user-fs", step], secs(0), secs(0));
+        let run = Case {
+            timeout_s: Some(30),
+            ..Case::new(&socket)
+        }
+        .run();
+        assert_ended(
+            &run,
+            exit::BAD_INPUT,
+            &["--vhost-user-fs", step],
+            secs(0),
+            secs(0),
+        );
     }
 }
 
@@ -413,7 +458,11 @@ fn a_hang_up_or_a_wrong_answer_at_set_up_is_refused_at_once() {
 fn a_working_back_end_takes_the_queues_and_the_guest_goes_on() {
     require_kvm!();
     let socket = faulty_backend("healthy", Fault::None, false);
-    let run = Case { timeout_s: Some(30), ..Case::new(&socket) }.run();
+    let run = Case {
+        timeout_s: Some(30),
+        ..Case::new(&socket)
+    }
+    .run();
     run.assert_code(exit::OK);
     run.assert_stdout_has("vhostfs: driver ok");
 }
@@ -421,9 +470,19 @@ fn a_working_back_end_takes_the_queues_and_the_guest_goes_on() {
 #[test]
 fn a_stall_at_each_queue_step_ends_at_the_timeout() {
     require_kvm!();
-    for code in [SET_FEATURES, SET_MEM_TABLE, SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_KICK] {
+    for code in [
+        SET_FEATURES,
+        SET_MEM_TABLE,
+        SET_VRING_NUM,
+        SET_VRING_ADDR,
+        SET_VRING_KICK,
+    ] {
         let socket = faulty_backend(&format!("stall-queues-{code}"), Fault::Stall(code), false);
-        let run = Case { timeout_s: Some(3), ..Case::new(&socket) }.run();
+        let run = Case {
+            timeout_s: Some(3),
+            ..Case::new(&socket)
+        }
+        .run();
         assert_ended(&run, exit::TIMEOUT, &["timeout"], secs(3), secs(3));
     }
 }
@@ -442,7 +501,11 @@ fn sigterm_ends_a_stalled_queue_set_up() {
     require_kvm!();
     let socket = faulty_backend("stall-kick-sigterm", Fault::Stall(SET_VRING_KICK), false);
     let after = Duration::from_secs(1);
-    let run = Case { sigterm_after: Some(after), ..Case::new(&socket) }.run();
+    let run = Case {
+        sigterm_after: Some(after),
+        ..Case::new(&socket)
+    }
+    .run();
     assert_ended(&run, 143, &["SIGTERM"], after, after);
 }
 
@@ -451,15 +514,33 @@ fn a_hang_up_or_a_wrong_answer_at_the_queues_ends_the_vm() {
     require_kvm!();
     for (step, fault, refuse_memory) in [
         ("set the memory table", Fault::HangUp(SET_MEM_TABLE), false),
-        ("set a vring's kick fd", Fault::HangUp(SET_VRING_KICK), false),
-        ("set a vring's addresses", Fault::Garble(SET_VRING_ADDR), false),
+        (
+            "set a vring's kick fd",
+            Fault::HangUp(SET_VRING_KICK),
+            false,
+        ),
+        (
+            "set a vring's addresses",
+            Fault::Garble(SET_VRING_ADDR),
+            false,
+        ),
         ("enable a vring", Fault::Garble(SET_VRING_ENABLE), false),
         ("set the memory table", Fault::None, true),
     ] {
         let tag = format!("queues-{fault:?}-{refuse_memory}");
         let socket = faulty_backend(&tag, fault, refuse_memory);
-        let run = Case { timeout_s: Some(30), ..Case::new(&socket) }.run();
-        assert_ended(&run, exit::INTERNAL, &["vhost-user back end", step], secs(0), secs(0));
+        let run = Case {
+            timeout_s: Some(30),
+            ..Case::new(&socket)
+        }
+        .run();
+        assert_ended(
+            &run,
+            exit::INTERNAL,
+            &["vhost-user back end", step],
+            secs(0),
+            secs(0),
+        );
     }
 }
 
@@ -469,7 +550,18 @@ fn a_hang_up_or_a_wrong_answer_at_the_queues_ends_the_vm() {
 fn a_back_end_that_hangs_up_while_the_guest_runs_ends_the_vm() {
     require_kvm!();
     let socket = faulty_backend("hang-up-running", Fault::HangUpWhileRunning, false);
-    let run = Case { timeout_s: Some(30), stay: true, ..Case::new(&socket) }.run();
+    let run = Case {
+        timeout_s: Some(30),
+        stay: true,
+        ..Case::new(&socket)
+    }
+    .run();
     run.assert_stdout_has("vhostfs: staying");
-    assert_ended(&run, exit::INTERNAL, &["back end", "went away"], secs(0), secs(1));
+    assert_ended(
+        &run,
+        exit::INTERNAL,
+        &["back end", "went away"],
+        secs(0),
+        secs(1),
+    );
 }

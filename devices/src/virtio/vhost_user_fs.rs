@@ -114,8 +114,8 @@ impl VhostUserFs {
         }
         let mut frontend = Frontend::connect(socket, NUM_QUEUES as u64)
             .map_err(|e| VhostUserFsError::Connect(socket.to_path_buf(), e))?;
-        let watchdog =
-            Watchdog::start(frontend.as_raw_fd(), exit.clone()).map_err(VhostUserFsError::Watchdog)?;
+        let watchdog = Watchdog::start(frontend.as_raw_fd(), exit.clone())
+            .map_err(VhostUserFsError::Watchdog)?;
         let phase = Phase::new(socket, &watchdog);
         phase.ask("set the owner", || frontend.set_owner())?;
         let raw_features = phase.ask("read its features", || frontend.get_features())?;
@@ -172,7 +172,9 @@ impl VhostUserFs {
             phase.ask("set a vring's call fd", || {
                 frontend.set_vring_call(index, a.interrupt.event())
             })?;
-            phase.ask("set a vring's kick fd", || frontend.set_vring_kick(index, kick))?;
+            phase.ask("set a vring's kick fd", || {
+                frontend.set_vring_kick(index, kick)
+            })?;
             if self.protocol_features {
                 phase.ask("enable a vring", || frontend.set_vring_enable(index, true))?;
             }
@@ -186,7 +188,9 @@ impl VhostUserFs {
         let phase = Phase::new(&self.socket, &self.watchdog);
         for index in 0..NUM_QUEUES {
             if let Err(e) = phase.ask("stop a vring", || self.frontend.get_vring_base(index)) {
-                let reason = e.exit_reason().unwrap_or(ExitReason::Internal(error_chain(&e)));
+                let reason = e
+                    .exit_reason()
+                    .unwrap_or(ExitReason::Internal(error_chain(&e)));
                 self.exit.request(reason);
                 return;
             }
@@ -306,7 +310,9 @@ impl VirtioDevice for VhostUserFs {
         self.started = true;
         if let Err(e) = self.start(&a) {
             // A timeout or signal that cut the set-up short ends the run as itself.
-            let reason = e.exit_reason().unwrap_or(ExitReason::Internal(error_chain(&e)));
+            let reason = e
+                .exit_reason()
+                .unwrap_or(ExitReason::Internal(error_chain(&e)));
             self.exit.request(reason);
             return Err(ActivateError::Backend(e.to_string()));
         }

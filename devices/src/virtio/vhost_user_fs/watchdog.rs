@@ -164,6 +164,7 @@ impl Drop for Watchdog {
 
 /// The watchdog thread: sleeps until armed, then until the exchange ends or must be cut.
 fn watch(shared: &Shared) {
+    crate::thread_kind::started(crate::thread_kind::ThreadKind::VhostUser);
     let mut state = shared.lock();
     loop {
         if state.quit {
@@ -224,8 +225,14 @@ mod tests {
         let (ours, _theirs) = pair();
         let exit = Arc::new(VmExit::new().unwrap());
         let dog = Watchdog::start(ours.as_raw_fd(), exit).unwrap();
-        assert_eq!(dog.bound(Limit::from_now(Duration::from_secs(5)), || 7), Ok(7));
-        assert_eq!(dog.bound(Limit::from_now(Duration::from_secs(5)), || 8), Ok(8));
+        assert_eq!(
+            dog.bound(Limit::from_now(Duration::from_secs(5)), || 7),
+            Ok(7)
+        );
+        assert_eq!(
+            dog.bound(Limit::from_now(Duration::from_secs(5)), || 8),
+            Ok(8)
+        );
     }
 
     #[test]
@@ -240,7 +247,10 @@ mod tests {
         let waited = started.elapsed();
         assert!(waited >= bound && waited < bound * 10, "{waited:?}");
         // Once cut, the connection stays unusable.
-        assert_eq!(dog.bound(Limit::from_now(bound), || 1), Err(Cut::Bound(bound)));
+        assert_eq!(
+            dog.bound(Limit::from_now(bound), || 1),
+            Err(Cut::Bound(bound))
+        );
     }
 
     #[test]
@@ -249,7 +259,9 @@ mod tests {
         let exit = Arc::new(VmExit::new().unwrap());
         exit.set_deadline(Some(Instant::now() + Duration::from_millis(100)));
         let dog = Watchdog::start(ours.as_raw_fd(), exit).unwrap();
-        let result = dog.bound(Limit::from_now(Duration::from_secs(30)), || ours.read(&mut [0u8; 1]));
+        let result = dog.bound(Limit::from_now(Duration::from_secs(30)), || {
+            ours.read(&mut [0u8; 1])
+        });
         assert_eq!(result.err(), Some(Cut::Timeout));
         assert_eq!(Cut::Timeout.exit_reason(), Some(ExitReason::Timeout));
     }
@@ -263,7 +275,9 @@ mod tests {
             std::thread::sleep(Duration::from_millis(50));
             exit.request(ExitReason::PowerOff);
         });
-        let result = dog.bound(Limit::from_now(Duration::from_secs(30)), || ours.read(&mut [0u8; 1]));
+        let result = dog.bound(Limit::from_now(Duration::from_secs(30)), || {
+            ours.read(&mut [0u8; 1])
+        });
         assert_eq!(result.err(), Some(Cut::VmEnding));
         ender.join().unwrap();
     }
