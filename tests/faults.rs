@@ -3,6 +3,8 @@
 //! tiny guest `vhostfs` (which drives the share to DRIVER_OK, where the queues are handed over)
 //! and asserts the status, the message and how long kvmbuild took.
 //!
+//! Also the disk's host file system filling up under the guest's writes (a small tmpfs).
+//!
 //! The back end is the `vhost-user-backend` crate's daemon (what virtiofsd is built on) serving
 //! a do-nothing file system; faults come from a relay between kvmbuild and it, which stops,
 //! cuts or garbles the conversation at a chosen request, and from the back end itself refusing
@@ -15,13 +17,13 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use support::{exit, guest, scratch_path, Run, KVMBUILD};
+use support::{exit, guest, run_command_signalled, scratch_path, Run, KVMBUILD};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock};
@@ -293,55 +295,8 @@ impl Case<'_> {
         if self.stay {
             cmd.args(["--cmdline", "stay console=ttyS0"]);
         }
-        run_signalled(cmd, self.sigterm_after)
+        run_command_signalled(cmd, self.sigterm_after)
     }
-}
-
-/// Runs `cmd` to its end (or kills it after a minute), sending SIGTERM after `sigterm_after`.
-fn run_signalled(mut cmd: Command, sigterm_after: Option<Duration>) -> Run {
-    let command = format!("{cmd:?}");
-    let start = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let collect = |mut pipe: Box<dyn Read + Send>| {
-        thread::spawn(move || {
-            let mut text = String::new();
-            let _ = pipe.read_to_string(&mut text);
-            text
-        })
-    };
-    let stdout = collect(Box::new(child.stdout.take().unwrap()));
-    let stderr = collect(Box::new(child.stderr.take().unwrap()));
-    let mut signalled = sigterm_after.is_none();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if !signalled && start.elapsed() >= sigterm_after.unwrap() {
-            // SAFETY: kill(2) on our own child's pid; no memory is involved.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            signalled = true;
-        }
-        if start.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{command} still ran after 60 s; killed it");
-        }
-        thread::sleep(Duration::from_millis(10));
-    };
-    let run = Run {
-        command,
-        code: status.code(),
-        stdout: stdout.join().unwrap(),
-        stderr: stderr.join().unwrap(),
-        elapsed: start.elapsed(),
-    };
-    eprintln!("{} -> {:?} in {:?}", run.command, run.code, run.elapsed);
-    run
 }
 
 /// Asserts the status, that one message line holds every part, and that kvmbuild ended no
@@ -564,4 +519,63 @@ fn a_back_end_that_hangs_up_while_the_guest_runs_ends_the_vm() {
         secs(0),
         secs(1),
     );
+}
+
+// ---- the disk's host file system fills up ----
+
+/// A tmpfs of `size` mounted on a directory for one test; unmounted when dropped.
+struct SmallTmpfs(PathBuf);
+
+impl SmallTmpfs {
+    /// Mounts it, or says why not and returns None (mounting needs root; CI runs as root).
+    fn mount(dir: &Path, size: &str) -> Option<Self> {
+        let c = |s: &str| std::ffi::CString::new(s).unwrap();
+        let target = c(dir.to_str().unwrap());
+        let options = c(&format!("size={size}"));
+        // SAFETY: NUL-terminated strings that outlive the call.
+        let rc = unsafe {
+            libc::mount(
+                c("tmpfs").as_ptr(),
+                target.as_ptr(),
+                c("tmpfs").as_ptr(),
+                0,
+                options.as_ptr().cast(),
+            )
+        };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "CI=true and a tmpfs cannot be mounted ({e})"
+            );
+            eprintln!("SKIPPED: cannot mount a tmpfs ({e}); run as root");
+            return None;
+        }
+        Some(Self(dir.to_path_buf()))
+    }
+}
+
+impl Drop for SmallTmpfs {
+    fn drop(&mut self) {
+        let target = std::ffi::CString::new(self.0.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path that outlives the call.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+#[test]
+fn a_full_disk_fails_the_guest_s_writes_and_kvmbuild_goes_on() {
+    require_kvm!();
+    let dir = scratch_dir("disk-full");
+    let Some(_tmpfs) = SmallTmpfs::mount(&dir, "1m") else {
+        return;
+    };
+    // 8 MiB, sparse, on a 1 MiB file system: the guest's writes fill it.
+    let disk = dir.join("disk.img");
+    File::create(&disk).unwrap().set_len(8 << 20).unwrap();
+    let kernel = guest("diskfull").bzimage;
+    let run = support::run_guest(&kernel, 64, 30, &["--disk", disk.to_str().unwrap()]);
+    run.assert_code(exit::OK);
+    run.assert_stdout_has("failed with status 01");
+    run.assert_stdout_has("rewrite status 00");
 }
