@@ -106,10 +106,8 @@ fn sequential_runs_leak_no_fd_and_no_thread() {
 /// kvmbuild processes it starts come back to it when those exit.
 fn become_subreaper() {
     // SAFETY: prctl with integer arguments only.
-    assert_eq!(
-        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) },
-        0
-    );
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(rc, 0);
 }
 
 /// Reaps children until there are none; fails if some still run after `grace`.
