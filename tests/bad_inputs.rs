@@ -219,6 +219,11 @@ fn cases(f: &Fixture) -> Vec<Case> {
     };
     let k = || a("bzImage");
     vec![
+        case(
+            "run seccomp neither on nor off",
+            run(args!["--kernel", k(), "--seccomp", "maybe"]),
+            &["--seccomp", "maybe"],
+        ),
         // kvmbuild run: the kernel.
         case(
             "run kernel FIFO",

@@ -423,6 +423,21 @@ fn a_working_back_end_takes_the_queues_and_the_guest_goes_on() {
 }
 
 #[test]
+fn without_seccomp_the_same_set_up_works() {
+    require_kvm!();
+    let socket = faulty_backend("healthy-unfiltered", Fault::None, false);
+    let share = format!("{},tag=fs", socket.display());
+    let kernel = guest("vhostfs").bzimage;
+    let mut cmd = Command::new(KVMBUILD);
+    cmd.args(["run", "--seccomp", "off", "--mem", "64", "--timeout", "30"])
+        .args(["--vhost-user-fs", &share, "--kernel"])
+        .arg(kernel);
+    let run = run_command_signalled(cmd, None);
+    run.assert_code(exit::OK);
+    run.assert_stdout_has("vhostfs: driver ok");
+}
+
+#[test]
 fn a_stall_at_each_queue_step_ends_at_the_timeout() {
     require_kvm!();
     for code in [
