@@ -14,9 +14,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use support::{guest, scratch_path, KVMBUILD};
+use vmm::device_manager::{ConsoleConfig, DiskConfig};
 use vmm::exit::ExitReason;
-use vmm::virtio_mmio::{ConsoleConfig, DiskConfig};
 use vmm::vm::{self, VmConfig};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const SEQUENTIAL_RUNS: usize = 100;
 const CONCURRENT_RUNS: usize = 8;
@@ -51,7 +52,9 @@ fn config(kernel: &Path, disk: &Path) -> VmConfig {
         }),
         rng: true,
         pit: false,
-        timeout: Some(Duration::from_secs(30)),
+        setup_deadline: None,
+        snapshot_to: None,
+        restore: None,
     }
 }
 
@@ -59,9 +62,8 @@ fn count_entries(dir: &str) -> usize {
     fs::read_dir(dir).unwrap().count()
 }
 
-/// Open fds and threads of this process, once the last run's VM is released.
+/// Open fds and threads of this process.
 fn footprint() -> (usize, usize) {
-    vmm::release::release_pending();
     (
         count_entries("/proc/self/fd"),
         count_entries("/proc/self/task"),
@@ -69,7 +71,11 @@ fn footprint() -> (usize, usize) {
 }
 
 fn run_once(kernel: &Path, disk: &Path) {
-    let report = vm::run(config(kernel, disk)).unwrap();
+    let stop = EventFd::new(EFD_NONBLOCK).unwrap();
+    let timeout = Some(Duration::from_secs(30));
+    let mut report = vm::run(config(kernel, disk), &stop, timeout).unwrap();
+    // Released here, at once (kvmbuild hands it to a keeper process at exit).
+    drop(report.remains.take());
     assert_eq!(report.reason, ExitReason::GuestStatus(0));
     assert!(report.stuck_vcpus.is_empty());
     assert_eq!(report.console_error, None);
