@@ -97,6 +97,15 @@ impl Fixture {
             deep += &format!("m{i}.ko: m{}.ko\n", i - 1);
         }
         tree("mods-deep", &deep);
+        // A module that is a FIFO, and a modules.dep that is one: reading either must not wait
+        // for a writer.
+        tree("mods-fifo-module", "kernel/fifo.ko:\n");
+        let module_dir = self.path("mods-fifo-module").join("6.1.0-test/kernel");
+        fs::create_dir_all(&module_dir).unwrap();
+        mkfifo(&module_dir.join("fifo.ko"));
+        let dep_dir = self.path("mods-fifo-dep").join("6.1.0-test");
+        fs::create_dir_all(&dep_dir).unwrap();
+        mkfifo(&dep_dir.join("modules.dep"));
     }
 
     /// Every regular file's checksum (FIFOs are not read: that would block).
@@ -210,6 +219,11 @@ fn cases(f: &Fixture) -> Vec<Case> {
     };
     let k = || a("bzImage");
     vec![
+        case(
+            "run seccomp neither on nor off",
+            run(args!["--kernel", k(), "--seccomp", "maybe"]),
+            &["--seccomp", "maybe"],
+        ),
         // kvmbuild run: the kernel.
         case(
             "run kernel FIFO",
@@ -547,6 +561,41 @@ fn cases(f: &Fixture) -> Vec<Case> {
             "initrd output in a missing directory",
             args!["initrd", "-o", &missing_dir],
             &["-o", &missing_dir],
+        ),
+        case(
+            "initrd module FIFO",
+            args![
+                "initrd",
+                "--modules-dir",
+                f.path("mods-fifo-module").join("6.1.0-test"),
+                "--module",
+                "fifo",
+                "-o",
+                out("fifo-module.img")
+            ],
+            &["fifo.ko", "a FIFO, not a regular file"],
+        ),
+        case(
+            "initrd modules.dep FIFO",
+            args![
+                "initrd",
+                "--modules-dir",
+                f.path("mods-fifo-dep").join("6.1.0-test"),
+                "-o",
+                out("fifo-dep.img")
+            ],
+            &["modules.dep", "a FIFO, not a regular file"],
+        ),
+        case(
+            "initrd include FIFO",
+            args![
+                "initrd",
+                "--include",
+                format!("{}:/fifo", p("fifo")),
+                "-o",
+                out("fifo-include.img")
+            ],
+            &[&p("fifo")],
         ),
         case(
             "initrd init FIFO",

@@ -197,6 +197,7 @@ fn boot_once(args: &BenchArgs) -> anyhow::Result<Sample> {
         virtio_console: None,
         rng: false,
         pit: false,
+        setup_deadline: None,
         snapshot_to: None,
         restore: None,
     };

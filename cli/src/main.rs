@@ -25,6 +25,25 @@ use clap::{Parser, Subcommand};
 pub(crate) struct Cli {
     #[command(subcommand)]
     pub(crate) command: Command,
+    /// seccomp filters on the vCPU, device, console-writer and vhost-user threads;
+    /// `off` (or KVMBUILD_SECCOMP=off, also for qemu-compat) to debug a forbidden call.
+    #[arg(long, global = true, value_name = "on|off", default_value = "on")]
+    seccomp: Switch,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Switch {
+    On,
+    Off,
+}
+
+/// Turns the seccomp filters on unless `--seccomp off` or KVMBUILD_SECCOMP=off says not to.
+fn start_seccomp(flag: Switch) -> Result<(), ExitCode> {
+    let env_off = std::env::var_os("KVMBUILD_SECCOMP").is_some_and(|v| v == "off");
+    if flag == Switch::Off || env_off {
+        return Ok(());
+    }
+    vmm::seccomp::enable().map_err(|e| fail(exit_code::INTERNAL, e))
 }
 
 #[derive(Subcommand)]
@@ -94,6 +113,9 @@ fn main() -> ExitCode {
         .and_then(|n| n.to_str())
         .unwrap_or("");
     if qemu_compat::QEMU_NAMES.contains(&name) {
+        if let Err(code) = start_seccomp(Switch::On) {
+            return code;
+        }
         let code = match utf8_args(argv) {
             Ok(args) => qemu_compat::qemu_compat(&args),
             Err(message) => fail(exit_code::BAD_INPUT, format!("qemu-compat: {message}")),
@@ -110,6 +132,9 @@ fn main() -> ExitCode {
             return ExitCode::from(exit_code::SUCCESS);
         }
     };
+    if let Err(code) = start_seccomp(cli.seccomp) {
+        return code;
+    }
     let code = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Exec(args) => exec::exec(args),

@@ -211,6 +211,7 @@ fn vm_config(
         },
         rng: args.rng,
         pit: args.pit,
+        setup_deadline: args.timeout.map(|t| std::time::Instant::now() + t),
     })
 }
 

@@ -41,6 +41,7 @@ fn create(args: Vec<std::ffi::OsString>) -> ExitCode {
     match crate::Cli::try_parse_from(argv) {
         Ok(crate::Cli {
             command: crate::Command::Exec(exec_args),
+            ..
         }) => crate::exec::exec(exec_args),
         Ok(_) => fail(
             exit_code::INTERNAL,

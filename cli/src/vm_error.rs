@@ -4,6 +4,9 @@
 
 use std::process::ExitCode;
 
+use vmm::device_manager::mmio::VirtioError;
+use vmm::device_manager::DeviceError;
+use vmm::exit::ExitReason;
 use vmm::loader::LoaderError;
 use vmm::vm::{ConfigField, VmError};
 
@@ -60,12 +63,32 @@ impl OptionNames {
 /// The exit status a [`VmError`] deserves: KVM missing, the user's input, or kvmbuild's (or
 /// the host's) fault.
 pub fn status(e: &VmError) -> u8 {
+    if let Some(code) = setup_stop_status(e) {
+        return code;
+    }
     match e {
         VmError::Kvm(_) => exit_code::KVM_UNAVAILABLE,
         VmError::Loader(LoaderError::GuestWrite { .. }) => exit_code::INTERNAL,
         VmError::Loader(_) => exit_code::BAD_INPUT,
         e if e.field().is_some() => exit_code::BAD_INPUT,
         _ => exit_code::INTERNAL,
+    }
+}
+
+/// The status of a run that its timeout or a stop signal ended during set-up, while a
+/// vhost-user back end had not answered: the same as if they had stopped the guest (124,
+/// 128+N).
+pub fn setup_stop_status(e: &VmError) -> Option<u8> {
+    let VmError::Device(DeviceError::Virtio(VirtioError::Share { source, .. })) = e else {
+        return None;
+    };
+    match source.exit_reason()? {
+        ExitReason::Timeout => Some(exit_code::TIMEOUT),
+        ExitReason::Stopped => {
+            let signal = crate::terminal::stop_signal().unwrap_or(libc::SIGTERM);
+            Some(u8::try_from(128 + signal).unwrap_or(u8::MAX))
+        }
+        _ => None,
     }
 }
 

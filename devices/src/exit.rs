@@ -60,6 +60,12 @@ pub struct VmExit {
     requested: AtomicBool,
     markers: Mutex<Markers>,
     event: EventFd,
+    /// When the run must end (`--timeout` counted from the start of set-up), if ever: waits
+    /// that happen before the run loop starts (a back end's answers) are bounded by it too.
+    deadline: Mutex<Option<Instant>>,
+    /// A copy of the owner's stop event, for waits before the run loop (which polls the
+    /// event itself); `None` until [`VmExit::set_stop_event`].
+    stop: Mutex<Option<EventFd>>,
 }
 
 impl VmExit {
@@ -71,7 +77,40 @@ impl VmExit {
             requested: AtomicBool::new(false),
             markers: Mutex::new(Markers::default()),
             event: EventFd::new(EFD_NONBLOCK)?,
+            deadline: Mutex::new(None),
+            stop: Mutex::new(None),
         })
+    }
+
+    /// Sets when the run must end (None: never).
+    pub fn set_deadline(&self, deadline: Option<Instant>) {
+        *self.deadline.lock().unwrap_or_else(|p| p.into_inner()) = deadline;
+    }
+
+    /// Lets set-up waits see the owner's stop event (a copy of it; it is only ever polled).
+    pub fn set_stop_event(&self, stop: &EventFd) -> io::Result<()> {
+        *self.stop.lock().unwrap_or_else(|p| p.into_inner()) = Some(stop.try_clone()?);
+        Ok(())
+    }
+
+    /// Whether the owner has signalled its stop event (before or during set-up).
+    pub fn stop_requested(&self) -> bool {
+        let stop = self.stop.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(stop) = stop.as_ref() else {
+            return false;
+        };
+        let mut fd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(stop),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd that outlives the call; a zero timeout never blocks.
+        unsafe { libc::poll(&mut fd, 1, 0) == 1 }
+    }
+
+    /// When the run must end, if it was given a deadline.
+    pub fn deadline(&self) -> Option<Instant> {
+        *self.deadline.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Asks the VM to end. Only the first request counts: a guest that reports a status and

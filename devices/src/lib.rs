@@ -10,4 +10,5 @@ pub mod exit_port;
 pub mod host_file;
 pub mod i8042;
 pub mod serial;
+pub mod thread_kind;
 pub mod virtio;

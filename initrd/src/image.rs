@@ -349,7 +349,7 @@ fn add_path(
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, Error> {
-    fs::read(path).map_err(|source| Error::Read {
+    crate::host_input::read_regular(path).map_err(|source| Error::Read {
         path: path.to_path_buf(),
         source,
     })

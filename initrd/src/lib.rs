@@ -69,6 +69,7 @@ pub mod compress;
 pub mod config;
 pub mod cpio;
 pub mod guest;
+pub mod host_input;
 pub mod image;
 pub mod modules;
 pub mod status;

@@ -17,7 +17,6 @@
 //! tree and the order of the roots.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -337,7 +336,7 @@ impl Walk<'_> {
 
 /// Reads a text index; a missing file is `None`.
 fn read(path: &Path) -> Result<Option<String>, Error> {
-    match fs::read_to_string(path) {
+    match crate::host_input::read_regular_text(path) {
         Ok(text) => Ok(Some(text)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(source) => Err(Error::Read {
@@ -349,7 +348,7 @@ fn read(path: &Path) -> Result<Option<String>, Error> {
 
 /// Reads a binary index; a missing file is empty.
 fn read_bytes(path: &Path) -> Result<Vec<u8>, Error> {
-    match fs::read(path) {
+    match crate::host_input::read_regular(path) {
         Ok(bytes) => Ok(bytes),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(source) => Err(Error::Read {
@@ -606,6 +605,7 @@ pub fn parse_load_list(text: &str) -> Vec<LoadEntry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     /// A small tree in the shape of Debian's generic kernel.
     fn tree() -> (tempfile::TempDir, ModuleTree) {

@@ -275,7 +275,12 @@ impl Run {
 }
 
 /// Runs `cmd` to the end, killing it (and failing) after [`HANG_GUARD`].
-pub fn run_command(mut cmd: Command) -> Run {
+pub fn run_command(cmd: Command) -> Run {
+    run_command_signalled(cmd, None)
+}
+
+/// [`run_command`], sending the command SIGTERM `sigterm_after` its start, if given.
+pub fn run_command_signalled(mut cmd: Command, sigterm_after: Option<Duration>) -> Run {
     let command = format!("{cmd:?}");
     let start = Instant::now();
     let mut child = cmd
@@ -293,9 +298,15 @@ pub fn run_command(mut cmd: Command) -> Run {
     };
     let stdout = read_all(Box::new(child.stdout.take().unwrap()));
     let stderr = read_all(Box::new(child.stderr.take().unwrap()));
+    let mut sigterm_due = sigterm_after;
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status;
+        }
+        if sigterm_due.is_some_and(|after| start.elapsed() >= after) {
+            // SAFETY: kill(2) on our own child's pid; no memory is involved.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            sigterm_due = None;
         }
         if start.elapsed() > HANG_GUARD {
             let _ = child.kill();

@@ -14,6 +14,7 @@ pub mod loader;
 pub mod memory;
 pub mod pvh;
 pub mod release;
+pub mod seccomp;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vm;

@@ -170,6 +170,9 @@ fn cmdline(plan: &Plan) -> String {
 /// A VM that could not start. Its shares are virtiofsd processes this run started, so a
 /// share that fails is kvmbuild's problem (70), not the user's input.
 fn vm_error(e: vm::VmError) -> ExitCode {
+    if vm_error::setup_stop_status(&e).is_some() {
+        return vm_error::report(&e, &vm_error::EXEC);
+    }
     if let vm::VmError::Device(DeviceError::Virtio(VirtioError::Share { source, .. })) = &e {
         return fail(
             exit_code::INTERNAL,
@@ -335,6 +338,7 @@ fn vm_config(
         })?),
         rng: true,
         pit: false,
+        setup_deadline: plan.timeout.map(|t| std::time::Instant::now() + t),
         snapshot_to,
         restore,
     })

@@ -129,6 +129,7 @@ impl Drop for DeviceThread {
 }
 
 fn run(manager: &mut EventManager<DeviceWorker>, stop: &AtomicBool) -> Result<(), ThreadError> {
+    crate::thread_kind::started(crate::thread_kind::ThreadKind::DeviceLoop);
     while !stop.load(Ordering::Acquire) {
         manager.run().map_err(ThreadError::Loop)?;
     }

@@ -7,13 +7,20 @@
 //! protocol features, then at DRIVER_OK the memory table and each vring's size, addresses, base,
 //! call, kick, enable. If the back end goes away while the guest runs, the guest's file-system
 //! requests could never complete, so the VM ends with an error instead of hanging.
+//!
+//! Every request that waits for an answer is bounded (see [`watchdog`]): each phase of the
+//! set-up must be over within [`SETUP_BOUND`] and before the run's deadline, and a stop signal
+//! or the VM's end cuts the wait short.
+
+mod watchdog;
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::{Queue, QueueT};
@@ -23,6 +30,8 @@ use super::{
     device_type, features, read_config_bytes, ActivateError, Activation, DeviceWorker, VirtioDevice,
 };
 use crate::exit::{ExitReason, VmExit};
+pub use watchdog::Cut;
+use watchdog::{Limit, Watchdog};
 
 /// The longest tag the configuration space holds.
 pub const MAX_TAG_LEN: usize = 36;
@@ -32,6 +41,10 @@ const NUM_QUEUES: usize = 2;
 const QUEUE_SIZE: u16 = 1024;
 /// The vhost-user feature bit that announces protocol features; never offered to the guest.
 const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+/// How long each phase of the set-up (connecting, starting the queues, stopping them) may wait
+/// for the back end's answers when the run's deadline does not come first. A working back end
+/// answers in microseconds; this only has to outlast a loaded host.
+pub const SETUP_BOUND: Duration = Duration::from_secs(20);
 
 /// Errors from setting up the back end.
 #[derive(Debug, thiserror::Error)]
@@ -50,14 +63,37 @@ pub enum VhostUserFsError {
         #[source]
         source: vhost::Error,
     },
+    /// A request was not answered in time, or the wait for it was stopped.
+    #[error("vhost-user back end at {}: cannot {what}: {cut}", path.display())]
+    Cut {
+        path: PathBuf,
+        what: &'static str,
+        cut: Cut,
+    },
+    /// The watchdog thread could not start.
+    #[error("cannot start the vhost-user watchdog thread")]
+    Watchdog(#[source] std::io::Error),
     /// Guest memory that the back end cannot map.
     #[error("guest memory at {0:#x} is not file-backed, so a vhost-user back end cannot map it")]
     NotFileBacked(u64),
 }
 
+impl VhostUserFsError {
+    /// How the run ends when set-up was stopped by the run's timeout or a signal (rather than
+    /// failing because of the back end).
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        match self {
+            VhostUserFsError::Cut { cut, .. } => cut.exit_reason(),
+            _ => None,
+        }
+    }
+}
+
 /// A virtio-fs device served by a vhost-user back end.
 pub struct VhostUserFs {
     socket: PathBuf,
+    /// Declared before `frontend`, so it stops before the socket it watches is closed.
+    watchdog: Watchdog,
     frontend: Frontend,
     /// The back end's virtio features (without the vhost-user protocol bit).
     backend_features: u64,
@@ -78,25 +114,32 @@ impl VhostUserFs {
         }
         let mut frontend = Frontend::connect(socket, NUM_QUEUES as u64)
             .map_err(|e| VhostUserFsError::Connect(socket.to_path_buf(), e))?;
-        let request = |what| request_err(socket, what);
-        frontend.set_owner().map_err(request("set the owner"))?;
-        let raw_features = frontend
-            .get_features()
-            .map_err(request("read its features"))?;
+        let watchdog = Watchdog::start(frontend.as_raw_fd(), exit.clone())
+            .map_err(VhostUserFsError::Watchdog)?;
+        let phase = Phase::new(socket, &watchdog);
+        phase.ask("set the owner", || frontend.set_owner())?;
+        let raw_features = phase.ask("read its features", || frontend.get_features())?;
         let protocol_features = raw_features & VHOST_USER_F_PROTOCOL_FEATURES != 0;
         if protocol_features {
-            let offered = frontend
-                .get_protocol_features()
-                .map_err(request("read its protocol features"))?;
+            let offered = phase.ask("read its protocol features", || {
+                frontend.get_protocol_features()
+            })?;
             // Multiqueue is what lets it report its queue count; nothing else is needed here.
             let wanted =
                 offered & (VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK);
-            frontend
-                .set_protocol_features(wanted)
-                .map_err(request("set protocol features"))?;
+            phase.ask("set protocol features", || {
+                frontend.set_protocol_features(wanted)
+            })?;
+            if wanted.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                // Every set-up request then waits for the back end's answer, so a back end
+                // that refuses the memory table or a ring fails the set-up (and a stalled one
+                // meets the watchdog) instead of leaving the guest's requests unanswered.
+                frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            }
         }
         Ok(Self {
             socket: socket.to_path_buf(),
+            watchdog,
             frontend,
             backend_features: raw_features & !VHOST_USER_F_PROTOCOL_FEATURES,
             protocol_features,
@@ -112,37 +155,80 @@ impl VhostUserFs {
         if self.protocol_features {
             acked |= VHOST_USER_F_PROTOCOL_FEATURES;
         }
-        self.frontend
-            .set_features(acked)
-            .map_err(request_err(&self.socket, "set features"))?;
+        let phase = Phase::new(&self.socket, &self.watchdog);
+        let frontend = &mut self.frontend;
+        phase.ask("set features", || frontend.set_features(acked))?;
         let regions = memory_regions(&a.mem)?;
-        self.frontend
-            .set_mem_table(&regions)
-            .map_err(request_err(&self.socket, "set the memory table"))?;
+        phase.ask("set the memory table", || frontend.set_mem_table(&regions))?;
         for (index, (queue, kick)) in a.queues.iter().enumerate() {
             let config = vring_config(&a.mem, queue);
-            self.frontend
-                .set_vring_num(index, queue.size())
-                .map_err(request_err(&self.socket, "set a vring's size"))?;
-            self.frontend
-                .set_vring_addr(index, &config)
-                .map_err(request_err(&self.socket, "set a vring's addresses"))?;
-            self.frontend
-                .set_vring_base(index, 0)
-                .map_err(request_err(&self.socket, "set a vring's base"))?;
-            self.frontend
-                .set_vring_call(index, a.interrupt.event())
-                .map_err(request_err(&self.socket, "set a vring's call fd"))?;
-            self.frontend
-                .set_vring_kick(index, kick)
-                .map_err(request_err(&self.socket, "set a vring's kick fd"))?;
+            phase.ask("set a vring's size", || {
+                frontend.set_vring_num(index, queue.size())
+            })?;
+            phase.ask("set a vring's addresses", || {
+                frontend.set_vring_addr(index, &config)
+            })?;
+            phase.ask("set a vring's base", || frontend.set_vring_base(index, 0))?;
+            phase.ask("set a vring's call fd", || {
+                frontend.set_vring_call(index, a.interrupt.event())
+            })?;
+            phase.ask("set a vring's kick fd", || {
+                frontend.set_vring_kick(index, kick)
+            })?;
             if self.protocol_features {
-                self.frontend
-                    .set_vring_enable(index, true)
-                    .map_err(request_err(&self.socket, "enable a vring"))?;
+                phase.ask("enable a vring", || frontend.set_vring_enable(index, true))?;
             }
         }
         Ok(())
+    }
+
+    /// Stops the back end's rings (vhost-user's way: get_vring_base). A back end that cannot
+    /// stop them can serve this device no more, so the VM ends.
+    fn stop(&mut self) {
+        let phase = Phase::new(&self.socket, &self.watchdog);
+        for index in 0..NUM_QUEUES {
+            if let Err(e) = phase.ask("stop a vring", || self.frontend.get_vring_base(index)) {
+                let reason = e
+                    .exit_reason()
+                    .unwrap_or(ExitReason::Internal(error_chain(&e)));
+                self.exit.request(reason);
+                return;
+            }
+        }
+    }
+}
+
+/// One phase of talking to the back end: every request in it must be answered within
+/// [`SETUP_BOUND`] of the phase's start (and before the run's deadline).
+struct Phase<'a> {
+    socket: &'a Path,
+    watchdog: &'a Watchdog,
+    limit: Limit,
+}
+
+impl<'a> Phase<'a> {
+    fn new(socket: &'a Path, watchdog: &'a Watchdog) -> Self {
+        Self {
+            socket,
+            watchdog,
+            limit: Limit::from_now(SETUP_BOUND),
+        }
+    }
+
+    /// Sends one request (`what`, for messages) and waits for its answer, if it has one.
+    fn ask<T>(
+        &self,
+        what: &'static str,
+        request: impl FnOnce() -> vhost::Result<T>,
+    ) -> Result<T, VhostUserFsError> {
+        match self.watchdog.bound(self.limit, request) {
+            Ok(answer) => answer.map_err(request_err(self.socket, what)),
+            Err(cut) => Err(VhostUserFsError::Cut {
+                path: self.socket.to_path_buf(),
+                what,
+                cut,
+            }),
+        }
     }
 }
 
@@ -223,7 +309,11 @@ impl VirtioDevice for VhostUserFs {
         a.expect_queues(NUM_QUEUES)?;
         self.started = true;
         if let Err(e) = self.start(&a) {
-            self.exit.request(ExitReason::Internal(error_chain(&e)));
+            // A timeout or signal that cut the set-up short ends the run as itself.
+            let reason = e
+                .exit_reason()
+                .unwrap_or(ExitReason::Internal(error_chain(&e)));
+            self.exit.request(reason);
             return Err(ActivateError::Backend(e.to_string()));
         }
         Ok(Box::new(DisconnectWatch {
@@ -238,9 +328,7 @@ impl VirtioDevice for VhostUserFs {
         // nothing to stop. Otherwise get_vring_base stops each ring (vhost-user's way); the back
         // end keeps the connection and is set up afresh at the next DRIVER_OK.
         if std::mem::take(&mut self.started) {
-            for index in 0..NUM_QUEUES {
-                let _ = self.frontend.get_vring_base(index);
-            }
+            self.stop();
         }
     }
 

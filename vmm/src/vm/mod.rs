@@ -67,6 +67,9 @@ pub struct VmConfig {
     /// against the PIT or need it as their timer do. Creating it cost 0.1-2.3 ms here, and its
     /// clean-up adds an SRCU wait to the VM's destruction.
     pub pit: bool,
+    /// When set-up must be over (the run's timeout, counted from the front end's start): a
+    /// vhost-user back end that has not answered by then is given up on.
+    pub setup_deadline: Option<Instant>,
     /// Save the VM into this snapshot directory, for this key (see [`Snapshot::open`]), when
     /// the guest writes the snapshot port (else the port is ignored); then run on.
     pub snapshot_to: Option<(PathBuf, String)>,
@@ -158,7 +161,7 @@ pub struct Teardown {
 impl Vm {
     /// Creates the VM and everything in it, and loads the guest (or restores the snapshot),
     /// ready to run.
-    pub fn build(mut config: VmConfig) -> Result<Vm, VmError> {
+    pub fn build(mut config: VmConfig, stop: &EventFd) -> Result<Vm, VmError> {
         let started = Instant::now();
         let kvm = kvm::open()?;
         error::check_vcpu_count(&kvm, config.vcpus)?;
@@ -172,6 +175,9 @@ impl Vm {
             restore_memory(&mem, snapshot)?;
         }
         let exit = Arc::new(VmExit::new().map_err(|e| VmError::Setup("exit channel", e))?);
+        exit.set_stop_event(stop)
+            .map_err(|e| VmError::Setup("stop event", e))?;
+        exit.set_deadline(config.setup_deadline);
         if config.snapshot_to.is_some() {
             exit.pause_at_snapshot_point();
         }
@@ -259,6 +265,7 @@ impl Vm {
         timeout: Option<Duration>,
     ) -> Result<RunOutcome, VmError> {
         let deadline = timeout.map(|t| Instant::now() + t);
+        self.exit.set_deadline(deadline);
         // Stamped before the first thread starts: a quick guest marks its first phase at once.
         let guest_started = Instant::now();
         let mut snapshot = None;
@@ -352,7 +359,7 @@ pub fn run(
     stop: &EventFd,
     timeout: Option<Duration>,
 ) -> Result<RunReport, VmError> {
-    let mut vm = Vm::build(config)?;
+    let mut vm = Vm::build(config, stop)?;
     let started = vm.started();
     let outcome = vm.run(stop, timeout)?;
     let Teardown {
