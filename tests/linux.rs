@@ -56,6 +56,8 @@ const TESTS: &[Test] = tests![
     warm::exec_warm_replaces_a_damaged_snapshot,
     nix::nix_run_in_linux_vm_builds_in_the_guest,
     nix::nix_builder_status_and_output_reach_nix,
+    nix::vmtools_stage1_through_the_qemu_entry_point,
+    nix::vmtools_failing_builder_resets_and_qemu_compat_exits_0,
 ];
 
 fn main() -> std::process::ExitCode {

@@ -8,6 +8,13 @@
 //! the virtiofs root, which a nested virtiofsd serves badly). What a test checks on the host is
 //! copied out of that store before the namespace goes away.
 
+mod vmtools;
+
+pub use vmtools::{
+    vmtools_failing_builder_resets_and_qemu_compat_exits_0,
+    vmtools_stage1_through_the_qemu_entry_point,
+};
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
