@@ -20,9 +20,10 @@
   runInLinuxVM,
   # A POSIX shell, the builder on the host and in the guest.
   shell,
-  # A directory whose bin/ has mkdir, cat, cp, mv, rm, truncate, mount, umount, sync, sleep
-  # (coreutils and util-linux, or busybox's applets).
+  # A directory whose bin/ has mkdir, cat, cp, mv, rm, truncate, sync, sleep (coreutils, or
+  # busybox's applets), and one whose bin/ has mount and umount (util-linux, or busybox).
   coreutils,
+  utilLinux ? coreutils,
   # sfdisk (util-linux), mke2fs (e2fsprogs), jq, qemu-img: executables (paths).
   sfdisk,
   mke2fs,
@@ -44,6 +45,8 @@
   # "raw" or "qcow2".
   format ? "raw",
   memSize ? 512,
+  # More attributes for the VM derivation (QEMU_OPTS, kvmbuildVerbose, ...).
+  vmAttrs ? { },
 }:
 
 let
@@ -89,7 +92,8 @@ let
   # In the guest: partition, make the file system, fill it.
   fillImage = ''
     set -e
-    PATH=${coreutils}/bin
+    PATH=${coreutils}/bin:${utilLinux}/bin
+    echo "makeDiskImage: partitioning ($partitionTableType)"
     case $partitionTableType in
       gpt) printf 'label: gpt\nstart=2048, type=L\n' | ${sfdisk} --quiet /dev/vda; root=/dev/vda1 ;;
       mbr) printf 'label: dos\nstart=2048, type=83, bootable\n' | ${sfdisk} --quiet /dev/vda; root=/dev/vda1 ;;
@@ -102,10 +106,12 @@ let
       if [ "$tries" -gt 100 ]; then echo "makeDiskImage: $root did not appear" >&2; exit 1; fi
       sleep 0.1
     done
+    echo "makeDiskImage: ext4 labelled $label on $root"
     ${mke2fs} -q -F -t ext4 -L "$label" "$root"
     mkdir -p /mnt
     mount -t ext4 "$root" /mnt
     mkdir -p /mnt/nix/store
+    echo "makeDiskImage: copying the closure"
     for path in $(cat ${closureInfo}/store-paths); do
       cp -a "$path" /mnt/nix/store/
     done
@@ -114,7 +120,7 @@ let
     sync
   '';
 in
-runInLinuxVM (derivation {
+runInLinuxVM (derivation (vmAttrs // {
   inherit name memSize;
   system = builtins.currentSystem;
   builder = shell;
@@ -153,4 +159,4 @@ runInLinuxVM (derivation {
         ${bin "mkdir"} -p "$out"
         ${bin "mv"} "$diskImage" "$out/nixos.img"
       '';
-})
+}))

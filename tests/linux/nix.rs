@@ -9,9 +9,11 @@
 //! copied out of that store before the namespace goes away.
 
 mod disk_image;
+mod timing;
 mod vmtools;
 
 pub use disk_image::nix_make_disk_image_gpt_none_and_qcow2;
+pub use timing::nix_trivial_build_drop_in_vs_native;
 pub use vmtools::{
     vmtools_failing_builder_resets_and_qemu_compat_exits_0,
     vmtools_stage1_through_the_qemu_entry_point,
@@ -169,13 +171,25 @@ fn trimmed_modules(full: &Path, release: &str, base: &Path) -> PathBuf {
     dir
 }
 
+/// Runs `script` with Nix's configuration from `dir/etc`, in a mount namespace with a fresh
+/// store on a tmpfs, killed after `guard`.
+fn nix_build_with_guard(script: &str, dir: &Path, guard: Duration) -> Run {
+    let script =
+        format!("mkdir -p /nix && mount -t tmpfs nix-test-store /nix || exit 90\n{script}");
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--", "/bin/sh", "-c", &script])
+        .env("NIX_CONF_DIR", dir.join("etc"))
+        .env_remove("NIX_CONFIG")
+        .env_remove("NIX_PATH");
+    run_guarded(cmd, guard)
+}
+
 /// `test.nix`'s `attr` instantiated (which adds the package set to the store) and built, in a
 /// mount namespace with a fresh store; `then` runs after it in the same namespace (with `$out`
 /// the result path, or empty when the build failed). Both steps are timed.
-fn nix_build(dir: &Path, attr: &str, then: &str) -> Run {
+fn nix_build(dir: &Path, attr: &str, then: &str, guard: Duration) -> Run {
     let script = format!(
         "set -u\n\
-         mkdir -p /nix && mount -t tmpfs nix-test-store /nix || exit 90\n\
          t0=$(date +%s%N)\n\
          drv=$(nix-instantiate {expr} -A {attr}) || exit 91\n\
          t1=$(date +%s%N)\n\
@@ -186,12 +200,7 @@ fn nix_build(dir: &Path, attr: &str, then: &str) -> Run {
          exit $status\n",
         expr = dir.join("test.nix").display(),
     );
-    let mut cmd = Command::new("unshare");
-    cmd.args(["--mount", "--", "/bin/sh", "-c", &script])
-        .env("NIX_CONF_DIR", dir.join("etc"))
-        .env_remove("NIX_CONFIG")
-        .env_remove("NIX_PATH");
-    let run = run_guarded(cmd, GUARD);
+    let run = nix_build_with_guard(&script, dir, guard);
     let timing = run
         .stderr
         .lines()
@@ -215,6 +224,7 @@ pub fn nix_run_in_linux_vm_builds_in_the_guest() {
         &dir,
         "uname",
         &format!("[ -n \"$out\" ] && cat \"$out\" > {}", result.display()),
+        GUARD,
     );
     // kvmbuild exec -v's timing of this (trivial) build, from the build log.
     for line in run
@@ -252,6 +262,7 @@ pub fn nix_builder_status_and_output_reach_nix() {
              if [ -e \"$p\" ]; then echo \"OUTPUT LEFT: $p\" >&2; fi",
             dir.join("test.nix").display()
         ),
+        GUARD,
     );
     run.check(run.status.is_some_and(|s| s != 0), "the build should fail");
     run.check(

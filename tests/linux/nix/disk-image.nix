@@ -80,6 +80,7 @@ let
       {
         contents = [ init ];
         additionalSpace = 16;
+        vmAttrs.kvmbuildVerbose = true;
       }
       // attrs
     );

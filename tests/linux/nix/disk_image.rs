@@ -14,6 +14,8 @@ use super::super::harness::repo_root;
 use super::{nix_build, package_set};
 
 const BOOT_GUARD: Duration = Duration::from_secs(300);
+/// Three VM builds, nested in the TCG test host.
+const IMAGES_GUARD: Duration = Duration::from_secs(1200);
 /// The first sector of the partition makeDiskImage makes (1 MiB).
 const PARTITION_START_SECTOR: u64 = 2048;
 
@@ -225,7 +227,7 @@ pub fn nix_make_disk_image_gpt_none_and_qcow2() {
          echo $init > {d}/init",
         d = dir.display()
     );
-    let run = nix_build(&dir, "images", &then);
+    let run = nix_build(&dir, "images", &then, IMAGES_GUARD);
     run.check(
         run.status == Some(0),
         "the three image builds should succeed",
