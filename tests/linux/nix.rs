@@ -34,8 +34,8 @@ const GUARD: Duration = Duration::from_secs(420);
 const MEM_SIZE_MIB: u64 = 384;
 /// busybox applets our "coreutils" offers to the builders, runInLinuxVM and makeDiskImage.
 const APPLETS: &[&str] = &[
-    "sh", "mkdir", "ln", "cat", "nproc", "uname", "echo", "cp", "mv", "rm", "chmod", "ls", "grep",
-    "sed", "mount", "umount", "sync", "sleep", "truncate", "poweroff",
+    "sh", "mkdir", "ln", "cat", "head", "nproc", "uname", "echo", "cp", "mv", "rm", "chmod", "ls",
+    "grep", "sed", "mount", "umount", "sync", "sleep", "truncate", "poweroff",
 ];
 
 /// The test's scratch directory with the package set, a Nix configuration and `test.nix`.
