@@ -78,7 +78,7 @@ pub fn nix_trivial_build_drop_in_vs_native() {
          done",
         expr = dir.join("test.nix").display()
     );
-    let run = nix_build_with_guard(&script, &dir, std::time::Duration::from_secs(1500));
+    let run = nix_build_with_guard(&script, &dir, std::time::Duration::from_secs(2100));
     run.check(run.status == Some(0), "every build should succeed");
     let release = cloud_kernel().release;
     let (mut drop_in, mut native) = (Vec::new(), Vec::new());
