@@ -13,8 +13,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use vmm::exit::ExitReason;
 use vmm::device_manager::{DiskConfig, ShareConfig};
+use vmm::exit::ExitReason;
 
 use crate::run::{self, ConsoleDevice, RunArgs};
 use crate::vm_error;
