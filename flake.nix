@@ -24,8 +24,10 @@
         # The native runInLinuxVM with every input explicit (kvmbuild, kernel, modules,
         # virtiofsd, shell, coreutils): see nix/lib/run-in-linux-vm.nix.
         mkRunInLinuxVM = import ./nix/lib/run-in-linux-vm.nix;
+        # makeDiskImage with every input explicit: see nix/lib/make-disk-image.nix.
+        mkMakeDiskImage = import ./nix/lib/make-disk-image.nix;
         # The same with nixpkgs' kernel, bash, coreutils and virtiofsd:
-        # `(kvmbuild.lib.forPkgs pkgs).runInLinuxVM drv`.
+        # `(kvmbuild.lib.forPkgs pkgs).runInLinuxVM drv`, `.makeDiskImage { contents = [ … ]; }`.
         forPkgs =
           pkgs':
           import ./nix/lib {
@@ -33,7 +35,7 @@
             kvmbuild = pkgs'.kvmbuild or (pkgs'.callPackage ./nix/package.nix { });
           };
         # For x86_64-linux with this flake's nixpkgs.
-        inherit (pkgs.kvmbuildTools) runInLinuxVM;
+        inherit (pkgs.kvmbuildTools) runInLinuxVM makeDiskImage;
       };
     };
 }

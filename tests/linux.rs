@@ -56,8 +56,22 @@ const TESTS: &[Test] = tests![
     warm::exec_warm_replaces_a_damaged_snapshot,
     nix::nix_run_in_linux_vm_builds_in_the_guest,
     nix::nix_builder_status_and_output_reach_nix,
+    nix::nix_make_disk_image_gpt_none_and_qcow2,
+    nix::vmtools_stage1_through_the_qemu_entry_point,
+    nix::vmtools_failing_builder_resets_and_qemu_compat_exits_0,
 ];
 
+/// Measurements rather than tests (ten timed Nix builds): they run only when
+/// `KVMBUILD_LINUX_TESTS` names them.
+const MEASUREMENTS: &[Test] = tests![nix::nix_trivial_build_drop_in_vs_native];
+
 fn main() -> std::process::ExitCode {
-    harness::main(TESTS)
+    let named = std::env::var("KVMBUILD_LINUX_TESTS").unwrap_or_default();
+    let requested = |t: &&Test| named.split(',').any(|n| n == t.name);
+    let tests: Vec<Test> = TESTS
+        .iter()
+        .chain(MEASUREMENTS.iter().filter(requested))
+        .cloned()
+        .collect();
+    harness::main(&tests)
 }

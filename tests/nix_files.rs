@@ -57,6 +57,9 @@ fn every_nix_file_parses() {
         "flake.nix",
         "nix/package.nix",
         "nix/lib/run-in-linux-vm.nix",
+        "nix/lib/make-disk-image.nix",
+        "tests/linux/nix/disk-image.nix",
+        "tests/linux/nix/vmtools.nix",
     ] {
         assert!(
             files.contains(&repo_root().join(expected)),

@@ -4,12 +4,17 @@
 //! Every option outside the subset is refused with its name: silently ignoring one could change
 //! what the guest sees. The same entry point runs when kvmbuild is invoked under a QEMU binary's
 //! name (`qemu-kvm`, `qemu-system-x86_64`), e.g. through a symlink.
+//!
+//! Where QEMU's semantics differ from `kvmbuild run`'s, this entry point keeps QEMU's: with
+//! `-no-reboot` a guest reset ends the process with status 0 (vmTools' stage 2 panics the guest
+//! when a builder fails, and vmTools then reports the missing exit code itself).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use vmm::device_manager::{DiskConfig, ShareConfig};
+use vmm::exit::ExitReason;
 
 use crate::run::{self, ConsoleDevice, RunArgs};
 use crate::vm_error;
@@ -23,6 +28,13 @@ const SUPPORTED: &str = "-nographic -no-reboot -enable-kvm -kernel -initrd -appe
 max|host -machine memory-backend=ID|accel=kvm -object memory-backend-memfd,... -chardev \
 socket,id=ID,path=SOCK -device vhost-user-fs-pci,chardev=ID,tag=TAG -device virtio-rng-pci \
 -drive file=IMG,if=virtio[,format=raw][,cache=...][,werror=report][,readonly=on]";
+
+/// Appended to `-append`: kvmbuild has no PCI, and the kernel's PCI set-up would otherwise log
+/// "PCI: Fatal: No config space access function found" on every boot. `pci=off` alone does not
+/// stop that line (x86's `pci_arch_init` prints it whenever no config-space access method was
+/// found, which `pci=off` guarantees), so that one initcall is skipped too; the kernel reports
+/// blacklisted initcalls only at debug level.
+const NO_PCI_PARAMS: &str = "pci=off initcall_blacklist=pci_arch_init";
 
 /// Parses `key=value,key=value` option lists; a leading bare word is returned as the kind.
 fn options(spec: &str) -> (Option<&str>, HashMap<&str, &str>) {
@@ -77,12 +89,17 @@ struct Parsed {
     shares: Vec<(String, String)>,
     disks: Vec<DiskConfig>,
     rng: bool,
+    no_reboot: bool,
 }
 
 fn parse_one(option: &str, value: Option<&str>, p: &mut Parsed) -> Result<bool, String> {
     let value = || value.ok_or_else(|| format!("{option} needs a value"));
     match option {
-        "-nographic" | "-no-reboot" | "-enable-kvm" => return Ok(false),
+        "-no-reboot" => {
+            p.no_reboot = true;
+            return Ok(false);
+        }
+        "-nographic" | "-enable-kvm" => return Ok(false),
         "-kernel" => p.kernel = Some(value()?.into()),
         "-initrd" => p.initrd = Some(value()?.into()),
         "-append" => p.append = Some(value()?.to_string()),
@@ -197,8 +214,26 @@ fn parse_one(option: &str, value: Option<&str>, p: &mut Parsed) -> Result<bool, 
     Ok(true)
 }
 
+/// A QEMU command line as `kvmbuild run`'s arguments, plus the QEMU semantics to keep.
+struct Translated {
+    run: RunArgs,
+    /// `-no-reboot`: a guest reset ends the VM with status 0, as QEMU's does.
+    no_reboot: bool,
+}
+
+/// The kernel command line: `-append` with [`NO_PCI_PARAMS`], unless it says `pci=` itself.
+fn kernel_cmdline(append: Option<String>) -> Option<String> {
+    append.map(|line| {
+        if line.split_whitespace().any(|p| p.starts_with("pci=")) {
+            line
+        } else {
+            format!("{} {NO_PCI_PARAMS}", line.trim_end())
+        }
+    })
+}
+
 /// Translates a QEMU command line into `kvmbuild run`'s arguments.
-fn translate(args: &[String]) -> Result<RunArgs, String> {
+fn translate(args: &[String]) -> Result<Translated, String> {
     let mut parsed = Parsed::default();
     let mut i = 0;
     while i < args.len() {
@@ -228,12 +263,12 @@ fn translate(args: &[String]) -> Result<RunArgs, String> {
             )),
         })
         .collect::<Result<_, _>>()?;
-    Ok(RunArgs {
+    let run = RunArgs {
         kernel: parsed
             .kernel
             .ok_or("-kernel is required (kvmbuild boots kernels directly)")?,
         initrd: parsed.initrd,
-        cmdline: parsed.append,
+        cmdline: kernel_cmdline(parsed.append),
         // QEMU's default.
         mem: parsed.mem_mib.unwrap_or(128),
         cpus: parsed.cpus.unwrap_or(1),
@@ -247,14 +282,41 @@ fn translate(args: &[String]) -> Result<RunArgs, String> {
         timeout: None,
         snapshot: None,
         restore: None,
+    };
+    Ok(Translated {
+        run,
+        no_reboot: parsed.no_reboot,
     })
 }
 
 /// Runs a guest described by QEMU arguments.
 pub fn qemu_compat(args: &[String]) -> ExitCode {
-    match translate(args) {
-        Ok(run_args) => run::run_as(run_args, &vm_error::QEMU),
-        Err(message) => fail(exit_code::BAD_INPUT, format!("qemu-compat: {message}")),
+    let translated = match translate(args) {
+        Ok(translated) => translated,
+        Err(message) => return fail(exit_code::BAD_INPUT, format!("qemu-compat: {message}")),
+    };
+    let timeout = translated.run.timeout;
+    match run::run_vm(translated.run, &vm_error::QEMU) {
+        Ok(mut report) => {
+            if translated.no_reboot {
+                end_resets_as_qemu_does(&mut report.reason);
+            }
+            run::report_outcome(&report, timeout)
+        }
+        Err(code) => code,
+    }
+}
+
+/// Under `-no-reboot`, QEMU treats a guest reset (a reboot, a panic with `panic=N`, a triple
+/// fault) as a shutdown and exits 0; the caller (vmTools) then looks for its own exit file.
+/// One line on stderr still says what happened, since a triple fault is worth knowing about.
+fn end_resets_as_qemu_does(reason: &mut ExitReason) {
+    if let ExitReason::Reset(source) = reason {
+        eprintln!(
+            "kvmbuild: qemu-compat: the guest reset itself {}; with -no-reboot that ends the VM (status 0, as QEMU)",
+            run::reset_how(source)
+        );
+        *reason = ExitReason::PowerOff;
     }
 }
 
@@ -286,12 +348,17 @@ mod tests {
 
     #[test]
     fn vmtools_command_line_maps_onto_kvmbuild_run() {
-        let a = translate(&args(VMTOOLS)).unwrap();
+        let t = translate(&args(VMTOOLS)).unwrap();
+        assert!(t.no_reboot);
+        let a = t.run;
         assert_eq!(a.kernel, PathBuf::from("bzImage"));
         assert_eq!(a.initrd, Some(PathBuf::from("initrd")));
         assert_eq!(
             a.cmdline.as_deref(),
-            Some("console=ttyS0 panic=1 command=/nix/store/x-vm-run-stage2 mountDisk=1 loglevel=4")
+            Some(
+                "console=ttyS0 panic=1 command=/nix/store/x-vm-run-stage2 mountDisk=1 loglevel=4 \
+                 pci=off initcall_blacklist=pci_arch_init"
+            )
         );
         assert_eq!((a.mem, a.cpus, a.rng), (2048, 2, true));
         assert_eq!(
@@ -352,7 +419,46 @@ mod tests {
             "-kernel k -smp 4 --enable-kvm -drive file=r.img,if=virtio,readonly=on",
         ))
         .unwrap();
-        assert_eq!(a.cpus, 4);
-        assert!(a.disk[0].read_only);
+        assert!(!a.no_reboot);
+        assert_eq!(a.run.cpus, 4);
+        assert!(a.run.disk[0].read_only);
+    }
+
+    #[test]
+    fn pci_parameters_are_added_unless_the_line_sets_pci() {
+        assert_eq!(kernel_cmdline(None), None);
+        assert_eq!(
+            kernel_cmdline(Some("console=ttyS0 ".into())).as_deref(),
+            Some("console=ttyS0 pci=off initcall_blacklist=pci_arch_init")
+        );
+        assert_eq!(
+            kernel_cmdline(Some("console=ttyS0 pci=nomsi".into())).as_deref(),
+            Some("console=ttyS0 pci=nomsi")
+        );
+        // Only a parameter named pci counts, not one that merely contains it.
+        assert!(kernel_cmdline(Some("x.pci=1".into()))
+            .unwrap()
+            .ends_with(NO_PCI_PARAMS));
+    }
+
+    #[test]
+    fn a_reset_becomes_a_poweroff_and_nothing_else_changes() {
+        use vmm::exit::ResetSource;
+        for source in [
+            ResetSource::I8042,
+            ResetSource::AcpiReset,
+            ResetSource::TripleFault,
+        ] {
+            let mut reason = ExitReason::Reset(source);
+            end_resets_as_qemu_does(&mut reason);
+            assert!(matches!(reason, ExitReason::PowerOff));
+        }
+        // Anything else is left alone: a guest's own status, a timeout.
+        let mut status = ExitReason::GuestStatus(3);
+        end_resets_as_qemu_does(&mut status);
+        assert!(matches!(status, ExitReason::GuestStatus(3)));
+        let mut timeout = ExitReason::Timeout;
+        end_resets_as_qemu_does(&mut timeout);
+        assert!(matches!(timeout, ExitReason::Timeout));
     }
 }

@@ -222,17 +222,21 @@ pub fn run(args: RunArgs) -> ExitCode {
 /// Runs a VM for a front end that names its options `names` (`run`, the QEMU entry point).
 pub(crate) fn run_as(args: RunArgs, names: &OptionNames) -> ExitCode {
     let timeout = args.timeout;
-    let stop = match terminal::stop_vm_on_signals() {
-        Ok(stop) => stop,
-        Err(code) => return code,
-    };
+    match run_vm(args, names) {
+        Ok(report) => report_outcome(&report, timeout),
+        Err(code) => code,
+    }
+}
+
+/// Boots and runs the guest; an error is the exit status, its message already printed.
+/// Front ends that read outcomes differently (qemu-compat's `-no-reboot`) start here.
+pub(crate) fn run_vm(args: RunArgs, names: &OptionNames) -> Result<RunReport, ExitCode> {
+    let timeout = args.timeout;
+    let stop = terminal::stop_vm_on_signals()?;
     // The terminal feeds the console device (the serial port or hvc0); it is restored when
     // `stdin` drops, before any message below is printed.
     let stdin = RawishStdin::enter();
-    let config = match vm_config(args, stdin.as_ref(), names) {
-        Ok(config) => config,
-        Err(code) => return code,
-    };
+    let config = vm_config(args, stdin.as_ref(), names)?;
     if vmm::kvm::is_pvm_host() {
         eprintln!("kvmbuild: warning: {}", vmm::kvm::PVM_WARNING);
     }
@@ -241,9 +245,9 @@ pub(crate) fn run_as(args: RunArgs, names: &OptionNames) -> ExitCode {
     match result {
         Ok(mut report) => {
             crate::keep_finished_vm(report.remains.take());
-            report_outcome(&report, timeout)
+            Ok(report)
         }
-        Err(e) => vm_error::report(&e, names),
+        Err(e) => Err(vm_error::report(&e, names)),
     }
 }
 
@@ -251,6 +255,15 @@ pub(crate) fn run_as(args: RunArgs, names: &OptionNames) -> ExitCode {
 fn snapshot_key(kernel: &Path, cmdline: &str) -> String {
     let kernel = std::fs::canonicalize(kernel).unwrap_or_else(|_| kernel.to_path_buf());
     format!("run kernel={} cmdline={cmdline}", kernel.display())
+}
+
+/// How the guest reset itself, for messages.
+pub(crate) fn reset_how(source: &ResetSource) -> &'static str {
+    match source {
+        ResetSource::I8042 => "through the i8042 controller",
+        ResetSource::AcpiReset => "through the ACPI reset register",
+        ResetSource::TripleFault => "by triple-faulting",
+    }
 }
 
 pub(crate) fn report_outcome(report: &RunReport, timeout: Option<Duration>) -> ExitCode {
@@ -271,17 +284,13 @@ pub(crate) fn report_outcome(report: &RunReport, timeout: Option<Duration>) -> E
     match &report.reason {
         ExitReason::PowerOff => ExitCode::from(exit_code::SUCCESS),
         ExitReason::GuestStatus(status) => ExitCode::from(*status),
-        ExitReason::Reset(source) => {
-            let how = match source {
-                ResetSource::I8042 => "through the i8042 controller",
-                ResetSource::AcpiReset => "through the ACPI reset register",
-                ResetSource::TripleFault => "by triple-faulting",
-            };
-            fail(
-                exit_code::GUEST_RESET,
-                format!("the guest reset itself {how}; kvmbuild does not reboot guests"),
-            )
-        }
+        ExitReason::Reset(source) => fail(
+            exit_code::GUEST_RESET,
+            format!(
+                "the guest reset itself {}; kvmbuild does not reboot guests",
+                reset_how(source)
+            ),
+        ),
         ExitReason::Timeout => fail(
             exit_code::TIMEOUT,
             format!(

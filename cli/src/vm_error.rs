@@ -84,17 +84,28 @@ pub fn setup_stop_status(e: &VmError) -> Option<u8> {
     };
     match source.exit_reason()? {
         ExitReason::Timeout => Some(exit_code::TIMEOUT),
-        ExitReason::Stopped => {
-            let signal = crate::terminal::stop_signal().unwrap_or(libc::SIGTERM);
-            Some(u8::try_from(128 + signal).unwrap_or(u8::MAX))
-        }
+        ExitReason::Stopped => setup_stop_signal(e)
+            .map(|signal| u8::try_from(128 + signal).unwrap_or(u8::MAX)),
         _ => None,
     }
+}
+
+/// The signal that stopped a run during set-up, when one did.
+fn setup_stop_signal(e: &VmError) -> Option<i32> {
+    let VmError::Device(DeviceError::Virtio(VirtioError::Share { source, .. })) = e else {
+        return None;
+    };
+    (source.exit_reason()? == ExitReason::Stopped)
+        .then(|| crate::terminal::stop_signal().unwrap_or(libc::SIGTERM))
 }
 
 /// The one line a front end prints for `e`, naming its own option where one is at fault.
 pub fn message(e: &VmError, names: &OptionNames) -> String {
     let chain = chain(e);
+    if let Some(signal) = setup_stop_signal(e) {
+        let name = crate::terminal::signal_name(signal);
+        return format!("stopped the guest on {name} during set-up: {chain}");
+    }
     match e.field() {
         Some(field) => format!("{}: {chain}", names.name(field)),
         None => chain,

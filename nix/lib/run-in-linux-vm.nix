@@ -37,7 +37,8 @@
   # A POSIX shell (bash or busybox sh): it runs both the host side and the guest's stage 2.
   # `export` output of this shell must be readable by the same shell.
   shell,
-  # A directory whose bin/ has mkdir, ln, cat and nproc (coreutils, or busybox's applets).
+  # A directory whose bin/ has mkdir, ln, cat, head and nproc (coreutils, or busybox's
+  # applets).
   coreutils,
   # Where the store is, on the host and in the guest.
   storeDir ? builtins.storeDir,
@@ -135,8 +136,9 @@ let
     disk=
     if [ -n "''${diskImage-}" ]; then
       [ -f "$diskImage" ] || [ -b "$diskImage" ] || fail "diskImage $diskImage is not a file or block device"
-      magic=
-      IFS= read -r magic < "$diskImage" 2>/dev/null || true
+      # The first bytes only: `read` would scan a whole image that has no newline (a fresh,
+      # sparse one is all zeros), byte by byte under busybox, for minutes on a large disk.
+      magic=$(${bin "head"} -c 4 "$diskImage" 2>/dev/null) || true
       case $magic in
         QFI*) fail "diskImage $diskImage is qcow2; kvmbuild attaches raw images only" ;;
       esac

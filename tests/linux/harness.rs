@@ -9,6 +9,7 @@ use std::time::Instant;
 const IN_TEST_HOST: &str = "KVMBUILD_IN_TEST_HOST";
 
 /// One test: a name and a function that panics on failure.
+#[derive(Clone, Copy)]
 pub struct Test {
     pub name: &'static str,
     pub run: fn(),

@@ -8,6 +8,17 @@
 //! the virtiofs root, which a nested virtiofsd serves badly). What a test checks on the host is
 //! copied out of that store before the namespace goes away.
 
+mod disk_image;
+mod timing;
+mod vmtools;
+
+pub use disk_image::nix_make_disk_image_gpt_none_and_qcow2;
+pub use timing::nix_trivial_build_drop_in_vs_native;
+pub use vmtools::{
+    vmtools_failing_builder_resets_and_qemu_compat_exits_0,
+    vmtools_stage1_through_the_qemu_entry_point,
+};
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -21,51 +32,18 @@ use super::virtiofs::which_virtiofsd;
 const GUARD: Duration = Duration::from_secs(420);
 /// Guest RAM the first test asks for (`memSize`), and checks in the guest's /proc/meminfo.
 const MEM_SIZE_MIB: u64 = 384;
-/// busybox applets our "coreutils" offers to the builders and to runInLinuxVM.
-const APPLETS: &[&str] = &["sh", "mkdir", "ln", "cat", "nproc", "uname", "echo"];
+/// busybox applets our "coreutils" offers to the builders, runInLinuxVM and makeDiskImage.
+const APPLETS: &[&str] = &[
+    "sh", "mkdir", "ln", "cat", "head", "nproc", "uname", "echo", "cp", "mv", "rm", "chmod", "ls",
+    "grep", "sed", "mount", "umount", "sync", "sleep", "truncate", "poweroff",
+];
 
 /// The test's scratch directory with the package set, a Nix configuration and `test.nix`.
 fn setup(test: &str) -> PathBuf {
-    let uid = Command::new("id").arg("-u").output().expect("id runs");
-    assert_eq!(
-        String::from_utf8_lossy(&uid.stdout).trim(),
-        "0",
-        "the Nix tests run as root (a single-user store on a tmpfs mounted in a namespace)"
-    );
-    assert!(
-        Command::new("nix-build").arg("--version").output().is_ok(),
-        "nix-build is missing: install Debian's nix-bin (.ci/install-deps)"
-    );
-    let dir = scratch(test);
-    let pkgs = dir.join("pkgs");
-    let _ = std::fs::remove_dir_all(&pkgs);
-    // busybox as a package: bin/busybox and its applets (a store path named after busybox
-    // itself would make it look for an applet called "<hash>-busybox").
-    let bb_bin = pkgs.join("busybox/bin");
-    std::fs::create_dir_all(&bb_bin).unwrap();
-    std::fs::copy("/bin/busybox", bb_bin.join("busybox")).expect("/bin/busybox (busybox-static)");
-    for applet in APPLETS {
-        std::os::unix::fs::symlink("busybox", bb_bin.join(applet)).unwrap();
-    }
-    let kvmbuild_bin = pkgs.join("kvmbuild/bin");
-    std::fs::create_dir_all(&kvmbuild_bin).unwrap();
-    std::fs::copy(
-        env!("CARGO_BIN_EXE_kvmbuild"),
-        kvmbuild_bin.join("kvmbuild"),
-    )
-    .unwrap();
-    std::fs::copy(which_virtiofsd(), pkgs.join("virtiofsd")).unwrap();
+    let dir = package_set(test);
     let kernel = cloud_kernel();
-    let modules = trimmed_modules(&kernel.modules, &kernel.release, &pkgs.join("modules"));
-
-    let etc = dir.join("etc");
-    std::fs::create_dir_all(&etc).unwrap();
-    std::fs::write(
-        etc.join("nix.conf"),
-        "build-users-group =\nsandbox = false\nsystem-features = kvm\nsubstituters =\n",
-    )
-    .unwrap();
-
+    let pkgs = dir.join("pkgs");
+    let modules = pkgs.join("modules/lib/modules").join(&kernel.release);
     let expr = format!(
         r#"
 let
@@ -113,6 +91,52 @@ in
     dir
 }
 
+/// The test's scratch directory with the package set (`pkgs/`: busybox with its applets, the
+/// kvmbuild under test, virtiofsd, the cloud kernel's module tree trimmed to kvmbuild's
+/// initrd) and a Nix configuration (`etc/nix.conf`).
+fn package_set(test: &str) -> PathBuf {
+    let uid = Command::new("id").arg("-u").output().expect("id runs");
+    assert_eq!(
+        String::from_utf8_lossy(&uid.stdout).trim(),
+        "0",
+        "the Nix tests run as root (a single-user store on a tmpfs mounted in a namespace)"
+    );
+    assert!(
+        Command::new("nix-build").arg("--version").output().is_ok(),
+        "nix-build is missing: install Debian's nix-bin (.ci/install-deps)"
+    );
+    let dir = scratch(test);
+    let pkgs = dir.join("pkgs");
+    let _ = std::fs::remove_dir_all(&pkgs);
+    // busybox as a package: bin/busybox and its applets (a store path named after busybox
+    // itself would make it look for an applet called "<hash>-busybox").
+    let bb_bin = pkgs.join("busybox/bin");
+    std::fs::create_dir_all(&bb_bin).unwrap();
+    std::fs::copy("/bin/busybox", bb_bin.join("busybox")).expect("/bin/busybox (busybox-static)");
+    for applet in APPLETS {
+        std::os::unix::fs::symlink("busybox", bb_bin.join(applet)).unwrap();
+    }
+    let kvmbuild_bin = pkgs.join("kvmbuild/bin");
+    std::fs::create_dir_all(&kvmbuild_bin).unwrap();
+    std::fs::copy(
+        env!("CARGO_BIN_EXE_kvmbuild"),
+        kvmbuild_bin.join("kvmbuild"),
+    )
+    .unwrap();
+    std::fs::copy(which_virtiofsd(), pkgs.join("virtiofsd")).unwrap();
+    let kernel = cloud_kernel();
+    trimmed_modules(&kernel.modules, &kernel.release, &pkgs.join("modules"));
+
+    let etc = dir.join("etc");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::write(
+        etc.join("nix.conf"),
+        "build-users-group =\nsandbox = false\nsystem-features = kvm\nsubstituters =\n",
+    )
+    .unwrap();
+    dir
+}
+
 /// A module tree with only what kvmbuild's initrd loads (its default modules and their
 /// dependencies), re-indexed by depmod: the whole tree is ~90 MB to copy into the store.
 fn trimmed_modules(full: &Path, release: &str, base: &Path) -> PathBuf {
@@ -147,29 +171,36 @@ fn trimmed_modules(full: &Path, release: &str, base: &Path) -> PathBuf {
     dir
 }
 
+/// Runs `script` with Nix's configuration from `dir/etc`, in a mount namespace with a fresh
+/// store on a tmpfs, killed after `guard`.
+fn nix_build_with_guard(script: &str, dir: &Path, guard: Duration) -> Run {
+    let script =
+        format!("mkdir -p /nix && mount -t tmpfs nix-test-store /nix || exit 90\n{script}");
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--", "/bin/sh", "-c", &script])
+        .env("NIX_CONF_DIR", dir.join("etc"))
+        .env_remove("NIX_CONFIG")
+        .env_remove("NIX_PATH");
+    run_guarded(cmd, guard)
+}
+
 /// `test.nix`'s `attr` instantiated (which adds the package set to the store) and built, in a
 /// mount namespace with a fresh store; `then` runs after it in the same namespace (with `$out`
 /// the result path, or empty when the build failed). Both steps are timed.
-fn nix_build(dir: &Path, attr: &str, then: &str) -> Run {
+fn nix_build(dir: &Path, attr: &str, then: &str, guard: Duration) -> Run {
     let script = format!(
         "set -u\n\
-         mkdir -p /nix && mount -t tmpfs nix-test-store /nix || exit 90\n\
          t0=$(date +%s%N)\n\
          drv=$(nix-instantiate {expr} -A {attr}) || exit 91\n\
          t1=$(date +%s%N)\n\
-         out=$(nix-store --realise \"$drv\"); status=$?\n\
+         out=$(nix-store --realise $drv); status=$?\n\
          t2=$(date +%s%N)\n\
          echo \"nix-instantiate took $(( (t1 - t0) / 1000000 )) ms, nix-store --realise $(( (t2 - t1) / 1000000 )) ms, exited $status\" >&2\n\
          {then}\n\
          exit $status\n",
         expr = dir.join("test.nix").display(),
     );
-    let mut cmd = Command::new("unshare");
-    cmd.args(["--mount", "--", "/bin/sh", "-c", &script])
-        .env("NIX_CONF_DIR", dir.join("etc"))
-        .env_remove("NIX_CONFIG")
-        .env_remove("NIX_PATH");
-    let run = run_guarded(cmd, GUARD);
+    let run = nix_build_with_guard(&script, dir, guard);
     let timing = run
         .stderr
         .lines()
@@ -193,6 +224,7 @@ pub fn nix_run_in_linux_vm_builds_in_the_guest() {
         &dir,
         "uname",
         &format!("[ -n \"$out\" ] && cat \"$out\" > {}", result.display()),
+        GUARD,
     );
     // kvmbuild exec -v's timing of this (trivial) build, from the build log.
     for line in run
@@ -230,6 +262,7 @@ pub fn nix_builder_status_and_output_reach_nix() {
              if [ -e \"$p\" ]; then echo \"OUTPUT LEFT: $p\" >&2; fi",
             dir.join("test.nix").display()
         ),
+        GUARD,
     );
     run.check(run.status.is_some_and(|s| s != 0), "the build should fail");
     run.check(

@@ -12,13 +12,13 @@ const TAG: &str = "shared";
 const FROM_HOST: &str = "written by the host for the guest";
 
 /// A virtiofsd serving one directory, killed when dropped.
-struct Virtiofsd {
+pub struct Virtiofsd {
     child: Child,
-    socket: PathBuf,
+    pub socket: PathBuf,
 }
 
 impl Virtiofsd {
-    fn start(dir: &Path, socket: PathBuf) -> Self {
+    pub fn start(dir: &Path, socket: PathBuf) -> Self {
         let binary = which_virtiofsd();
         let child = Command::new(&binary)
             .arg(format!("--socket-path={}", socket.display()))

@@ -13,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::exit::{self, ExitReason, VmExit};
+use crate::exit::{ExitReason, VmExit};
 
 /// How often an armed watchdog looks for a stop signal, which cannot wake it (a signal handler
 /// may not touch a condition variable). Exchanges take microseconds, so it rarely looks at all.
