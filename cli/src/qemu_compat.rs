@@ -244,6 +244,7 @@ fn translate(args: &[String]) -> Result<RunArgs, String> {
         // QEMU's machines have a PIT; the kernels vmTools boots keep time without one.
         pit: false,
         timeout: None,
+        verbose: false,
     })
 }
 

@@ -73,6 +73,9 @@ pub struct RunArgs {
     /// End the guest after this many seconds (fractions allowed).
     #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
     pub(crate) timeout: Option<Duration>,
+    /// Say what kvmbuild did: the guest memory's backing (huge pages or not).
+    #[arg(short, long)]
+    pub(crate) verbose: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -188,6 +191,7 @@ fn vm_config(args: RunArgs, stdin: Option<&RawishStdin>) -> Result<VmConfig, Exi
 
 pub fn run(args: RunArgs) -> ExitCode {
     let timeout = args.timeout;
+    let verbose = args.verbose;
     if let Err(e) = terminal::stop_vm_on_signals() {
         return fail(
             exit_code::INTERNAL,
@@ -206,6 +210,9 @@ pub fn run(args: RunArgs) -> ExitCode {
     }
     let result = vm::run(config);
     drop(stdin);
+    if let Some(backing) = vmm::memory::last_backing().filter(|_| verbose) {
+        eprintln!("kvmbuild: {backing}");
+    }
     match result {
         Ok(report) => report_outcome(&report, timeout),
         Err(e) => {

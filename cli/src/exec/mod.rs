@@ -358,6 +358,9 @@ fn outcome(report: &RunReport, plan: &Plan, console: &ConsoleTail, log: &Log) ->
             .find(|(p, _)| *p == phase)
             .map(|(_, at)| *at)
     };
+    if let Some(backing) = vmm::memory::last_backing() {
+        log.say(format_args!("{backing}"));
+    }
     let command_started = phase_at(BootPhase::CommandStarted);
     if let Some(at) = command_started {
         log.say(format_args!(
