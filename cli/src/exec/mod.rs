@@ -369,6 +369,13 @@ fn outcome(report: &RunReport, plan: &Plan, console: &ConsoleTail, log: &Log) ->
             report.ended.duration_since(at).as_millis()
         ));
     }
+    if let (Some(started), Some(finished)) = (command_started, phase_at(BootPhase::CommandFinished))
+    {
+        log.say(format_args!(
+            "{}",
+            crate::bench::marks_line(started, finished)
+        ));
+    }
     let init_failed =
         matches!(report.reason, ExitReason::GuestStatus(s) if (119..=123).contains(&s));
     let failed_early = command_started.is_none()
