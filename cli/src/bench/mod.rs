@@ -42,6 +42,7 @@ Examples:
       --cmdline 'console=ttyS0 quiet kvmbuild.cmd=/bin/true' --runs 20 --json boot.json --svg boot.svg
   kvmbuild bench --kernel vmlinux --initrd initrd.img --cmdline '...' --compare qemu,firecracker=./fc
   kvmbuild bench --kernel reboot.elf --expect reset --runs 30
+  kvmbuild bench --kernel bzImage --compare qemu --qemu-arg=-cpu --qemu-arg=host,-arch-capabilities
   kvmbuild bench --exec --runs 5 --svg exec.svg -- true
 
 Each boot must end as --expect says (exit: power-off or status 0; reset: a reset; any: either).
@@ -89,6 +90,10 @@ pub struct BenchArgs {
     /// firecracker, each as NAME or NAME=BINARY.
     #[arg(long, value_name = "VMM[=BINARY],...", value_delimiter = ',')]
     compare: Vec<Vmm>,
+    /// An extra argument for QEMU, after kvmbuild's (a later `-cpu` replaces `-cpu host`);
+    /// repeatable, e.g. --qemu-arg=-bios --qemu-arg=qboot.rom.
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    qemu_arg: Vec<String>,
     /// How each boot must end to count.
     #[arg(long, value_enum, default_value_t = Expect::Exit)]
     expect: Expect,
@@ -278,6 +283,7 @@ fn measure_and_report(args: &BenchArgs, vmms: &[Vmm], outputs: Outputs) -> anyho
         cpus: args.cpus,
         timeout: args.limit(),
         expect: args.expect,
+        qemu_args: &args.qemu_arg,
         scratch: scratch.path(),
     };
     let mut samples = Vec::new();

@@ -82,6 +82,8 @@ pub struct Guest<'a> {
     pub cpus: u64,
     pub timeout: Duration,
     pub expect: Expect,
+    /// Extra arguments for QEMU, after its own.
+    pub qemu_args: &'a [String],
     /// Where Firecracker's config file goes.
     pub scratch: &'a Path,
 }
@@ -193,6 +195,7 @@ fn qemu_command(binary: &Path, guest: &Guest) -> Command {
     if let Some(initrd) = guest.initrd {
         cmd.arg("-initrd").arg(initrd);
     }
+    cmd.args(guest.qemu_args);
     cmd
 }
 
@@ -235,6 +238,7 @@ mod tests {
             cpus: 2,
             timeout: Duration::from_secs(5),
             expect: Expect::Reset,
+            qemu_args: &[],
             scratch: Path::new("/nonexistent"),
         }
     }
