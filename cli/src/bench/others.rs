@@ -35,6 +35,15 @@ impl Kind {
         }
     }
 
+    /// The name as its makers write it.
+    fn proper_name(self) -> &'static str {
+        match self {
+            Kind::Kvmbuild => "kvmbuild",
+            Kind::Qemu => "QEMU",
+            Kind::Firecracker => "Firecracker",
+        }
+    }
+
     /// What `BINARY --version` prints first.
     fn version_prefix(self) -> &'static str {
         match self {
@@ -104,7 +113,7 @@ pub fn check_version(vmm: &Vmm) -> anyhow::Result<()> {
         bail!(
             "{flag} {}: not {} (`--version` did not print \"{prefix}...\"; it exited {:?})",
             vmm.binary.display(),
-            vmm.kind.name(),
+            vmm.kind.proper_name(),
             run.code
         );
     }
