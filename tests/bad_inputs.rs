@@ -644,7 +644,8 @@ fn cases(f: &Fixture) -> Vec<Case> {
                 "-drive",
                 format!("file={},if=virtio,readonly=on", p("dir"))
             ],
-            &["--disk", &p("dir"), "a directory"],
+            // The QEMU entry point names QEMU's option, not `run`'s.
+            &["-drive", &p("dir"), "a directory"],
         )
         .with_kvm(),
         case(

@@ -17,6 +17,7 @@ mod linux {
     pub mod smoke;
     pub mod virtio;
     pub mod virtiofs;
+    pub mod warm;
 }
 
 use linux::harness::{self, Test};
@@ -51,6 +52,8 @@ const TESTS: &[Test] = tests![
     exec::exec_sigterm_stops_everything,
     exec::exec_sigkill_leaves_no_virtiofsd,
     exec::exec_caches_the_initrd,
+    warm::exec_warm_restores_one_snapshot_for_many_runs,
+    warm::exec_warm_replaces_a_damaged_snapshot,
     nix::nix_run_in_linux_vm_builds_in_the_guest,
     nix::nix_builder_status_and_output_reach_nix,
 ];

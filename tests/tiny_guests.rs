@@ -670,3 +670,62 @@ fn typing_on_the_terminal_reaches_the_serial_port() {
     assert_eq!(status.code(), Some(typed.len() as i32));
     assert!(canonical(&slave), "the terminal's mode is restored");
 }
+
+// ---- snapshots ----
+
+/// A guest saved at its snapshot point and restored twice goes on from that point both times,
+/// with its registers and its memory as they were; a restore on another machine size is
+/// refused.
+#[test]
+fn a_snapshot_restores_registers_and_memory_and_goes_on_from_its_point() {
+    if !support::kvm_usable() {
+        return;
+    }
+    let g = guest("counter");
+    let dir = support::scratch_path("snapshot-counter");
+    let _ = fs::remove_dir_all(&dir);
+    let snapshot = dir.to_str().unwrap();
+
+    let cold = run_guest(&g.bzimage, MEM_MIB, TIMEOUT_S, &["--snapshot", snapshot]);
+    cold.assert_code(20);
+    cold.assert_stdout_has("counter: start");
+    cold.assert_stdout_has("counter: after the snapshot point");
+    assert!(
+        dir.join("state").is_file() && dir.join("memory").is_file(),
+        "{cold}"
+    );
+
+    for _ in 0..2 {
+        let warm = run_guest(&g.bzimage, MEM_MIB, TIMEOUT_S, &["--restore", snapshot]);
+        warm.assert_code(20);
+        warm.assert_stdout_has("counter: after the snapshot point");
+        assert!(!warm.stdout.contains("counter: start"), "{warm}");
+    }
+
+    let other_size = run_guest(&g.bzimage, MEM_MIB * 2, TIMEOUT_S, &["--restore", snapshot]);
+    other_size.assert_error(64, &["--restore", "memory size"]);
+    let other_cpus = run_guest(
+        &g.bzimage,
+        MEM_MIB,
+        TIMEOUT_S,
+        &["--restore", snapshot, "--cpus", "2"],
+    );
+    other_cpus.assert_error(64, &["--restore", "vCPU count"]);
+    let other_cmdline = run_guest(
+        &g.bzimage,
+        MEM_MIB,
+        TIMEOUT_S,
+        &["--restore", snapshot, "--cmdline", "x"],
+    );
+    other_cmdline.assert_error(64, &["--restore", "other settings"]);
+
+    // A damaged memory file is caught before the guest runs.
+    let memory = dir.join("memory");
+    let mut bytes = fs::read(&memory).unwrap();
+    let at = bytes.iter().position(|&b| b != 0).unwrap();
+    bytes[at] ^= 0xff;
+    fs::write(&memory, bytes).unwrap();
+    let damaged = run_guest(&g.bzimage, MEM_MIB, TIMEOUT_S, &["--restore", snapshot]);
+    damaged.assert_error(64, &["snapshot", "checksum"]);
+    let _ = fs::remove_dir_all(&dir);
+}

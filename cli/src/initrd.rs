@@ -94,14 +94,3 @@ pub fn initrd(args: InitrdArgs) -> ExitCode {
         Err(e) => fail(exit_code::BAD_INPUT, format!("{e:#}")),
     }
 }
-
-#[cfg(test)]
-mod tests {
-    /// The init keeps its own copy of the port numbers (it must not depend on the devices);
-    /// this is where both crates meet, so this is where they must agree.
-    #[test]
-    fn init_writes_the_ports_the_vmm_listens_on() {
-        assert_eq!(initrd::guest::MARKER_PORT, vmm::ports::KVMBUILD_MARKER);
-        assert_eq!(initrd::guest::EXIT_PORT, vmm::ports::KVMBUILD_EXIT);
-    }
-}

@@ -7,7 +7,9 @@ mod initrd;
 mod output;
 mod qemu_compat;
 mod run;
+mod snapshot;
 mod terminal;
+mod vm_error;
 
 use std::process::ExitCode;
 
@@ -20,13 +22,13 @@ use clap::{Parser, Subcommand};
     about = "Boot a Linux kernel and initrd straight into KVM: no firmware, no QEMU.",
     after_help = exit_code::help_table!()
 )]
-struct Cli {
+pub(crate) struct Cli {
     #[command(subcommand)]
-    command: Command,
+    pub(crate) command: Command,
 }
 
 #[derive(Subcommand)]
-enum Command {
+pub(crate) enum Command {
     /// Boot a kernel and run the guest until it powers off.
     #[command(after_help = run::RUN_HELP)]
     Run(run::RunArgs),
@@ -44,6 +46,9 @@ enum Command {
     /// Boot a kernel many times and report each boot phase (JSON, SVG), optionally beside QEMU.
     #[command(after_help = bench::BENCH_HELP)]
     Bench(bench::BenchArgs),
+    /// The warm-start snapshots `exec --warm` keeps: create, list, clear.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
     /// Build an initrd with kvmbuild's init, kernel modules and host files.
     #[command(after_help = initrd::INITRD_HELP)]
     Initrd(initrd::InitrdArgs),
@@ -57,7 +62,7 @@ pub(crate) fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
 
 /// A clap error as one line: its first paragraph (the message and any details clap lists under
 /// it, such as missing arguments), without clap's "error: " prefix, usage and hints.
-fn one_line(e: &clap::Error) -> String {
+pub(crate) fn one_line(e: &clap::Error) -> String {
     let rendered = e.render().to_string();
     let first_paragraph = rendered.split("\n\n").next().unwrap_or_default();
     let words: Vec<&str> = first_paragraph.lines().map(str::trim).collect();
@@ -93,7 +98,7 @@ fn main() -> ExitCode {
             Ok(args) => qemu_compat::qemu_compat(&args),
             Err(message) => fail(exit_code::BAD_INPUT, format!("qemu-compat: {message}")),
         };
-        vmm::release::release_after_exit();
+        release_finished_vm();
         return code;
     }
     let cli = match Cli::try_parse() {
@@ -110,10 +115,32 @@ fn main() -> ExitCode {
         Command::Exec(args) => exec::exec(args),
         Command::Initrd(args) => initrd::initrd(args),
         Command::Bench(args) => bench::run_bench(args),
+        Command::Snapshot(command) => snapshot::snapshot(command),
         Command::QemuCompat { args } => qemu_compat::qemu_compat(&args),
     };
     // Last, with every output written: the kernel's destruction of the VM (SRCU waits, ~10 ms)
     // happens after this process has exited, not in its exit.
-    vmm::release::release_after_exit();
+    release_finished_vm();
     code
+}
+
+/// The VM a front end finished with, until the process is about to exit (see
+/// [`vmm::release`]): its destruction is left to a keeper process, after the exit status.
+static FINISHED_VM: std::sync::Mutex<Option<vmm::release::Remains>> = std::sync::Mutex::new(None);
+
+/// Keeps a finished VM's fd and memory for [`release_finished_vm`]; a VM kept before is
+/// released here.
+pub(crate) fn keep_finished_vm(remains: Option<vmm::release::Remains>) {
+    let previous = std::mem::replace(
+        &mut *FINISHED_VM.lock().unwrap_or_else(|p| p.into_inner()),
+        remains,
+    );
+    drop(previous);
+}
+
+fn release_finished_vm() {
+    let remains = FINISHED_VM.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(remains) = remains {
+        remains.release_after_exit();
+    }
 }

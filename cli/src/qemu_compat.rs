@@ -9,9 +9,10 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use vmm::virtio_mmio::{DiskConfig, ShareConfig};
+use vmm::device_manager::{DiskConfig, ShareConfig};
 
 use crate::run::{self, ConsoleDevice, RunArgs};
+use crate::vm_error;
 use crate::{exit_code, fail};
 
 /// Names under which kvmbuild behaves as QEMU.
@@ -245,13 +246,15 @@ fn translate(args: &[String]) -> Result<RunArgs, String> {
         pit: false,
         timeout: None,
         verbose: false,
+        snapshot: None,
+        restore: None,
     })
 }
 
 /// Runs a guest described by QEMU arguments.
 pub fn qemu_compat(args: &[String]) -> ExitCode {
     match translate(args) {
-        Ok(run_args) => run::run(run_args),
+        Ok(run_args) => run::run_as(run_args, &vm_error::QEMU),
         Err(message) => fail(exit_code::BAD_INPUT, format!("qemu-compat: {message}")),
     }
 }

@@ -8,9 +8,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use initrd::guest::error_chain;
+use vmm::device_manager::{ConsoleConfig, DiskConfig, ShareConfig};
 use vmm::exit::{ExitReason, ResetSource};
-use vmm::virtio_mmio::{ConsoleConfig, DiskConfig, ShareConfig};
-use vmm::vm::{self, ErrorClass, RunReport, VmConfig};
+use vmm::snapshot::Snapshot;
+use vmm::vm::{self, RunReport, VmConfig};
+
+use crate::vm_error::{self, OptionNames};
 
 use crate::output::create_output;
 use crate::terminal::{self, RawishStdin};
@@ -76,6 +80,15 @@ pub struct RunArgs {
     /// Say what kvmbuild did: the guest memory's backing (huge pages or not).
     #[arg(short, long)]
     pub(crate) verbose: bool,
+    /// Save the VM into DIR (which must not exist) when the guest writes kvmbuild's snapshot
+    /// port (0x6f2), then let it run on. For guests that write it before any virtio driver
+    /// starts a device.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) snapshot: Option<PathBuf>,
+    /// Start from the snapshot in DIR instead of booting: same --kernel, --cmdline, --mem and
+    /// --cpus as when it was saved; devices are this run's.
+    #[arg(long, value_name = "DIR", conflicts_with = "snapshot")]
+    pub(crate) restore: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -147,7 +160,11 @@ impl ConsoleSink {
     }
 }
 
-fn vm_config(args: RunArgs, stdin: Option<&RawishStdin>) -> Result<VmConfig, ExitCode> {
+fn vm_config(
+    args: RunArgs,
+    stdin: Option<&RawishStdin>,
+    names: &OptionNames,
+) -> Result<VmConfig, ExitCode> {
     let mut inputs: Vec<&Path> = vec![&args.kernel];
     inputs.extend(args.initrd.as_deref());
     inputs.extend(args.disk.iter().map(|d| d.path.as_path()));
@@ -158,14 +175,26 @@ fn vm_config(args: RunArgs, stdin: Option<&RawishStdin>) -> Result<VmConfig, Exi
         sink.writer()
             .map_err(|e| fail(exit_code::INTERNAL, format!("{e:#}")))
     };
-    let vcpus = vm::vcpu_count(args.cpus).map_err(|e| fail(exit_code::BAD_INPUT, e))?;
+    let vcpus = vm::vcpu_count(args.cpus).map_err(|e| vm_error::report(&e, names))?;
     // What is typed goes to the console device: the serial port, or hvc0.
     let mut terminal_input = stdin.and_then(|t| t.input().ok());
     let cmdline = args.cmdline.unwrap_or_else(|| {
         let console = if hvc0 { "hvc0" } else { "ttyS0" };
         format!("console={console} {DEFAULT_CMDLINE}")
     });
+    let key = snapshot_key(&args.kernel, &cmdline);
+    let restore = match &args.restore {
+        Some(dir) => Some(Snapshot::open(dir, &key).map_err(|e| {
+            fail(
+                exit_code::BAD_INPUT,
+                format!("--restore {}: {}", dir.display(), error_chain(&e)),
+            )
+        })?),
+        None => None,
+    };
     Ok(VmConfig {
+        snapshot_to: args.snapshot.map(|dir| (dir, key)),
+        restore,
         kernel: args.kernel,
         initrd: args.initrd,
         initrd_prefix: Vec::new(),
@@ -185,48 +214,58 @@ fn vm_config(args: RunArgs, stdin: Option<&RawishStdin>) -> Result<VmConfig, Exi
         },
         rng: args.rng,
         pit: args.pit,
-        timeout: args.timeout,
     })
 }
 
 pub fn run(args: RunArgs) -> ExitCode {
+    run_as(args, &vm_error::RUN)
+}
+
+/// Runs a VM for a front end that names its options `names` (`run`, the QEMU entry point).
+pub(crate) fn run_as(args: RunArgs, names: &OptionNames) -> ExitCode {
     let timeout = args.timeout;
     let verbose = args.verbose;
-    if let Err(e) = terminal::stop_vm_on_signals() {
-        return fail(
-            exit_code::INTERNAL,
-            format!("cannot install signal handlers: {e}"),
-        );
-    }
+    let stop = match terminal::stop_vm_on_signals() {
+        Ok(stop) => stop,
+        Err(code) => return code,
+    };
     // The terminal feeds the console device (the serial port or hvc0); it is restored when
     // `stdin` drops, before any message below is printed.
     let stdin = RawishStdin::enter();
-    let config = match vm_config(args, stdin.as_ref()) {
+    let config = match vm_config(args, stdin.as_ref(), names) {
         Ok(config) => config,
         Err(code) => return code,
     };
     if vmm::kvm::is_pvm_host() {
         eprintln!("kvmbuild: warning: {}", vmm::kvm::PVM_WARNING);
     }
-    let result = vm::run(config);
+    let result = vm::run(config, stop, timeout);
     drop(stdin);
     if let Some(backing) = vmm::memory::last_backing().filter(|_| verbose) {
         eprintln!("kvmbuild: {backing}");
     }
     match result {
-        Ok(report) => report_outcome(&report, timeout),
-        Err(e) => {
-            let code = match e.class() {
-                ErrorClass::KvmUnavailable => exit_code::KVM_UNAVAILABLE,
-                ErrorClass::BadInput => exit_code::BAD_INPUT,
-                ErrorClass::Internal => exit_code::INTERNAL,
-            };
-            fail(code, format!("{:#}", anyhow::Error::from(e)))
+        Ok(mut report) => {
+            crate::keep_finished_vm(report.remains.take());
+            report_outcome(&report, timeout)
         }
+        Err(e) => vm_error::report(&e, names),
     }
 }
 
+/// What a `run` snapshot is for: the same kernel (by path) and command line.
+fn snapshot_key(kernel: &Path, cmdline: &str) -> String {
+    let kernel = std::fs::canonicalize(kernel).unwrap_or_else(|_| kernel.to_path_buf());
+    format!("run kernel={} cmdline={cmdline}", kernel.display())
+}
+
 pub(crate) fn report_outcome(report: &RunReport, timeout: Option<Duration>) -> ExitCode {
+    if let Some(Err(e)) = &report.snapshot {
+        eprintln!(
+            "kvmbuild: warning: no snapshot was saved: {}",
+            error_chain(e)
+        );
+    }
     if let Some(e) = &report.console_error {
         eprintln!("kvmbuild: warning: console output was lost: {e}");
     }
@@ -260,9 +299,16 @@ pub(crate) fn report_outcome(report: &RunReport, timeout: Option<Duration>) -> E
         // A reader of the guest's output went away: end as a process in a pipeline would on
         // SIGPIPE, silently.
         ExitReason::OutputClosed => ExitCode::from(exit_code::OUTPUT_CLOSED),
-        ExitReason::Signal(signal) => fail(
-            (128 + signal).clamp(0, 255) as u8,
-            format!("stopped the guest on {}", terminal::signal_name(*signal)),
-        ),
+        // Vm::run saves and runs on at the snapshot point; it never ends there.
+        ExitReason::SnapshotPoint => {
+            fail(exit_code::INTERNAL, "the VM stopped at its snapshot point")
+        }
+        ExitReason::Stopped => {
+            let signal = terminal::stop_signal().unwrap_or(libc::SIGTERM);
+            fail(
+                u8::try_from(128 + signal).unwrap_or(u8::MAX),
+                format!("stopped the guest on {}", terminal::signal_name(signal)),
+            )
+        }
     }
 }

@@ -3,21 +3,60 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use vmm_sys_util::eventfd::EventFd;
 
 /// Signals that end the VM cleanly (kvmbuild then exits 128 + the signal's number).
 const STOP_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
+/// The write end of this process's stop event while signals are routed to it (else -1): the
+/// one piece of process-global state a signal handler needs. It belongs to the CLI, which owns
+/// the VM's stop event; the VMM has none.
+static STOP_FD: AtomicI32 = AtomicI32::new(-1);
+/// The first stop signal received, for the exit status (0: none).
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
 extern "C" fn on_stop_signal(signal: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    vmm::vm::stop_from_signal(signal);
+    let _ = STOP_SIGNAL.compare_exchange(0, signal, Ordering::SeqCst, Ordering::SeqCst);
+    let fd = STOP_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a live u64 to an eventfd this process keeps open for the
+        // rest of its life (see `stop_vm_on_signals`); write(2) is async-signal-safe.
+        unsafe { libc::write(fd, std::ptr::addr_of!(one).cast(), 8) };
+    }
 }
 
-/// Routes SIGINT, SIGTERM and SIGHUP to [`vmm::vm::stop_from_signal`].
-pub fn stop_vm_on_signals() -> std::io::Result<()> {
+/// Creates the event that stops the VM and routes SIGINT, SIGTERM and SIGHUP to it. A signal
+/// that arrives before the VM runs (while it is being set up) leaves the event signalled, so
+/// the run ends as soon as it starts. Call it once per process. On failure, says so and
+/// returns the status to exit with.
+pub fn stop_vm_on_signals() -> Result<&'static EventFd, ExitCode> {
+    install_stop_handlers().map_err(|e| {
+        crate::fail(
+            crate::exit_code::INTERNAL,
+            format!("cannot install signal handlers: {e}"),
+        )
+    })
+}
+
+fn install_stop_handlers() -> std::io::Result<&'static EventFd> {
+    // Leaked on purpose: the signal handler may write to it at any moment until the process
+    // exits, so it must never be closed (and its number never reused).
+    let stop: &'static EventFd = Box::leak(Box::new(EventFd::new(libc::EFD_NONBLOCK)?));
+    STOP_FD.store(stop.as_raw_fd(), Ordering::SeqCst);
     for signal in STOP_SIGNALS {
         vmm_sys_util::signal::register_signal_handler(signal, on_stop_signal)
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
     }
-    Ok(())
+    Ok(stop)
+}
+
+/// The signal that asked kvmbuild to stop, if one did.
+pub fn stop_signal() -> Option<i32> {
+    Some(STOP_SIGNAL.load(Ordering::SeqCst)).filter(|&s| s != 0)
 }
 
 /// The name of a stop signal, for messages.

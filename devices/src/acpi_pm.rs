@@ -2,13 +2,13 @@
 //!
 //! A hardware-reduced FADT has no PM1 blocks; instead it names a sleep control register, a
 //! sleep status register and a reset register. kvmbuild puts the three bytes side by side at
-//! [`ports::ACPI_PM_BASE`]:
+//! the port the VMM chooses (and names in the FADT):
 //!
 //! | offset | register       | behaviour                                                    |
 //! |--------|----------------|--------------------------------------------------------------|
 //! | 0      | sleep control  | SLP_EN with SLP_TYP = S5 powers the VM off; other types are ignored |
 //! | 1      | sleep status   | reads 0, writes ignored                                      |
-//! | 2      | reset          | [`ports::ACPI_RESET_VALUE`] ends the VM as a reset           |
+//! | 2      | reset          | [`RESET_VALUE`] ends the VM as a reset           |
 //!
 //! Sleep status never shows WAK_STS: after requesting S5, ACPICA polls for it, and keeping the
 //! vCPU spinning there (until the VMM stops it) is better than letting the guest believe it
@@ -18,16 +18,20 @@ use std::sync::Arc;
 
 use crate::bus::BusDevice;
 use crate::exit::{ExitReason, ResetSource, VmExit};
-use crate::ports;
 
-/// Where to register the device on the PIO bus.
-pub const ACPI_PM_BASE: u64 = ports::ACPI_PM_BASE as u64;
 /// The device's length: sleep control, sleep status, reset.
 pub const ACPI_PM_LEN: u64 = 3;
-
-const SLEEP_CONTROL: u64 = (ports::ACPI_SLEEP_CONTROL - ports::ACPI_PM_BASE) as u64;
-const SLEEP_STATUS: u64 = (ports::ACPI_SLEEP_STATUS - ports::ACPI_PM_BASE) as u64;
-const RESET: u64 = (ports::ACPI_RESET - ports::ACPI_PM_BASE) as u64;
+/// Offset of the FADT's `SLEEP_CONTROL_REG`: writing SLP_EN with SLP_TYP = [`S5_SLEEP_TYPE`]
+/// powers the VM off.
+pub const SLEEP_CONTROL: u64 = 0;
+/// Offset of the FADT's `SLEEP_STATUS_REG`.
+pub const SLEEP_STATUS: u64 = 1;
+/// Offset of the FADT's `RESET_REG`: writing [`RESET_VALUE`] resets (ends) the VM.
+pub const RESET: u64 = 2;
+/// The value the FADT tells the guest to write to [`RESET`].
+pub const RESET_VALUE: u8 = 0x01;
+/// The S5 sleep type the DSDT's `_S5_` package announces.
+pub const S5_SLEEP_TYPE: u8 = 5;
 
 /// SLP_EN: start the transition to the sleep type in SLP_TYP.
 const SLP_EN: u8 = 1 << 5;
@@ -50,11 +54,11 @@ impl AcpiPm {
         match register {
             SLEEP_CONTROL => {
                 let sleep_type = (value >> SLP_TYP_SHIFT) & SLP_TYP_MASK;
-                if value & SLP_EN != 0 && sleep_type == ports::ACPI_S5_SLEEP_TYPE {
+                if value & SLP_EN != 0 && sleep_type == S5_SLEEP_TYPE {
                     self.exit.request(ExitReason::PowerOff);
                 }
             }
-            RESET if value == ports::ACPI_RESET_VALUE => {
+            RESET if value == RESET_VALUE => {
                 self.exit.request(ExitReason::Reset(ResetSource::AcpiReset));
             }
             _ => {}
@@ -102,13 +106,13 @@ mod tests {
     #[test]
     fn offsets_match_the_port_map() {
         assert_eq!((SLEEP_CONTROL, SLEEP_STATUS, RESET), (0, 1, 2));
-        assert_eq!(ACPI_PM_BASE + ACPI_PM_LEN, u64::from(ports::ACPI_RESET) + 1);
+        assert_eq!(ACPI_PM_LEN, RESET + 1);
     }
 
     #[test]
     fn s5_with_slp_en_powers_off() {
         let (mut dev, exit) = device();
-        dev.write(SLEEP_CONTROL, &[sleep(ports::ACPI_S5_SLEEP_TYPE)]);
+        dev.write(SLEEP_CONTROL, &[sleep(S5_SLEEP_TYPE)]);
         assert_eq!(exit.reason(), Some(ExitReason::PowerOff));
     }
 
@@ -116,8 +120,8 @@ mod tests {
     fn other_sleep_requests_are_ignored() {
         let (mut dev, exit) = device();
         // S5 without SLP_EN, then every other sleep type with it; stray high bits too.
-        dev.write(SLEEP_CONTROL, &[ports::ACPI_S5_SLEEP_TYPE << SLP_TYP_SHIFT]);
-        for sleep_type in (0..=7).filter(|&t| t != ports::ACPI_S5_SLEEP_TYPE) {
+        dev.write(SLEEP_CONTROL, &[S5_SLEEP_TYPE << SLP_TYP_SHIFT]);
+        for sleep_type in (0..=7).filter(|&t| t != S5_SLEEP_TYPE) {
             dev.write(SLEEP_CONTROL, &[sleep(sleep_type) | 0xc3]);
         }
         dev.write(SLEEP_STATUS, &[0xff]);
@@ -127,11 +131,11 @@ mod tests {
     #[test]
     fn reset_value_resets_and_others_do_not() {
         let (mut dev, exit) = device();
-        for value in (0..=u8::MAX).filter(|&v| v != ports::ACPI_RESET_VALUE) {
+        for value in (0..=u8::MAX).filter(|&v| v != RESET_VALUE) {
             dev.write(RESET, &[value]);
         }
         assert_eq!(exit.reason(), None);
-        dev.write(RESET, &[ports::ACPI_RESET_VALUE]);
+        dev.write(RESET, &[RESET_VALUE]);
         assert_eq!(
             exit.reason(),
             Some(ExitReason::Reset(ResetSource::AcpiReset))
@@ -152,11 +156,11 @@ mod tests {
     #[test]
     fn wide_writes_reach_each_register() {
         let (mut dev, exit) = device();
-        dev.write(u64::MAX, &[ports::ACPI_RESET_VALUE; 3]);
-        dev.write(3, &[ports::ACPI_RESET_VALUE]);
+        dev.write(u64::MAX, &[RESET_VALUE; 3]);
+        dev.write(3, &[RESET_VALUE]);
         dev.write(0, &[]);
         assert_eq!(exit.reason(), None);
-        dev.write(SLEEP_STATUS, &[0, ports::ACPI_RESET_VALUE]);
+        dev.write(SLEEP_STATUS, &[0, RESET_VALUE]);
         assert_eq!(
             exit.reason(),
             Some(ExitReason::Reset(ResetSource::AcpiReset))

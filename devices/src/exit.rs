@@ -35,49 +35,27 @@ pub enum ExitReason {
     Reset(ResetSource),
     /// `--timeout` elapsed.
     Timeout,
-    /// kvmbuild itself was asked to stop by this signal (SIGINT, SIGTERM, SIGHUP).
-    Signal(i32),
+    /// The VM's owner asked it to stop, through the stop event it passed to the run (kvmbuild's
+    /// front ends do on SIGINT, SIGTERM and SIGHUP).
+    Stopped,
     /// A console port's reader went away (a broken pipe): the VM ends as a process in a
     /// pipeline would on SIGPIPE.
     OutputClosed,
     /// A vCPU or device failed in a way the VMM cannot recover from.
     Internal(String),
+    /// The guest reached the snapshot point and the VM's owner asked to stop there (see
+    /// [`VmExit::pause_at_snapshot_point`]). Not an end: the owner saves the VM and resumes it.
+    SnapshotPoint,
 }
 
-/// Boot phases the guest marks on [`crate::ports::KVMBUILD_MARKER`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum BootPhase {
-    /// kvmbuild's init has started (PID 1 is running).
-    InitStarted = 1,
-    /// The user's command has been started.
-    CommandStarted = 2,
-    /// The user's command has finished.
-    CommandFinished = 3,
-}
-
-impl BootPhase {
-    /// Every phase, in order.
-    pub const ALL: [BootPhase; 3] = [
-        Self::InitStarted,
-        Self::CommandStarted,
-        Self::CommandFinished,
-    ];
-
-    /// The phase a marker byte names, if any.
-    pub fn from_byte(byte: u8) -> Option<Self> {
-        match byte {
-            1 => Some(Self::InitStarted),
-            2 => Some(Self::CommandStarted),
-            3 => Some(Self::CommandFinished),
-            _ => None,
-        }
-    }
-}
+/// Boot phases the guest marks on kvmbuild's marker port (part of the guest ABI).
+pub use abi::BootPhase;
 
 /// The exit channel shared by every vCPU, device and the run loop.
 pub struct VmExit {
     reason: Mutex<Option<ExitReason>>,
+    /// Whether the snapshot port pauses the VM (else it is ignored).
+    pause_at_snapshot: AtomicBool,
     /// Set with `reason`: lets vCPU threads check on every KVM exit without taking the lock.
     requested: AtomicBool,
     markers: Mutex<Markers>,
@@ -89,6 +67,7 @@ impl VmExit {
     pub fn new() -> io::Result<Self> {
         Ok(Self {
             reason: Mutex::new(None),
+            pause_at_snapshot: AtomicBool::new(false),
             requested: AtomicBool::new(false),
             markers: Mutex::new(Markers::default()),
             event: EventFd::new(EFD_NONBLOCK)?,
@@ -105,6 +84,31 @@ impl VmExit {
             // A full eventfd counter only means the loop is already being woken.
             let _ = self.event.write(1);
         }
+    }
+
+    /// Makes the guest's next write to the snapshot port stop the VM with
+    /// [`ExitReason::SnapshotPoint`] (once).
+    pub fn pause_at_snapshot_point(&self) {
+        self.pause_at_snapshot.store(true, Ordering::SeqCst);
+    }
+
+    /// The guest wrote the snapshot port: stops the VM if its owner asked for that.
+    pub fn snapshot_point(&self) {
+        if self.pause_at_snapshot.swap(false, Ordering::SeqCst) {
+            self.request(ExitReason::SnapshotPoint);
+        }
+    }
+
+    /// Clears a [`ExitReason::SnapshotPoint`] stop, so the VM can run on; any other reason
+    /// stays (the VM has ended). Returns whether the VM may run on.
+    pub fn resume(&self) -> bool {
+        let mut current = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if *current == Some(ExitReason::SnapshotPoint) {
+            *current = None;
+            self.requested.store(false, Ordering::Release);
+            let _ = self.event.read();
+        }
+        current.is_none()
     }
 
     /// Whether an exit was requested: a lock-free check for hot paths.
@@ -189,6 +193,22 @@ mod tests {
     }
 
     #[test]
+    fn the_snapshot_point_pauses_only_when_asked_and_only_once() {
+        let exit = VmExit::new().unwrap();
+        exit.snapshot_point();
+        assert_eq!(exit.reason(), None, "ignored unless asked for");
+        exit.pause_at_snapshot_point();
+        exit.snapshot_point();
+        assert_eq!(exit.reason(), Some(ExitReason::SnapshotPoint));
+        assert!(exit.resume());
+        assert!(!exit.is_requested());
+        exit.snapshot_point();
+        assert_eq!(exit.reason(), None, "once");
+        exit.request(ExitReason::PowerOff);
+        assert!(!exit.resume(), "a real end stays");
+    }
+
+    #[test]
     fn repeated_marks_keep_the_first_time_and_a_count() {
         let exit = VmExit::new().unwrap();
         exit.mark(BootPhase::CommandStarted);
@@ -208,13 +228,5 @@ mod tests {
             std::mem::size_of::<Markers>(),
             std::mem::size_of::<[Option<Instant>; 3]>() + 24
         );
-    }
-
-    #[test]
-    fn marker_bytes_map_to_phases() {
-        assert_eq!(BootPhase::from_byte(1), Some(BootPhase::InitStarted));
-        assert_eq!(BootPhase::from_byte(3), Some(BootPhase::CommandFinished));
-        assert_eq!(BootPhase::from_byte(0), None);
-        assert_eq!(BootPhase::from_byte(4), None);
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! | port                               | write                                                   |
 //! |------------------------------------|---------------------------------------------------------|
-//! | [`ports::KVMBUILD_MARKER`] (0x6f0) | a [`BootPhase`] byte, timestamped on the host (the first of each phase; repeats are only counted); unknown bytes are ignored |
-//! | [`ports::KVMBUILD_EXIT`] (0x6f1)   | the program's exit status; ends the VM at once          |
+//! | [`abi::ports::MARKER`] (0x6f0)     | a [`BootPhase`] byte, timestamped on the host (the first of each phase; repeats are only counted); unknown bytes are ignored |
+//! | [`abi::ports::EXIT`] (0x6f1)       | the program's exit status; ends the VM at once          |
+//! | [`abi::ports::SNAPSHOT`] (0x6f2)   | the snapshot point: pauses the VM for its owner to save it, when the owner asked for that; ignored otherwise |
 //!
 //! Each write acts on its first byte only, so `outw`/`outl` behave like `outb`. Both ports
 //! read as 0xff, like unmapped ports: there is nothing for the guest to learn here.
@@ -12,15 +13,17 @@ use std::sync::Arc;
 
 use crate::bus::BusDevice;
 use crate::exit::{BootPhase, ExitReason, VmExit};
-use crate::ports;
 
-/// Where to register the device on the PIO bus: the marker port.
-pub const EXIT_PORT_BASE: u64 = ports::KVMBUILD_MARKER as u64;
-/// The device's length, reaching the exit port.
-pub const EXIT_PORT_LEN: u64 = (ports::KVMBUILD_EXIT - ports::KVMBUILD_MARKER + 1) as u64;
+/// The device's length, from the marker port to the exit port; it is registered at
+/// [`abi::ports::BASE`], which the guest ABI fixes.
+pub const EXIT_PORT_LEN: u64 = abi::ports::LEN as u64;
 
-const MARKER: u64 = 0;
-const EXIT: u64 = (ports::KVMBUILD_EXIT - ports::KVMBUILD_MARKER) as u64;
+/// Offset of the marker port.
+pub const MARKER: u64 = (abi::ports::MARKER - abi::ports::BASE) as u64;
+/// Offset of the exit port.
+pub const EXIT: u64 = (abi::ports::EXIT - abi::ports::BASE) as u64;
+/// Offset of the snapshot port.
+pub const SNAPSHOT: u64 = (abi::ports::SNAPSHOT - abi::ports::BASE) as u64;
 
 /// The marker and exit ports on the PIO bus.
 pub struct ExitPort {
@@ -50,6 +53,7 @@ impl BusDevice for ExitPort {
                 }
             }
             EXIT => self.exit.request(ExitReason::GuestStatus(byte)),
+            SNAPSHOT => self.exit.snapshot_point(),
             _ => {}
         }
     }
@@ -70,8 +74,7 @@ mod tests {
 
     #[test]
     fn spans_marker_and_exit_ports() {
-        assert_eq!((EXIT_PORT_BASE, EXIT_PORT_LEN), (0x6f0, 2));
-        assert_eq!(EXIT_PORT_BASE + EXIT, u64::from(ports::KVMBUILD_EXIT));
+        assert_eq!((MARKER, EXIT, SNAPSHOT, EXIT_PORT_LEN), (0, 1, 2, 3));
     }
 
     #[test]

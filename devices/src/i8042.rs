@@ -7,8 +7,8 @@
 //! empty), so a probing i8042 driver finds no controller answering and gives up, and the data
 //! port reads 0.
 //!
-//! **Registration.** One device spans 0x60..=0x64 ([`I8042_BASE`], [`I8042_LEN`]), the data
-//! port at offset 0 and the status/command port at offset 4. Offsets 1..=3 are not the
+//! **Registration.** One device spans [`I8042_LEN`] ports (0x60..=0x64 on a PC), the data
+//! port at offset 0 and the status/command port at offset [`COMMAND`]. Offsets 1..=3 are not the
 //! controller's: they read as all ones and ignore writes, as if unmapped. In particular 0x61
 //! (the PC speaker / NMI status port) is served by KVM's in-kernel PIT before an exit would
 //! reach this device.
@@ -17,17 +17,13 @@ use std::sync::Arc;
 
 use crate::bus::BusDevice;
 use crate::exit::{ExitReason, ResetSource, VmExit};
-use crate::ports::{I8042_COMMAND, I8042_DATA};
-
-/// Where to register the device on the PIO bus: the data port.
-pub const I8042_BASE: u64 = I8042_DATA as u64;
-/// The device's length, reaching the status/command port.
-pub const I8042_LEN: u64 = (I8042_COMMAND - I8042_DATA + 1) as u64;
 
 /// Offset of the data port.
 const DATA: u64 = 0;
 /// Offset of the status (read) / command (write) port.
-const COMMAND: u64 = (I8042_COMMAND - I8042_DATA) as u64;
+pub const COMMAND: u64 = 4;
+/// The device's length, reaching the status/command port.
+pub const I8042_LEN: u64 = COMMAND + 1;
 /// The command that pulses the CPU reset line.
 const CMD_RESET_CPU: u8 = 0xfe;
 
@@ -86,8 +82,7 @@ mod tests {
 
     #[test]
     fn spans_data_to_command_port() {
-        assert_eq!((I8042_BASE, I8042_LEN), (0x60, 5));
-        assert_eq!(I8042_BASE + COMMAND, u64::from(I8042_COMMAND));
+        assert_eq!((DATA, COMMAND, I8042_LEN), (0, 4, 5));
     }
 
     #[test]

@@ -1,15 +1,19 @@
 //! The descriptor-chain walk over arbitrary ring contents: `Chain::walk`, `check_memory`, the
-//! status-byte lookup, `sub_range` and the read/write streams, and the standard queue loop.
+//! status-byte lookup, `sub_range`, the read stream and virtio-queue's Writer over a walked
+//! chain, and the standard queue loop.
 
 #![no_main]
 
 use arbitrary::Arbitrary;
+use std::io::Write;
+
 use devices::virtio::fuzzing::{
-    drain_queue, next_chain, read_stream, sub_range, write_stream, Chain, ChainError,
+    drain_queue, next_chain, read_stream, sub_range, writer, Chain, ChainError,
 };
 use devices::virtio::Interrupt;
 use kvmbuild_fuzz::{memory, Ring};
 use libfuzzer_sys::fuzz_target;
+use virtio_queue::DescriptorChain;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
 
 #[derive(Arbitrary, Debug)]
@@ -34,7 +38,7 @@ fuzz_target!(|input: Input| {
         let _ = drain_queue(&mut queue, &mem, &irq, |chain| {
             chains += 1;
             assert!(chains <= 1 << 16, "the queue loop does not end");
-            serve(&mem, Chain::walk(chain, max)?, &input)
+            serve(&mem, Chain::walk(chain.clone(), max)?, chain, &input)
         });
     } else {
         // At most one queue's worth of chains is published.
@@ -42,14 +46,19 @@ fuzz_target!(|input: Input| {
             let Ok(Some(chain)) = next_chain(&mut queue, &mem) else {
                 break;
             };
-            if let Ok(walked) = Chain::walk(chain, max) {
-                let _ = serve(&mem, walked, &input);
+            if let Ok(walked) = Chain::walk(chain.clone(), max) {
+                let _ = serve(&mem, walked, chain, &input);
             }
         }
     }
 });
 
-fn serve(mem: &GuestMemoryMmap, chain: Chain, input: &Input) -> Result<u32, ChainError> {
+fn serve(
+    mem: &GuestMemoryMmap,
+    chain: Chain,
+    descriptors: DescriptorChain<&GuestMemoryMmap>,
+    input: &Input,
+) -> Result<u32, ChainError> {
     assert!(chain.readable.len() + chain.writable.len() <= usize::from(input.max_descriptors));
     let (readable, writable) = (chain.readable_len(), chain.writable_len());
     assert_eq!(
@@ -85,7 +94,8 @@ fn serve(mem: &GuestMemoryMmap, chain: Chain, input: &Input) -> Result<u32, Chai
     }
     let mut buf = vec![0u8; readable.min(64 << 10) as usize];
     read_stream(mem, &chain.readable, &mut buf).map_err(|_| ChainError::Memory)?;
-    let n = write_stream(mem, &chain.writable, &input.reply).map_err(|_| ChainError::Memory)?;
+    let mut out = writer(mem, descriptors)?;
+    let n = out.write(&input.reply).map_err(|_| ChainError::Memory)?;
     assert_eq!(n as u64, writable.min(input.reply.len() as u64));
     Ok(n as u32)
 }

@@ -118,7 +118,19 @@ pub struct Config {
     pub root: Option<OsString>,
     /// Connect the command to the `kvmbuild.std*` virtio-console ports.
     pub stdio_ports: bool,
+    /// Warm start: stop at the snapshot point before `virtio_mmio` is loaded, then read this
+    /// run's settings from the [`SETTINGS_PORT_NAME`] port (see `guest::warm`).
+    pub warm: bool,
+    /// The host's wall clock when the run started, in nanoseconds since the Unix epoch; the
+    /// init sets the guest's clock to it (a restored guest's clock is the snapshot's).
+    pub clock_ns: Option<u64>,
+    /// Fresh randomness from the host, mixed into the guest's pool and credited, after which
+    /// the kernel's generator is reseeded: no two restored runs share random numbers.
+    pub seed: Vec<u8>,
 }
+
+/// The name of the virtio-console port that carries a warm run's settings.
+pub const SETTINGS_PORT_NAME: &str = "kvmbuild.settings";
 
 /// The names of the virtio-console ports that carry the command's stdin, stdout and stderr.
 pub const STDIO_PORT_NAMES: [&str; 3] = ["kvmbuild.stdin", "kvmbuild.stdout", "kvmbuild.stderr"];
@@ -178,6 +190,15 @@ impl Config {
                 "" | "console" => self.stdio_ports = false,
                 _ => return Err(bad("ports or console")),
             },
+            "warm" => self.warm = matches!(value, "1" | "yes" | "true" | ""),
+            "clock" => {
+                self.clock_ns = Some(
+                    value
+                        .parse()
+                        .map_err(|_| bad("nanoseconds since the epoch"))?,
+                )
+            }
+            "seed" => self.seed = decode(value)?.into_vec(),
             "root" => {
                 let tag = decode(value)?;
                 if tag.is_empty() {
@@ -302,6 +323,15 @@ impl Config {
         }
         if let Some(root) = &self.root {
             words.push(format!("{PREFIX}root={}", encode(root.as_bytes())));
+        }
+        if self.warm {
+            words.push(format!("{PREFIX}warm=1"));
+        }
+        if let Some(ns) = self.clock_ns {
+            words.push(format!("{PREFIX}clock={ns}"));
+        }
+        if !self.seed.is_empty() {
+            words.push(format!("{PREFIX}seed={}", encode(&self.seed)));
         }
         words
     }
@@ -500,6 +530,9 @@ mod tests {
             verbose: true,
             root: Some(os("root fs")),
             stdio_ports: true,
+            warm: true,
+            clock_ns: Some(1_764_500_000_123_456_789),
+            seed: vec![0, b'%', b',', 0xff, b' '],
         };
         let mut from_file = Config::default();
         from_file.apply_file(&config.render()).unwrap();

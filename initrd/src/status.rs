@@ -1,36 +1,8 @@
-//! The exit statuses kvmbuild's init reports on the exit port.
-//!
-//! The command's own status passes through unchanged, and a command killed by signal N reports
-//! 128+N, as shells do. The init's own failures use the codes below; they sit below 124 and
-//! 125, which `kvmbuild run` uses for a timeout and a guest reboot, and follow the shell's
-//! 126/127 for commands that cannot run.
-//!
-//! | status | meaning |
-//! |---|---|
-//! | 0–255 | the command's exit status |
-//! | 128+N | the command was killed by signal N |
-//! | 119 | the init failed internally (could not fork, mount `/proc`, or it panicked) |
-//! | 120 | bad settings: unknown `kvmbuild.*` key, malformed value, no `kvmbuild.cmd`, unusable `kvmbuild.tty` |
-//! | 121 | a kernel module failed to load |
-//! | 122 | a virtio-fs share or disk failed to mount |
-//! | 123 | the working directory (`kvmbuild.cwd`) does not exist or cannot be entered |
-//! | 126 | the command was found but cannot be executed (permissions, bad format) |
-//! | 127 | the command was not found (also: its interpreter or dynamic loader is missing) |
+//! The exit statuses kvmbuild's init reports on the exit port: the codes themselves are part of
+//! the guest ABI ([`abi::status`], where the table is), and the mapping from what happened to
+//! the command to one of them lives here.
 
-/// The init failed internally: fork failed, `/proc` could not be mounted, or it panicked.
-pub const INTERNAL: u8 = 119;
-/// The settings are invalid, or name no command.
-pub const BAD_CONFIG: u8 = 120;
-/// A kernel module failed to load.
-pub const MODULE_FAILED: u8 = 121;
-/// A share or disk failed to mount.
-pub const MOUNT_FAILED: u8 = 122;
-/// The working directory cannot be entered.
-pub const BAD_CWD: u8 = 123;
-/// The command exists but cannot be executed.
-pub const NOT_EXECUTABLE: u8 = 126;
-/// The command does not exist.
-pub const NOT_FOUND: u8 = 127;
+pub use abi::status::*;
 
 /// The status to report for a `waitpid` status word: the exit code, or 128+signal.
 pub fn from_wait_status(raw: i32) -> u8 {

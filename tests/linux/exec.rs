@@ -15,7 +15,7 @@ use super::virtiofs::which_virtiofsd;
 const GUARD: Duration = Duration::from_secs(300);
 
 /// `kvmbuild exec` with the cloud kernel, a private cache and the test's virtiofsd.
-fn exec_command(cache: &Path, args: &[&str]) -> Command {
+pub fn exec_command(cache: &Path, args: &[&str]) -> Command {
     let kernel = cloud_kernel();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvmbuild"));
     cmd.arg("exec")
@@ -32,7 +32,7 @@ fn exec_command(cache: &Path, args: &[&str]) -> Command {
 }
 
 /// Runs `exec` to the end with `stdin` as its input, under the hang guard.
-fn exec(cache: &Path, args: &[&str], stdin: &[u8]) -> Run {
+pub fn exec(cache: &Path, args: &[&str], stdin: &[u8]) -> Run {
     let mut cmd = exec_command(cache, args);
     let input = scratch("exec-stdin").join(format!("in-{}", unique()));
     std::fs::write(&input, stdin).unwrap();

@@ -7,7 +7,12 @@
 //! and the VM would hang instead of ending. So the vector holds a stub that writes the ACPI
 //! reset register, which ends the VM as a guest reset.
 
-use devices::ports::{ACPI_RESET, ACPI_RESET_VALUE};
+use devices::acpi_pm::{self, RESET_VALUE as ACPI_RESET_VALUE};
+
+use crate::device_manager::legacy;
+
+/// The ACPI reset register's port.
+const ACPI_RESET: u16 = legacy::acpi_pm_port(acpi_pm::RESET);
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout;

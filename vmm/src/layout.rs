@@ -48,20 +48,12 @@ pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
 /// Where RAM resumes above the hole.
 pub const HIGH_RAM_START: u64 = MMIO_HOLE_END;
-/// Base of the MMIO space handed to virtio-mmio devices.
-pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
-/// Size of one virtio-mmio device window.
-pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 /// The IOAPIC's MMIO base (fixed by KVM's in-kernel irqchip).
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 /// The local APICs' MMIO base.
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 /// The TSS KVM needs on Intel hosts (three pages), high in the hole, away from every device.
 pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
-/// First GSI free for devices other than the legacy ISA ones.
-pub const FIRST_DEVICE_GSI: u32 = 5;
-/// The highest GSI the in-kernel IOAPIC routes (24 pins).
-pub const LAST_DEVICE_GSI: u32 = 23;
 
 /// The ranges of guest physical address space backed by RAM, for `size` bytes of memory.
 pub fn ram_ranges(size: u64) -> Vec<(u64, u64)> {

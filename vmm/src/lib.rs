@@ -1,11 +1,12 @@
 //! kvmbuild's virtual machine monitor: a KVM VM, guest memory, vCPUs and the boot path that
 //! takes a Linux kernel from a file to its first instruction, and the VM to a clean exit.
 //!
-//! The boot sequence reads top to bottom in [`vm::run`].
+//! The boot sequence reads top to bottom in [`vm::Vm::build`].
 
 pub mod acpi;
 pub mod boot_params;
 pub mod cpuid;
+pub mod device_manager;
 pub mod firmware;
 pub mod kvm;
 pub mod layout;
@@ -13,14 +14,13 @@ pub mod loader;
 pub mod memory;
 pub mod pvh;
 pub mod release;
-pub mod serial_input;
+pub mod snapshot;
 pub mod vcpu;
-pub mod virtio_mmio;
 pub mod vm;
 
+/// The guest ABI kvmbuild's init and test guests share with the VMM.
+pub use abi;
 /// Why a VM ended, shared with the devices that end it.
 pub use devices::exit;
 /// Opening the host files a VM reads and writes, the one way every front end does it.
 pub use devices::host_file;
-/// The guest-visible I/O ports of kvmbuild's fixed devices.
-pub use devices::ports;

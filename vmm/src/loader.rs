@@ -83,7 +83,7 @@ pub enum LoaderError {
     #[error("{0}: the bzImage is truncated: it ends before its 64-bit entry point")]
     TruncatedBzImage(PathBuf),
     /// The initrd does not fit in the guest's low memory.
-    #[error("{path}: the initrd is {size} bytes and does not fit in guest memory below {limit:#x} above the kernel; give the guest more --mem")]
+    #[error("{path}: the initrd is {size} bytes and does not fit in guest memory below {limit:#x} above the kernel; give the guest more memory")]
     InitrdTooLarge {
         path: PathBuf,
         size: u64,

@@ -8,64 +8,48 @@
 //! address space, whose KVM MMU notifier also waits), and whoever waits for the process waits
 //! for it too.
 //!
-//! So [`vm::run`](crate::vm::run) does not release the VM: it keeps the VM fd and guest RAM
-//! pending and returns the report at once. Then either
-//! - the next `run` in this process releases the previous VM before its clock starts
-//!   ([`release_pending`]; at most one VM is ever pending), or
-//! - the process, about to exit, calls [`release_after_exit`]: a keeper process that shares
-//!   the address space (`CLONE_VM`) and holds the VM fd outlives it, so the process's own exit
-//!   is neither the last user of the address space nor the last holder of the VM, and the
-//!   grace periods are waited for by the keeper alone, after the exit status has been reported.
+//! So a finished [`Vm`](crate::vm::Vm) hands its VM fd and guest RAM to the caller as
+//! [`Remains`] instead of releasing them. The caller then either
+//! - drops them when it suits it: a caller that times boots drops the previous VM's before its
+//!   clock starts, or
+//! - calls [`Remains::release_after_exit`] when the process is about to exit: a keeper process
+//!   that shares the address space (`CLONE_VM`) and holds the VM fd outlives it, so the
+//!   process's own exit is neither the last user of the address space nor the last holder of
+//!   the VM, and the grace periods are waited for by the keeper alone, after the exit status
+//!   has been reported.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::Mutex;
 
 use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
 
-/// A stopped VM's KVM fd and guest RAM.
+/// A stopped VM's KVM fd and guest RAM. Dropping them releases the VM here and now (closing
+/// its fd waits for the kernel to destroy it).
 #[allow(dead_code, reason = "held only to be dropped, in this order")]
-pub(crate) struct Remains {
+pub struct Remains {
     // Field order matters: the VM (and its memory slots) is dropped before the memory.
     pub(crate) fd: VmFd,
     pub(crate) mem: GuestMemoryMmap,
 }
 
-/// The last VM's remains, until they are released.
-static PENDING: Mutex<Option<Remains>> = Mutex::new(None);
-
-fn pending() -> std::sync::MutexGuard<'static, Option<Remains>> {
-    PENDING.lock().unwrap_or_else(|p| p.into_inner())
+impl std::fmt::Debug for Remains {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remains").finish_non_exhaustive()
+    }
 }
 
-/// Keeps `remains` until [`release_pending`] or [`release_after_exit`], releasing any VM
-/// still pending first.
-pub(crate) fn keep(remains: Remains) {
-    release_pending();
-    *pending() = Some(remains);
-}
-
-/// Releases the VM a previous [`vm::run`](crate::vm::run) left pending, here and now (closing
-/// its fd waits for the kernel to destroy it). Callers that time boots may call it before their
-/// clock starts; `run` calls it first.
-pub fn release_pending() {
-    let remains = pending().take();
-    drop(remains);
-}
-
-/// For a process about to exit: hands the pending VM, if any, to a keeper process that
-/// releases it once this process has exited, so the exit is not delayed by the VM's
-/// destruction. Call it last, after every output is written; the keeper holds no other fd of
-/// this process (the standard streams included), so readers see end-of-file as this process
-/// exits. If no keeper can be started, the VM is released here.
-pub fn release_after_exit() {
-    let Some(remains) = pending().take() else {
-        return;
-    };
-    if keeper::spawn(remains.fd.as_raw_fd()).is_ok() {
-        // The keeper holds the VM fd and the address space; this process's copies go with
-        // its exit, which no longer destroys either.
-        std::mem::forget(remains);
+impl Remains {
+    /// For a process about to exit: hands the VM to a keeper process that releases it once
+    /// this process has exited, so the exit is not delayed by the VM's destruction. Call it
+    /// last, after every output is written; the keeper holds no other fd of this process (the
+    /// standard streams included), so readers see end-of-file as this process exits. If no
+    /// keeper can be started, the VM is released here.
+    pub fn release_after_exit(self) {
+        if keeper::spawn(self.fd.as_raw_fd()).is_ok() {
+            // The keeper holds the VM fd and the address space; this process's copies go
+            // with its exit, which no longer destroys either.
+            std::mem::forget(self);
+        }
     }
 }
 

@@ -341,8 +341,13 @@ pub(crate) fn install_kick_handler() -> Result<(), VcpuError> {
     installed.map_err(VcpuError::Signal)
 }
 
-/// Starts the thread that runs `vcpu`.
-pub fn spawn(mut vcpu: VcpuFd, index: u8, ctx: VcpuContext) -> Result<JoinHandle<()>, VcpuError> {
+/// Starts the thread that runs `vcpu` until the VM ends; joining it gives the vCPU back, its
+/// state intact, for whoever wants to read or save it.
+pub fn spawn(
+    mut vcpu: VcpuFd,
+    index: u8,
+    ctx: VcpuContext,
+) -> Result<JoinHandle<VcpuFd>, VcpuError> {
     install_kick_handler()?;
     std::thread::Builder::new()
         .name(format!("vcpu{index}"))
@@ -352,12 +357,26 @@ pub fn spawn(mut vcpu: VcpuFd, index: u8, ctx: VcpuContext) -> Result<JoinHandle
                 ctx.exit.request(reason);
             }
             IMMEDIATE_EXIT.with(|flag| flag.set(std::ptr::null_mut()));
+            complete_pending_io(&mut vcpu);
+            vcpu
         })
         .map_err(|source| VcpuError::Spawn { index, source })
 }
 
+/// Leaves the vCPU between two instructions. An exit for port or MMIO I/O completes the
+/// instruction only when `KVM_RUN` is next entered; with `immediate_exit` set, that entry
+/// completes it and returns at once without running the guest (KVM's API documentation,
+/// `KVM_CAP_IMMEDIATE_EXIT`). A state saved afterwards then resumes after the instruction,
+/// not at it (which would, for instance, hit the snapshot port again).
+fn complete_pending_io(vcpu: &mut VcpuFd) {
+    vcpu.set_kvm_immediate_exit(1);
+    // EINTR is the expected answer; any other leaves the vCPU as it was, to be dropped.
+    let _ = vcpu.run();
+    vcpu.set_kvm_immediate_exit(0);
+}
+
 /// Interrupts a vCPU thread's `KVM_RUN` so it notices that the VM is ending.
-pub fn kick(thread: &JoinHandle<()>) {
+pub fn kick<T>(thread: &JoinHandle<T>) {
     // ESRCH only means the thread has already finished.
     let _ = thread.kill(kick_signal());
 }

@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use serde::Serialize;
-use vmm::vm::{self, ErrorClass, VmConfig, VmError};
+use vmm::vm::{self, VmConfig, VmError};
+use vmm_sys_util::eventfd::EventFd;
 
 pub use exec_mode::marks_line;
 use exec_mode::{ExecPhaseStats, ExecSample};
@@ -34,7 +35,7 @@ use process::ProcessRun;
 use stats::{stats, stats_of, Expect, PhaseStats, Ratio, Sample, Stats};
 
 use crate::output::create_output;
-use crate::{exit_code, fail};
+use crate::{exit_code, fail, vm_error};
 
 pub const BENCH_HELP: &str = "\
 Examples:
@@ -158,10 +159,15 @@ fn boot_once(args: &BenchArgs) -> anyhow::Result<Sample> {
         virtio_console: None,
         rng: false,
         pit: false,
-        timeout: Some(args.limit()),
+        snapshot_to: None,
+        restore: None,
     };
-    let report = vm::run(config)?;
+    // Nothing stops a bench run but its timeout.
+    let stop = EventFd::new(libc::EFD_NONBLOCK)?;
+    let mut report = vm::run(config, &stop, Some(args.limit()))?;
     let returned = Instant::now();
+    // Released off the clock: the previous VM goes now, this one after the next boot.
+    crate::keep_finished_vm(report.remains.take());
     if !args.expect.accepts(&report.reason) {
         bail!(
             "a boot did not end as --expect {:?} asks: {:?}",
@@ -477,9 +483,6 @@ pub fn run_bench(args: BenchArgs) -> ExitCode {
 /// A failed boot's status: a VM error keeps its class (a bad kernel is the user's input, 64;
 /// no KVM is 69), anything else is 70.
 fn run_error_code(e: &anyhow::Error) -> u8 {
-    match e.downcast_ref::<VmError>().map(VmError::class) {
-        Some(ErrorClass::BadInput) => exit_code::BAD_INPUT,
-        Some(ErrorClass::KvmUnavailable) => exit_code::KVM_UNAVAILABLE,
-        _ => exit_code::INTERNAL,
-    }
+    e.downcast_ref::<VmError>()
+        .map_or(exit_code::INTERNAL, vm_error::status)
 }

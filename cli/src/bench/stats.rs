@@ -191,6 +191,8 @@ mod tests {
             ],
             console_error: None,
             stuck_vcpus: Vec::new(),
+            snapshot: None,
+            remains: None,
         };
         let s = sample(&report, t0 + ms(41));
         let expected = [2, 18, 5, 10, 5, 1].map(|n| Some(ms(n)));
@@ -210,6 +212,8 @@ mod tests {
             markers: vec![],
             console_error: None,
             stuck_vcpus: Vec::new(),
+            snapshot: None,
+            remains: None,
         };
         let s = sample(&report, t0 + ms(10));
         assert_eq!(s.phases, [Some(ms(1)), None, None, None, None, Some(ms(1))]);

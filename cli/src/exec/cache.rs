@@ -102,7 +102,7 @@ fn init_digest(init: &InitBinary) -> Vec<u8> {
 }
 
 /// A file's identity: device, inode, size and modification time (zeros when it is missing).
-fn identity(path: &Path) -> [u8; 32] {
+pub fn identity(path: &Path) -> [u8; 32] {
     let mut out = [0u8; 32];
     if let Ok(m) = std::fs::metadata(path) {
         let fields = [
@@ -118,7 +118,7 @@ fn identity(path: &Path) -> [u8; 32] {
     out
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

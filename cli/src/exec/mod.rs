@@ -11,6 +11,7 @@ pub mod cache;
 pub mod kernel;
 mod options;
 pub mod virtiofsd;
+pub mod warm;
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -21,19 +22,22 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use initrd::config::{Config, Share as GuestShare, STDIO_PORT_NAMES};
+use initrd::config::{Config, Share as GuestShare, SETTINGS_PORT_NAME, STDIO_PORT_NAMES};
 use initrd::guest::error_chain;
 use initrd::{InitBinary, InitrdSpec};
+use vmm::device_manager::mmio::VirtioError;
+use vmm::device_manager::{ConsoleConfig, DeviceError, PortConfig, ShareConfig};
 use vmm::exit::{BootPhase, ExitReason};
-use vmm::virtio_mmio::{ConsoleConfig, PortConfig, ShareConfig, VirtioMmioError};
-use vmm::vm::{self, ErrorClass, RunReport, VmConfig};
+use vmm::snapshot::Snapshot;
+use vmm::vm::{self, RunReport, VmConfig};
 
 pub use options::ExecArgs;
 use options::Plan;
 use virtiofsd::Virtiofsd;
+use warm::Warm;
 
 use crate::initrd::EMBEDDED_INIT;
-use crate::{exit_code, fail, run, terminal};
+use crate::{exit_code, fail, run, terminal, vm_error};
 
 pub const EXEC_HELP: &str = concat!(
     "Examples:
@@ -70,12 +74,10 @@ pub fn exec(args: ExecArgs) -> ExitCode {
             "this host's /dev/kvm is PVM, which cannot run an ordinary Linux kernel; run kvmbuild exec inside the test host: tests/host-vm/run -- kvmbuild exec ...",
         );
     }
-    if let Err(e) = terminal::stop_vm_on_signals() {
-        return fail(
-            exit_code::INTERNAL,
-            format!("cannot install signal handlers: {e}"),
-        );
-    }
+    let stop = match terminal::stop_vm_on_signals() {
+        Ok(stop) => stop,
+        Err(code) => return code,
+    };
     let log = Log { verbose };
     log.say(format_args!(
         "kernel {} ({})",
@@ -101,35 +103,80 @@ pub fn exec(args: ExecArgs) -> ExitCode {
         Err(e) => return fail(exit_code::INTERNAL, format!("{e:#}")),
     };
     let console = ConsoleTail::default();
-    let config = match vm_config(&plan, initrd, &daemons, &console) {
-        Ok(config) => config,
+    let result = match run_vm(&plan, &initrd, &daemons, &console, run_dir.path(), stop) {
+        Ok(result) => result,
         Err(code) => return code,
     };
-    let result = vm::run(config);
     // Stopped before the status is reported: nothing of this run outlives it.
     drop(daemons);
     drop(run_dir);
     match result {
-        Ok(report) => outcome(&report, &plan, &console, &log),
+        Ok(mut report) => {
+            crate::keep_finished_vm(report.remains.take());
+            outcome(&report, &plan, &console, &log)
+        }
         Err(e) => vm_error(e),
     }
+}
+
+/// Runs the VM: cold, or with `--warm` from the saved snapshot (saving one when there is
+/// none). A snapshot that fails to restore (damaged memory, a host that refuses its state) is
+/// discarded and the run boots cold instead, saving a new one.
+fn run_vm(
+    plan: &Plan,
+    initrd: &Path,
+    daemons: &[Virtiofsd],
+    console: &ConsoleTail,
+    run_dir: &Path,
+    stop: &vmm_sys_util::eventfd::EventFd,
+) -> Result<Result<RunReport, vm::VmError>, ExitCode> {
+    let Some(warm) = plan
+        .warm
+        .then(|| Warm::new(plan, initrd, &cmdline(plan), daemons.len()))
+    else {
+        let config = vm_config(plan, initrd, daemons, console, None)?;
+        return Ok(vm::run(config, stop, plan.timeout));
+    };
+    let restore = warm.saved();
+    let restoring = restore.is_some();
+    let config = vm_config(
+        plan,
+        initrd,
+        daemons,
+        console,
+        Some((&warm, restore, run_dir)),
+    )?;
+    match vm::run(config, stop, plan.timeout) {
+        Err(vm::VmError::Snapshot(e)) if restoring => {
+            warm.discard(&e);
+            let config = vm_config(plan, initrd, daemons, console, Some((&warm, None, run_dir)))?;
+            Ok(vm::run(config, stop, plan.timeout))
+        }
+        result => Ok(result),
+    }
+}
+
+/// The kernel command line: the same for every run of a plan's kernel and verbosity.
+fn cmdline(plan: &Plan) -> String {
+    let quiet = if plan.verbose && plan.console_log.is_some() {
+        ""
+    } else {
+        " quiet"
+    };
+    let warm = if plan.warm { " kvmbuild.warm=1" } else { "" };
+    format!("{CMDLINE}{quiet}{warm}")
 }
 
 /// A VM that could not start. Its shares are virtiofsd processes this run started, so a
 /// share that fails is kvmbuild's problem (70), not the user's input.
 fn vm_error(e: vm::VmError) -> ExitCode {
-    if let vm::VmError::Virtio(VirtioMmioError::Share(cause)) = &e {
+    if let vm::VmError::Device(DeviceError::Virtio(VirtioError::Share { source, .. })) = &e {
         return fail(
             exit_code::INTERNAL,
-            format!("cannot connect to virtiofsd: {}", error_chain(cause)),
+            format!("cannot connect to virtiofsd: {}", error_chain(source)),
         );
     }
-    let code = match e.class() {
-        ErrorClass::KvmUnavailable => exit_code::KVM_UNAVAILABLE,
-        ErrorClass::BadInput => exit_code::BAD_INPUT,
-        ErrorClass::Internal => exit_code::INTERNAL,
-    };
-    fail(code, format!("{:#}", anyhow::Error::from(e)))
+    vm_error::report(&e, &vm_error::EXEC)
 }
 
 /// The directories that get a tmpfs over the host's root in the guest, as absolute paths.
@@ -226,9 +273,10 @@ fn share_tag(index: usize) -> String {
 
 fn vm_config(
     plan: &Plan,
-    initrd: PathBuf,
+    initrd: &Path,
     daemons: &[Virtiofsd],
     console: &ConsoleTail,
+    warm: Option<(&Warm, Option<Snapshot>, &Path)>,
 ) -> Result<VmConfig, ExitCode> {
     let tags = plan
         .root
@@ -250,23 +298,36 @@ fn vm_config(
         ),
         None => Box::new(console.clone()),
     };
-    let quiet = if plan.verbose && plan.console_log.is_some() {
-        ""
-    } else {
-        " quiet"
+    let mut settings = guest_settings(plan);
+    // A warm run's settings travel on their own port, after the snapshot point; a cold run's
+    // in front of the initrd.
+    let (initrd_prefix, settings_port, snapshot_to, restore) = match warm {
+        None => (settings.archive(), None, None, None),
+        Some((warm, restore, run_dir)) => {
+            let file = warm::settings_file(&mut settings, run_dir).map_err(|e| {
+                fail(
+                    exit_code::INTERNAL,
+                    format!("cannot write the run's settings: {e}"),
+                )
+            })?;
+            let snapshot_to = restore
+                .is_none()
+                .then(|| (warm.dir.clone(), warm.key.clone()));
+            (Vec::new(), Some(file), snapshot_to, restore)
+        }
     };
     Ok(VmConfig {
         kernel: plan.kernel.kernel.clone(),
-        initrd: Some(initrd),
-        initrd_prefix: guest_settings(plan).archive(),
-        cmdline: format!("{CMDLINE}{quiet}"),
+        initrd: Some(initrd.to_path_buf()),
+        initrd_prefix,
+        cmdline: cmdline(plan),
         mem_mib: plan.mem,
         vcpus: plan.vcpus,
         console: console_out,
         serial_input: None,
         disks: plan.disks.clone(),
         shares,
-        virtio_console: Some(stdio_console().map_err(|e| {
+        virtio_console: Some(stdio_console(settings_port).map_err(|e| {
             fail(
                 exit_code::INTERNAL,
                 format!("cannot connect the standard streams: {e}"),
@@ -274,13 +335,14 @@ fn vm_config(
         })?),
         rng: true,
         pit: false,
-        timeout: plan.timeout,
+        snapshot_to,
+        restore,
     })
 }
 
 /// A virtio-console whose three ports carry this process's stdin, stdout and stderr. A
 /// stream kvmbuild was started without (`<&-`) is empty input or discarded output.
-fn stdio_console() -> std::io::Result<ConsoleConfig> {
+fn stdio_console(settings: Option<File>) -> std::io::Result<ConsoleConfig> {
     let stdin = match dup_fd(0) {
         Ok(file) => file,
         Err(_) => File::open("/dev/null")?,
@@ -291,23 +353,32 @@ fn stdio_console() -> std::io::Result<ConsoleConfig> {
             .map(|f| Box::new(f) as Box<dyn Write + Send>)
     };
     let [stdin_name, stdout_name, stderr_name] = STDIO_PORT_NAMES.map(String::from);
-    Ok(ConsoleConfig::Ports(vec![
-        PortConfig {
-            name: stdin_name,
-            input: Some(Box::new(stdin)),
+    Ok(ConsoleConfig::Ports(
+        vec![
+            PortConfig {
+                name: stdin_name,
+                input: Some(Box::new(stdin)),
+                output: None,
+            },
+            PortConfig {
+                name: stdout_name,
+                input: None,
+                output: output(1),
+            },
+            PortConfig {
+                name: stderr_name,
+                input: None,
+                output: output(2),
+            },
+        ]
+        .into_iter()
+        .chain(settings.map(|file| PortConfig {
+            name: SETTINGS_PORT_NAME.to_owned(),
+            input: Some(Box::new(file)),
             output: None,
-        },
-        PortConfig {
-            name: stdout_name,
-            input: None,
-            output: output(1),
-        },
-        PortConfig {
-            name: stderr_name,
-            input: None,
-            output: output(2),
-        },
-    ]))
+        }))
+        .collect(),
+    ))
 }
 
 /// A handle of its own on descriptor `fd` (unbuffered, closed by whoever owns it).

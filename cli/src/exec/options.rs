@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use vmm::virtio_mmio::DiskConfig;
+use vmm::device_manager::DiskConfig;
 
 use super::kernel::{self, KernelChoice};
 use super::root_scratch_dirs;
@@ -74,6 +74,11 @@ pub struct ExecArgs {
     /// --console-log, the kernel's and init's full messages there).
     #[arg(short, long)]
     pub(crate) verbose: bool,
+    /// Start from a snapshot of this kernel, initrd, memory size, vCPU count and device set
+    /// booted to kvmbuild's init, made by the first --warm run and kept in the cache (see
+    /// `kvmbuild snapshot`); a damaged or stale one is replaced after a cold boot.
+    #[arg(long)]
+    warm: bool,
     /// The command and its arguments.
     #[arg(
         required = true,
@@ -161,6 +166,7 @@ pub struct Plan {
     pub timeout: Option<Duration>,
     pub console_log: Option<File>,
     pub verbose: bool,
+    pub warm: bool,
     pub command: Vec<OsString>,
 }
 
@@ -239,6 +245,7 @@ pub fn plan(args: ExecArgs) -> anyhow::Result<Plan> {
         timeout: args.timeout,
         console_log,
         verbose: args.verbose,
+        warm: args.warm,
         command: args.command,
     })
 }

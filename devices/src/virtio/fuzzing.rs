@@ -10,7 +10,8 @@ use vm_memory::GuestMemoryMmap;
 
 use super::block::Block;
 pub use super::chain::{
-    drain_queue, next_chain, read_stream, sub_range, write_stream, Chain, ChainError, Segment,
+    drain_queue, next_chain, read_stream, readable_chain, reader, sub_range, writable_chain,
+    writer, Chain, ChainError, Segment,
 };
 
 /// Serves one virtio-blk request chain on `block` as a device that negotiated `features` would

@@ -110,10 +110,9 @@ pub enum ActivateError {
 pub struct Activation {
     /// Guest memory, for the rings and buffers.
     pub mem: GuestMemoryMmap,
-    /// The validated, ready queues, in device queue order.
-    pub queues: Vec<Queue>,
-    /// One notification `EventFd` per queue (clones of the transport's).
-    pub queue_events: Vec<EventFd>,
+    /// The validated, ready queues in device queue order, each with the `EventFd` its
+    /// notifications arrive on (a clone of the transport's).
+    pub queues: Vec<(Queue, EventFd)>,
     /// The device's interrupt line.
     pub interrupt: Interrupt,
     /// The features the driver accepted.
@@ -124,7 +123,7 @@ impl Activation {
     /// Checks that the transport handed over `expected` queues.
     pub fn expect_queues(&self, expected: usize) -> Result<(), ActivateError> {
         let got = self.queues.len();
-        if got != expected || self.queue_events.len() != expected {
+        if got != expected {
             return Err(ActivateError::QueueCount { expected, got });
         }
         Ok(())

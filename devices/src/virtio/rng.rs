@@ -1,12 +1,12 @@
 //! virtio-rng (device id 4): fills the guest's buffers with bytes from the host's
 //! `getrandom(2)`. The guest sees it as `/dev/hwrng`.
 
-use std::io;
+use std::io::{self, Write};
 
 use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
 
-use super::chain::{write_stream, Chain, ChainError};
+use super::chain::{writable_chain, ChainError};
 use super::worker::{RequestHandler, SingleQueueWorker};
 use super::{
     device_type, features, read_config_bytes, ActivateError, Activation, DeviceWorker, VirtioDevice,
@@ -84,19 +84,13 @@ fn fill(
     chain: DescriptorChain<&GuestMemoryMmap>,
     buf: &mut Vec<u8>,
 ) -> Result<u32, ChainError> {
-    let chain = Chain::walk(chain, usize::from(QUEUE_SIZE))?;
-    chain.check_memory(mem)?;
-    if !chain.readable.is_empty() {
-        // The driver must only offer buffers for the device to write.
-        return Err(ChainError::Order);
-    }
-    let want = usize::try_from(chain.writable_len()).map_or(MAX_FILL, |n| n.min(MAX_FILL));
-    buf.resize(want, 0);
+    let mut writer = writable_chain(mem, chain, usize::from(QUEUE_SIZE))?;
+    buf.resize(writer.available_bytes().min(MAX_FILL), 0);
     if getrandom(buf).is_err() {
         // Nothing written: the driver sees an empty answer and asks again.
         return Ok(0);
     }
-    let written = write_stream(mem, &chain.writable, buf).map_err(|_| ChainError::Memory)?;
+    let written = writer.write(buf).map_err(|_| ChainError::Memory)?;
     // At most MAX_FILL.
     Ok(written as u32)
 }

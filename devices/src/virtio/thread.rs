@@ -1,4 +1,5 @@
-//! The device thread: one event-manager loop that runs every active virtio device.
+//! The device thread: one event-manager loop that runs every active virtio device, and the
+//! serial port's input ([`crate::serial::SerialInput`]).
 //!
 //! The VMM starts it once, before the vCPUs, and hands a [`DeviceThreadHandle`] to each
 //! [`MmioTransport`](super::MmioTransport). A transport adds its device's worker when the

@@ -119,7 +119,7 @@ impl VhostUserFs {
         self.frontend
             .set_mem_table(&regions)
             .map_err(request_err(&self.socket, "set the memory table"))?;
-        for (index, (queue, kick)) in a.queues.iter().zip(&a.queue_events).enumerate() {
+        for (index, (queue, kick)) in a.queues.iter().enumerate() {
             let config = vring_config(&a.mem, queue);
             self.frontend
                 .set_vring_num(index, queue.size())

@@ -36,11 +36,12 @@ impl<H: RequestHandler> SingleQueueWorker<H> {
     /// Takes the one queue of `activation` for `handler`.
     pub fn new(handler: H, mut activation: Activation) -> Result<Self, ActivateError> {
         activation.expect_queues(1)?;
+        let (queue, event) = activation.queues.remove(0);
         Ok(Self {
             handler,
             mem: activation.mem,
-            queue: activation.queues.remove(0),
-            event: activation.queue_events.remove(0),
+            queue,
+            event,
             interrupt: activation.interrupt,
             broken: false,
         })

@@ -15,9 +15,12 @@ mod mount;
 mod root;
 mod stdio;
 mod sys;
+mod warm;
 
 use std::ffi::{CString, OsString};
 use std::fmt;
+
+use abi::BootPhase;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
@@ -25,7 +28,6 @@ pub use exec::find_program;
 pub use mount::{parse_filesystems, parse_options};
 pub use root::SCRATCH_DIRS;
 pub use stdio::find_ports;
-pub use sys::{EXIT_PORT, MARKER_PORT};
 
 use crate::config::{self, Config};
 use crate::modules::{parse_load_list, LoadEntry};
@@ -38,11 +40,6 @@ pub const MODULES_FILE: &str = "/etc/kvmbuild/modules";
 
 /// The command's stderr port, once open: the init's own errors are copied there.
 static ERROR_PORT: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();
-
-/// Boot phases written to the marker port.
-const INIT_STARTED: u8 = 1;
-const COMMAND_STARTED: u8 = 2;
-const COMMAND_FINISHED: u8 = 3;
 
 /// Everything that stops the init from running the command, with the status it reports.
 #[derive(Debug, thiserror::Error)]
@@ -214,7 +211,7 @@ pub fn main() -> ! {
         std::process::exit(2);
     }
     let ports = sys::Ports::open();
-    ports.mark(INIT_STARTED);
+    ports.mark(BootPhase::InitStarted);
     std::panic::set_hook(Box::new(move |info| {
         eprintln!("kvmbuild-init: internal error: {info}");
         finish(ports, status::INTERNAL)
@@ -230,12 +227,20 @@ pub fn main() -> ! {
 fn run(ports: sys::Ports) -> Result<u8, Error> {
     mount::mount_basics()?;
     exec::ensure_console();
-    let config = read_config()?;
-    let log = Log {
+    let mut config = read_config()?;
+    let mut log = Log {
         verbose: config.verbose,
     };
     log.step(format_args!("settings read"));
-    load_modules(&log)?;
+    if config.warm {
+        load_modules(&log, |entry| !warm::is_transport(entry))?;
+        ports.snapshot_point();
+        load_modules(&log, warm::is_transport)?;
+        warm::read_run_settings(&mut config, &log)?;
+        log.verbose = config.verbose;
+    } else {
+        load_modules(&log, |_| true)?;
+    }
     let streams = match config.stdio_ports {
         true => Some(open_stdio_ports(&log)?),
         false => None,
@@ -245,9 +250,9 @@ fn run(ports: sys::Ports) -> Result<u8, Error> {
     }
     mount_all(&config, &log)?;
     let prepared = exec::prepare(&config, streams)?;
-    ports.mark(COMMAND_STARTED);
+    ports.mark(BootPhase::CommandStarted);
     let status = exec::run(prepared, &log)?;
-    ports.mark(COMMAND_FINISHED);
+    ports.mark(BootPhase::CommandFinished);
     if let Some(tty) = &config.tty {
         if let Ok(file) = std::fs::File::open(tty) {
             drain_terminals(vec![file]);
@@ -311,12 +316,12 @@ pub fn check_mount_points(config: &Config) -> Result<(), Error> {
     Ok(())
 }
 
-/// Loads every module of the load list, in order.
-fn load_modules(log: &Log) -> Result<(), Error> {
+/// Loads the modules of the load list that `wanted` selects, in order.
+fn load_modules(log: &Log, wanted: impl Fn(&LoadEntry) -> bool) -> Result<(), Error> {
     let Some(list) = read_optional(Path::new(MODULES_FILE))? else {
         return Ok(());
     };
-    for entry in parse_load_list(&list) {
+    for entry in parse_load_list(&list).into_iter().filter(|e| wanted(e)) {
         log.step(format_args!("loading {}", entry.path));
         load_module(&entry)?;
     }

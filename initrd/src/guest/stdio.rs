@@ -99,6 +99,15 @@ pub fn find_ports(dir: &Path) -> [Option<PathBuf>; 3] {
     found
 }
 
+/// The `/dev` node of the port named `name`, if the driver has listed it.
+pub fn find_port(name: &str) -> Option<PathBuf> {
+    let entries = std::fs::read_dir(PORTS_DIR).ok()?;
+    entries.flatten().find_map(|entry| {
+        let found = read_name(&entry.path().join("name")).ok()? == name;
+        found.then(|| Path::new("/dev").join(entry.file_name()))
+    })
+}
+
 fn read_name(path: &Path) -> io::Result<String> {
     Ok(std::fs::read_to_string(path)?.trim_end().to_string())
 }

@@ -8,10 +8,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-/// kvmbuild's boot-marker port (must equal `devices::ports::KVMBUILD_MARKER`).
-pub const MARKER_PORT: u16 = 0x6f0;
-/// kvmbuild's exit port (must equal `devices::ports::KVMBUILD_EXIT`).
-pub const EXIT_PORT: u16 = 0x6f1;
+use abi::ports::{EXIT as EXIT_PORT, MARKER as MARKER_PORT};
 
 /// `finit_module` flag: the file is compressed and the kernel should decompress it.
 const MODULE_INIT_COMPRESSED_FILE: libc::c_uint = 4;
@@ -40,13 +37,25 @@ impl Ports {
     /// skipped and the init ends the VM by powering off instead.
     pub fn open() -> Self {
         // SAFETY: ioperm only changes this process's I/O permission bitmap.
-        let enabled = unsafe { libc::ioperm(libc::c_ulong::from(MARKER_PORT), 2, 1) } == 0;
+        let enabled = unsafe {
+            libc::ioperm(
+                libc::c_ulong::from(abi::ports::BASE),
+                libc::c_ulong::from(abi::ports::LEN),
+                1,
+            )
+        } == 0;
         Self { enabled }
     }
 
-    /// Marks a boot phase (1 init started, 2 command started, 3 command finished).
-    pub fn mark(&self, phase: u8) {
-        self.out(MARKER_PORT, phase);
+    /// Marks a boot phase.
+    pub fn mark(&self, phase: abi::BootPhase) {
+        self.out(MARKER_PORT, phase.byte());
+    }
+
+    /// Reaches the snapshot point: kvmbuild may save the VM here, and later runs may resume
+    /// from here (the init cannot tell which it is).
+    pub fn snapshot_point(&self) {
+        self.out(abi::ports::SNAPSHOT, 1);
     }
 
     /// Reports the exit status; on kvmbuild this ends the VM before it returns.
@@ -181,6 +190,46 @@ pub fn wait_any() -> io::Result<(libc::pid_t, i32)> {
     } else {
         Ok((pid, status))
     }
+}
+
+/// Sets the wall clock (`CLOCK_REALTIME`) to `ns` nanoseconds since the Unix epoch.
+pub fn set_wall_clock(ns: u64) -> io::Result<()> {
+    let ts = libc::timespec {
+        tv_sec: libc::time_t::try_from(ns / 1_000_000_000)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
+        // Below 10^9, so it fits any c_long.
+        tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: `ts` is a valid timespec for the call's duration.
+    check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) }.into())
+}
+
+/// `RNDADDENTROPY`: `_IOW('R', 0x03, int[2])`.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDRESEEDCRNG`: `_IO('R', 0x07)`.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// Mixes `seed` into the kernel's entropy pool, credited as fully random (the host read it
+/// from its own generator), then reseeds the kernel's generator from the pool at once, so
+/// nothing drawn from here on depends only on the state before.
+pub fn add_entropy_and_reseed(seed: &[u8]) -> io::Result<()> {
+    let random = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let bits =
+        i32::try_from(seed.len() * 8).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
+    let len = i32::try_from(seed.len()).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
+    let mut info = Vec::with_capacity(8 + seed.len().next_multiple_of(4));
+    info.extend_from_slice(&bits.to_ne_bytes());
+    info.extend_from_slice(&len.to_ne_bytes());
+    info.extend_from_slice(seed);
+    info.resize(8 + seed.len().next_multiple_of(4), 0);
+    // SAFETY: `info` is a rand_pool_info with `buf_size` bytes after its header, alive for
+    // the call; the kernel only reads it.
+    check(unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) }.into())?;
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    check(unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG as _) }.into())
 }
 
 /// Seconds since boot, for verbose logs that line up with the kernel's timestamps.

@@ -1,6 +1,7 @@
 //! virtio-blk tests: the test plays the guest driver against real image files in a temporary
 //! directory, through the MMIO registers and the rings.
 
+use super::request::{S_IOERR, S_OK, S_UNSUPP};
 use super::*;
 use crate::virtio::chain::drain_queue;
 use crate::virtio::testing::{Driver, DATA, MEM_SIZE, R, W};
@@ -10,6 +11,7 @@ use std::fs;
 use std::time::Duration;
 use tempfile::TempDir;
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::Queue;
 
@@ -97,13 +99,18 @@ fn offers_features_and_config_space() {
     let dir = TempDir::new().unwrap();
     let d = start(&image(&dir, "disk"), false);
     let f = d.device_features();
-    for bit in [F_SEG_MAX, F_BLK_SIZE, F_FLUSH, features::VERSION_1] {
+    for bit in [
+        bit(VIRTIO_BLK_F_SEG_MAX),
+        bit(VIRTIO_BLK_F_BLK_SIZE),
+        bit(VIRTIO_BLK_F_FLUSH),
+        features::VERSION_1,
+    ] {
         assert_ne!(f & bit, 0, "feature {bit:#x}");
     }
-    assert_eq!(f & F_RO, 0);
+    assert_eq!(f & bit(VIRTIO_BLK_F_RO), 0);
     // ext4, tmpfs, xfs and btrfs all punch holes.
-    assert_ne!(f & F_DISCARD, 0);
-    assert_ne!(f & F_WRITE_ZEROES, 0);
+    assert_ne!(f & bit(VIRTIO_BLK_F_DISCARD), 0);
+    assert_ne!(f & bit(VIRTIO_BLK_F_WRITE_ZEROES), 0);
     assert_eq!(d.read32(0x008), 2);
     let mut cap = [0u8; 8];
     d.read(0x100, &mut cap);
@@ -167,18 +174,23 @@ fn writers_exclude_everyone_and_readers_share() {
 fn reads_sectors_into_scattered_buffers() {
     let dir = TempDir::new().unwrap();
     let d = start(&image(&dir, "disk"), false);
-    let (len, status) = request(&d, T_IN, 3, &[(BUF, 512, W), (BUF + 0x2000, 1024, W)]);
+    let (len, status) = request(
+        &d,
+        VIRTIO_BLK_T_IN,
+        3,
+        &[(BUF, 512, W), (BUF + 0x2000, 1024, W)],
+    );
     assert_eq!((len, status), (1537, S_OK));
     assert_eq!(d.get(BUF, 512), sector_bytes(3));
     assert_eq!(d.get(BUF + 0x2000, 512), sector_bytes(4));
     assert_eq!(d.get(BUF + 0x2200, 512), sector_bytes(5));
     // The last sector, and an empty read.
     assert_eq!(
-        request(&d, T_IN, SECTORS - 1, &[(BUF, 512, W)]),
+        request(&d, VIRTIO_BLK_T_IN, SECTORS - 1, &[(BUF, 512, W)]),
         (513, S_OK)
     );
     assert_eq!(d.get(BUF, 512), sector_bytes(SECTORS - 1));
-    assert_eq!(request(&d, T_IN, SECTORS, &[]), (1, S_OK));
+    assert_eq!(request(&d, VIRTIO_BLK_T_IN, SECTORS, &[]), (1, S_OK));
 }
 
 #[test]
@@ -188,7 +200,12 @@ fn writes_reach_the_file_and_nothing_else() {
     let d = start(&path, false);
     d.put(BUF, &[0xaa; 512]);
     d.put(BUF + 0x3000, &[0xbb; 512]);
-    let (len, status) = request(&d, T_OUT, 10, &[(BUF, 512, R), (BUF + 0x3000, 512, R)]);
+    let (len, status) = request(
+        &d,
+        VIRTIO_BLK_T_OUT,
+        10,
+        &[(BUF, 512, R), (BUF + 0x3000, 512, R)],
+    );
     assert_eq!((len, status), (1, S_OK));
     let mut want: Vec<u8> = contents(&image(&TempDir::new().unwrap(), "fresh"));
     want[10 * 512..11 * 512].fill(0xaa);
@@ -196,7 +213,7 @@ fn writes_reach_the_file_and_nothing_else() {
     assert_eq!(contents(&path), want);
     // And reads see them.
     assert_eq!(
-        request(&d, T_IN, 11, &[(BUF + 0x5000, 512, W)]),
+        request(&d, VIRTIO_BLK_T_IN, 11, &[(BUF + 0x5000, 512, W)]),
         (513, S_OK)
     );
     assert_eq!(d.get(BUF + 0x5000, 512), vec![0xbb; 512]);
@@ -206,7 +223,7 @@ fn writes_reach_the_file_and_nothing_else() {
 fn flush_succeeds() {
     let dir = TempDir::new().unwrap();
     let d = start(&image(&dir, "disk"), false);
-    assert_eq!(request(&d, T_FLUSH, 0, &[]), (1, S_OK));
+    assert_eq!(request(&d, VIRTIO_BLK_T_FLUSH, 0, &[]), (1, S_OK));
 }
 
 #[test]
@@ -214,7 +231,7 @@ fn get_id_returns_twenty_bytes() {
     let dir = TempDir::new().unwrap();
     let path = image(&dir, "disk");
     let d = start(&path, false);
-    let (len, status) = request(&d, T_GET_ID, 0, &[(BUF, 20, W)]);
+    let (len, status) = request(&d, VIRTIO_BLK_T_GET_ID, 0, &[(BUF, 20, W)]);
     assert_eq!((len, status), (21, S_OK));
     let meta = fs::metadata(&path).unwrap();
     assert_eq!(d.get(BUF, 20), derive_id(meta.dev(), meta.ino()));
@@ -224,7 +241,7 @@ fn get_id_returns_twenty_bytes() {
             .unwrap()
             .with_id("kvmbuild-disk-0123456789"),
     );
-    request(&named, T_GET_ID, 0, &[(BUF, 20, W)]);
+    request(&named, VIRTIO_BLK_T_GET_ID, 0, &[(BUF, 20, W)]);
     assert_eq!(named.get(BUF, 20), b"kvmbuild-disk-012345");
 }
 
@@ -235,7 +252,10 @@ fn discard_punches_holes_keeping_the_size() {
     let d = start(&path, false);
     discard_segment(&d, BUF, 8, 16, 0);
     discard_segment(&d, BUF + 16, 40, 1, 0);
-    assert_eq!(request(&d, T_DISCARD, 0, &[(BUF, 32, R)]), (1, S_OK));
+    assert_eq!(
+        request(&d, VIRTIO_BLK_T_DISCARD, 0, &[(BUF, 32, R)]),
+        (1, S_OK)
+    );
     let data = contents(&path);
     assert_eq!(data.len() as u64, SECTORS * SECTOR_SIZE);
     assert!(data[8 * 512..24 * 512].iter().all(|&b| b == 0));
@@ -251,9 +271,15 @@ fn write_zeroes_with_and_without_unmap() {
     let path = image(&dir, "disk");
     let d = start(&path, false);
     discard_segment(&d, BUF, 2, 2, 0);
-    assert_eq!(request(&d, T_WRITE_ZEROES, 0, &[(BUF, 16, R)]), (1, S_OK));
-    discard_segment(&d, BUF, 30, 3, WRITE_ZEROES_UNMAP);
-    assert_eq!(request(&d, T_WRITE_ZEROES, 0, &[(BUF, 16, R)]), (1, S_OK));
+    assert_eq!(
+        request(&d, VIRTIO_BLK_T_WRITE_ZEROES, 0, &[(BUF, 16, R)]),
+        (1, S_OK)
+    );
+    discard_segment(&d, BUF, 30, 3, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+    assert_eq!(
+        request(&d, VIRTIO_BLK_T_WRITE_ZEROES, 0, &[(BUF, 16, R)]),
+        (1, S_OK)
+    );
     let data = contents(&path);
     assert!(data[2 * 512..4 * 512].iter().all(|&b| b == 0));
     assert!(data[30 * 512..33 * 512].iter().all(|&b| b == 0));
@@ -268,20 +294,36 @@ fn discard_and_write_zeroes_check_their_segments() {
     let before = contents(&path);
     let d = start(&path, false);
     let cases: [(&str, u32, u64, u32, u32, u32, u8); 7] = [
-        ("beyond the end", T_DISCARD, SECTORS - 1, 2, 0, 16, S_IOERR),
+        (
+            "beyond the end",
+            VIRTIO_BLK_T_DISCARD,
+            SECTORS - 1,
+            2,
+            0,
+            16,
+            S_IOERR,
+        ),
         (
             "overflowing sector",
-            T_DISCARD,
+            VIRTIO_BLK_T_DISCARD,
             u64::MAX / 512,
             2,
             0,
             16,
             S_IOERR,
         ),
-        ("flags on discard", T_DISCARD, 0, 1, 1, 16, S_UNSUPP),
+        (
+            "flags on discard",
+            VIRTIO_BLK_T_DISCARD,
+            0,
+            1,
+            1,
+            16,
+            S_UNSUPP,
+        ),
         (
             "unknown write-zeroes flag",
-            T_WRITE_ZEROES,
+            VIRTIO_BLK_T_WRITE_ZEROES,
             0,
             1,
             2,
@@ -290,15 +332,23 @@ fn discard_and_write_zeroes_check_their_segments() {
         ),
         (
             "too many sectors",
-            T_DISCARD,
+            VIRTIO_BLK_T_DISCARD,
             0,
             MAX_DISCARD_SECTORS + 1,
             0,
             16,
             S_IOERR,
         ),
-        ("partial segment", T_DISCARD, 0, 1, 0, 12, S_IOERR),
-        ("no segment", T_DISCARD, 0, 1, 0, 0, S_IOERR),
+        (
+            "partial segment",
+            VIRTIO_BLK_T_DISCARD,
+            0,
+            1,
+            0,
+            12,
+            S_IOERR,
+        ),
+        ("no segment", VIRTIO_BLK_T_DISCARD, 0, 1, 0, 0, S_IOERR),
     ];
     for (what, kind, sector, sectors, flags, len, want) in cases {
         discard_segment(&d, BUF, sector, sectors, flags);
@@ -310,11 +360,17 @@ fn discard_and_write_zeroes_check_their_segments() {
     for i in 0..u64::from(n) {
         discard_segment(&d, BUF + i * 16, i, 1, 0);
     }
-    assert_eq!(request(&d, T_DISCARD, 0, &[(BUF, n * 16, R)]), (1, S_IOERR));
+    assert_eq!(
+        request(&d, VIRTIO_BLK_T_DISCARD, 0, &[(BUF, n * 16, R)]),
+        (1, S_IOERR)
+    );
     // A bad segment anywhere means no segment is applied.
     discard_segment(&d, BUF, 0, 1, 0);
     discard_segment(&d, BUF + 16, SECTORS, 1, 0);
-    assert_eq!(request(&d, T_DISCARD, 0, &[(BUF, 32, R)]), (1, S_IOERR));
+    assert_eq!(
+        request(&d, VIRTIO_BLK_T_DISCARD, 0, &[(BUF, 32, R)]),
+        (1, S_IOERR)
+    );
     assert_eq!(contents(&path), before);
 }
 
@@ -325,18 +381,30 @@ fn read_only_disks_refuse_every_change() {
     let before = contents(&path);
     let d = start(&path, true);
     let f = d.device_features();
-    assert_ne!(f & F_RO, 0);
-    assert_eq!(f & (F_DISCARD | F_WRITE_ZEROES), 0);
-    d.put(BUF, &[0xcc; 512]);
-    assert_eq!(request(&d, T_OUT, 0, &[(BUF, 512, R)]), (1, S_IOERR));
-    discard_segment(&d, BUF, 0, 4, 0);
-    assert_eq!(request(&d, T_DISCARD, 0, &[(BUF, 16, R)]), (1, S_IOERR));
+    assert_ne!(f & bit(VIRTIO_BLK_F_RO), 0);
     assert_eq!(
-        request(&d, T_WRITE_ZEROES, 0, &[(BUF, 16, R)]),
+        f & (bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES)),
+        0
+    );
+    d.put(BUF, &[0xcc; 512]);
+    assert_eq!(
+        request(&d, VIRTIO_BLK_T_OUT, 0, &[(BUF, 512, R)]),
         (1, S_IOERR)
     );
-    assert_eq!(request(&d, T_FLUSH, 0, &[]), (1, S_OK));
-    assert_eq!(request(&d, T_IN, 2, &[(BUF, 512, W)]), (513, S_OK));
+    discard_segment(&d, BUF, 0, 4, 0);
+    assert_eq!(
+        request(&d, VIRTIO_BLK_T_DISCARD, 0, &[(BUF, 16, R)]),
+        (1, S_IOERR)
+    );
+    assert_eq!(
+        request(&d, VIRTIO_BLK_T_WRITE_ZEROES, 0, &[(BUF, 16, R)]),
+        (1, S_IOERR)
+    );
+    assert_eq!(request(&d, VIRTIO_BLK_T_FLUSH, 0, &[]), (1, S_OK));
+    assert_eq!(
+        request(&d, VIRTIO_BLK_T_IN, 2, &[(BUF, 512, W)]),
+        (513, S_OK)
+    );
     assert_eq!(d.get(BUF, 512), sector_bytes(2));
     assert_eq!(contents(&path), before);
 }
@@ -355,16 +423,28 @@ fn discard_is_unsupported_when_not_negotiated() {
     let dir = TempDir::new().unwrap();
     let d = Driver::new(Box::new(Block::new(image(&dir, "disk"), false).unwrap()));
     let offered = d.device_features();
-    d.init(offered & !(F_DISCARD | F_WRITE_ZEROES | F_FLUSH), &[16]);
+    d.init(
+        offered
+            & !(bit(VIRTIO_BLK_F_DISCARD)
+                | bit(VIRTIO_BLK_F_WRITE_ZEROES)
+                | bit(VIRTIO_BLK_F_FLUSH)),
+        &[16],
+    );
     discard_segment(&d, BUF, 0, 1, 0);
-    assert_eq!(request(&d, T_DISCARD, 0, &[(BUF, 16, R)]), (1, S_UNSUPP));
     assert_eq!(
-        request(&d, T_WRITE_ZEROES, 0, &[(BUF, 16, R)]),
+        request(&d, VIRTIO_BLK_T_DISCARD, 0, &[(BUF, 16, R)]),
+        (1, S_UNSUPP)
+    );
+    assert_eq!(
+        request(&d, VIRTIO_BLK_T_WRITE_ZEROES, 0, &[(BUF, 16, R)]),
         (1, S_UNSUPP)
     );
     // Without FLUSH, writes are synchronous, and still succeed.
     d.put(BUF, &[1; 512]);
-    assert_eq!(request(&d, T_OUT, 0, &[(BUF, 512, R)]), (1, S_OK));
+    assert_eq!(
+        request(&d, VIRTIO_BLK_T_OUT, 0, &[(BUF, 512, R)]),
+        (1, S_OK)
+    );
 }
 
 #[test]
@@ -379,47 +459,62 @@ fn bad_requests_are_answered_with_ioerr_and_leave_the_file_alone() {
     let cases: [Case; 11] = [
         (
             "sector beyond capacity",
-            T_OUT,
+            VIRTIO_BLK_T_OUT,
             SECTORS,
             vec![(BUF, 512, R)],
         ),
         (
             "range crossing the end",
-            T_OUT,
+            VIRTIO_BLK_T_OUT,
             SECTORS - 1,
             vec![(BUF, 1024, R)],
         ),
         (
             "sector * 512 overflows",
-            T_OUT,
+            VIRTIO_BLK_T_OUT,
             u64::MAX,
             vec![(BUF, 512, R)],
         ),
         (
             "sector + len overflows",
-            T_OUT,
+            VIRTIO_BLK_T_OUT,
             max_sector,
             vec![(BUF, 1024, R)],
         ),
-        ("partial sector", T_OUT, 0, vec![(BUF, 100, R)]),
-        ("read beyond capacity", T_IN, SECTORS, vec![(BUF, 512, W)]),
-        ("read overflow", T_IN, u64::MAX, vec![(BUF, 512, W)]),
+        ("partial sector", VIRTIO_BLK_T_OUT, 0, vec![(BUF, 100, R)]),
+        (
+            "read beyond capacity",
+            VIRTIO_BLK_T_IN,
+            SECTORS,
+            vec![(BUF, 512, W)],
+        ),
+        (
+            "read overflow",
+            VIRTIO_BLK_T_IN,
+            u64::MAX,
+            vec![(BUF, 512, W)],
+        ),
         (
             "write data outside memory",
-            T_OUT,
+            VIRTIO_BLK_T_OUT,
             0,
             vec![(MEM_SIZE - 256, 512, R)],
         ),
         (
             "read data outside memory",
-            T_IN,
+            VIRTIO_BLK_T_IN,
             0,
             vec![(MEM_SIZE - 256, 512, W)],
         ),
-        ("read with readable data", T_IN, 0, vec![(BUF, 512, R)]),
+        (
+            "read with readable data",
+            VIRTIO_BLK_T_IN,
+            0,
+            vec![(BUF, 512, R)],
+        ),
         (
             "write with writable data",
-            T_OUT,
+            VIRTIO_BLK_T_OUT,
             0,
             vec![(BUF, 512, R), (BUF + 0x1000, 512, W)],
         ),
@@ -429,12 +524,12 @@ fn bad_requests_are_answered_with_ioerr_and_leave_the_file_alone() {
     }
     // A wrapping buffer address.
     assert_eq!(
-        request(&d, T_IN, 0, &[(u64::MAX - 100, 512, W)]),
+        request(&d, VIRTIO_BLK_T_IN, 0, &[(u64::MAX - 100, 512, W)]),
         (1, S_IOERR)
     );
     assert_eq!(contents(&path), before);
     // A header shorter than 16 bytes.
-    header(&d, T_OUT, 0);
+    header(&d, VIRTIO_BLK_T_OUT, 0);
     assert_eq!(
         submit(&d, &[(HEADER_AT, 8, R), (STATUS_AT, 1, W)]),
         (1, S_IOERR)
@@ -442,7 +537,10 @@ fn bad_requests_are_answered_with_ioerr_and_leave_the_file_alone() {
     // No header at all.
     assert_eq!(submit(&d, &[(STATUS_AT, 1, W)]), (1, S_IOERR));
     // The device still works.
-    assert_eq!(request(&d, T_IN, 1, &[(BUF, 512, W)]), (513, S_OK));
+    assert_eq!(
+        request(&d, VIRTIO_BLK_T_IN, 1, &[(BUF, 512, W)]),
+        (513, S_OK)
+    );
     assert_eq!(contents(&path), before);
 }
 
@@ -450,7 +548,7 @@ fn bad_requests_are_answered_with_ioerr_and_leave_the_file_alone() {
 fn header_split_across_descriptors_is_understood() {
     let dir = TempDir::new().unwrap();
     let d = start(&image(&dir, "disk"), false);
-    header(&d, T_IN, 9);
+    header(&d, VIRTIO_BLK_T_IN, 9);
     d.put(STATUS_AT, &[0xff]);
     let chain = [
         (HEADER_AT, 5, R),
@@ -466,7 +564,7 @@ fn header_split_across_descriptors_is_understood() {
 fn indirect_descriptors_work() {
     let dir = TempDir::new().unwrap();
     let d = start(&image(&dir, "disk"), false);
-    header(&d, T_IN, 6);
+    header(&d, VIRTIO_BLK_T_IN, 6);
     let table = DATA + 0x10_0000;
     d.push_indirect(
         0,
@@ -485,7 +583,10 @@ fn many_requests_wrap_the_ring() {
     let d = start(&image(&dir, "disk"), false);
     for i in 0..100u64 {
         let sector = i % SECTORS;
-        assert_eq!(request(&d, T_IN, sector, &[(BUF, 512, W)]), (513, S_OK));
+        assert_eq!(
+            request(&d, VIRTIO_BLK_T_IN, sector, &[(BUF, 512, W)]),
+            (513, S_OK)
+        );
         assert_eq!(d.get(BUF, 1), [sector as u8]);
     }
 }
@@ -524,7 +625,7 @@ fn expect_needs_reset(what: &str, spoil: impl FnOnce(&Driver)) {
     assert_ne!(d.read32(0x060) & 2, 0, "{what}: no config interrupt");
     // Dead until reset: a good request now goes unanswered.
     let used = d.used_idx(0);
-    header(&d, T_IN, 0);
+    header(&d, VIRTIO_BLK_T_IN, 0);
     d.push(0, &[(HEADER_AT, 16, R), (BUF, 512, W), (STATUS_AT, 1, W)]);
     d.kick(0);
     std::thread::sleep(Duration::from_millis(20));
@@ -533,7 +634,7 @@ fn expect_needs_reset(what: &str, spoil: impl FnOnce(&Driver)) {
     let offered = d.device_features();
     d.init(offered, &[16]);
     assert_eq!(
-        request(&d, T_IN, 1, &[(BUF, 512, W)]),
+        request(&d, VIRTIO_BLK_T_IN, 1, &[(BUF, 512, W)]),
         (513, S_OK),
         "{what}"
     );
@@ -546,11 +647,11 @@ const WRITE: u16 = VRING_DESC_F_WRITE as u16;
 #[test]
 fn chains_without_a_status_byte_need_reset() {
     expect_needs_reset("all readable", |d| {
-        header(d, T_IN, 0);
+        header(d, VIRTIO_BLK_T_IN, 0);
         d.push(0, &[(HEADER_AT, 16, R), (BUF, 512, R)]);
     });
     expect_needs_reset("status outside memory", |d| {
-        header(d, T_IN, 0);
+        header(d, VIRTIO_BLK_T_IN, 0);
         d.push(0, &[(HEADER_AT, 16, R), (MEM_SIZE, 1, W)]);
     });
 }
@@ -558,23 +659,23 @@ fn chains_without_a_status_byte_need_reset() {
 #[test]
 fn broken_chains_need_reset() {
     expect_needs_reset("descriptor loop", |d| {
-        header(d, T_OUT, 0);
+        header(d, VIRTIO_BLK_T_OUT, 0);
         d.store_desc(0, 8, Descriptor::new(HEADER_AT, 16, NEXT, 9));
         d.store_desc(0, 9, Descriptor::new(BUF, 512, NEXT, 8));
         d.publish(0, 8);
     });
     expect_needs_reset("next out of range", |d| {
-        header(d, T_IN, 0);
+        header(d, VIRTIO_BLK_T_IN, 0);
         d.store_desc(0, 8, Descriptor::new(HEADER_AT, 16, NEXT, 200));
         d.publish(0, 8);
     });
     expect_needs_reset("head out of range", |d| d.publish(0, 40));
     expect_needs_reset("readable after writable", |d| {
-        header(d, T_IN, 0);
+        header(d, VIRTIO_BLK_T_IN, 0);
         d.push(0, &[(HEADER_AT, 16, R), (STATUS_AT, 1, W), (BUF, 512, R)]);
     });
     expect_needs_reset("chain too long", |d| {
-        header(d, T_IN, 0);
+        header(d, VIRTIO_BLK_T_IN, 0);
         let mut chain = vec![(HEADER_AT, 16, R)];
         chain.extend((0..MAX_DESCRIPTORS as u64).map(|i| (BUF + i * 512, 512, W)));
         chain.push((STATUS_AT, 1, W));
@@ -590,7 +691,7 @@ fn broken_chains_need_reset() {
     });
     expect_needs_reset("available index too far ahead", |d| d.set_avail_idx(0, 17));
     expect_needs_reset("loop through writable descriptors", |d| {
-        header(d, T_IN, 0);
+        header(d, VIRTIO_BLK_T_IN, 0);
         d.store_desc(0, 5, Descriptor::new(HEADER_AT, 16, NEXT, 6));
         d.store_desc(0, 6, Descriptor::new(STATUS_AT, 1, NEXT | WRITE, 6));
         d.publish(0, 5);
@@ -606,13 +707,16 @@ fn reset_stops_the_queue() {
     let path = image(&dir, "disk");
     let before = contents(&path);
     let d = start(&path, false);
-    assert_eq!(request(&d, T_IN, 0, &[(BUF, 512, W)]), (513, S_OK));
+    assert_eq!(
+        request(&d, VIRTIO_BLK_T_IN, 0, &[(BUF, 512, W)]),
+        (513, S_OK)
+    );
     d.reset();
     assert_eq!(d.read32(0x070), 0);
     // The old rings are still in memory; a write request published and kicked now must not
     // be served.
     d.put(BUF, &[0x55; 512]);
-    header(&d, T_OUT, 0);
+    header(&d, VIRTIO_BLK_T_OUT, 0);
     d.push(0, &[(HEADER_AT, 16, R), (BUF, 512, R), (STATUS_AT, 1, W)]);
     d.kick(0);
     d.with(|t| t.queue_notify_events()[0].write(1).unwrap());
@@ -633,13 +737,19 @@ fn several_disks_are_independent() {
         d.init(offered, &[16]);
     }
     da.put(BUF, &[0x11; 512]);
-    assert_eq!(request(&da, T_OUT, 5, &[(BUF, 512, R)]), (1, S_OK));
+    assert_eq!(
+        request(&da, VIRTIO_BLK_T_OUT, 5, &[(BUF, 512, R)]),
+        (1, S_OK)
+    );
     db.put(BUF, &[0x22; 512]);
-    assert_eq!(request(&db, T_OUT, 5, &[(BUF, 512, R)]), (1, S_IOERR));
+    assert_eq!(
+        request(&db, VIRTIO_BLK_T_OUT, 5, &[(BUF, 512, R)]),
+        (1, S_IOERR)
+    );
     assert_eq!(&contents(&a)[5 * 512..6 * 512], &[0x11; 512][..]);
     assert_eq!(&contents(&b)[5 * 512..6 * 512], &sector_bytes(5)[..]);
-    request(&da, T_GET_ID, 0, &[(BUF, 20, W)]);
-    request(&db, T_GET_ID, 0, &[(BUF, 20, W)]);
+    request(&da, VIRTIO_BLK_T_GET_ID, 0, &[(BUF, 20, W)]);
+    request(&db, VIRTIO_BLK_T_GET_ID, 0, &[(BUF, 20, W)]);
     assert_ne!(da.get(BUF, 20), db.get(BUF, 20));
     drop((da, db));
     thread.stop().unwrap();
@@ -652,7 +762,7 @@ fn requests_published_before_driver_ok_are_served() {
     let offered = d.device_features();
     assert!(d.negotiate(offered));
     d.setup_queues(&[16]);
-    header(&d, T_IN, 4);
+    header(&d, VIRTIO_BLK_T_IN, 4);
     d.push(0, &[(HEADER_AT, 16, R), (BUF, 512, W), (STATUS_AT, 1, W)]);
     d.driver_ok();
     assert_eq!(d.read32(0x070) & status::DRIVER_OK, status::DRIVER_OK);
@@ -683,7 +793,7 @@ fn byte_ranges_are_checked_without_overflow() {
 fn interrupts_respect_used_event() {
     let dir = TempDir::new().unwrap();
     let d = start(&image(&dir, "disk"), false);
-    assert_eq!(request(&d, T_FLUSH, 0, &[]), (1, S_OK));
+    assert_eq!(request(&d, VIRTIO_BLK_T_FLUSH, 0, &[]), (1, S_OK));
     assert!(d.wait_for(|| d.read32(0x060) & 1 == 1));
     assert!(d.take_interrupt());
     d.write32(0x064, 1);
@@ -691,11 +801,11 @@ fn interrupts_respect_used_event() {
     // The driver wants an interrupt only after the used index passes 3.
     d.set_used_event(0, 3);
     for n in 2..=3 {
-        assert_eq!(request(&d, T_FLUSH, 0, &[]), (1, S_OK));
+        assert_eq!(request(&d, VIRTIO_BLK_T_FLUSH, 0, &[]), (1, S_OK));
         std::thread::sleep(Duration::from_millis(20));
         assert!(!d.take_interrupt(), "request {n}");
     }
-    assert_eq!(request(&d, T_FLUSH, 0, &[]), (1, S_OK));
+    assert_eq!(request(&d, VIRTIO_BLK_T_FLUSH, 0, &[]), (1, S_OK));
     assert!(d.wait_for(|| d.take_interrupt()));
 }
 
@@ -703,9 +813,9 @@ fn interrupts_respect_used_event() {
 fn without_event_idx_every_batch_interrupts() {
     let dir = TempDir::new().unwrap();
     let d = Driver::new(Box::new(Block::new(image(&dir, "disk"), false).unwrap()));
-    d.init(features::VERSION_1 | F_FLUSH, &[16]);
+    d.init(features::VERSION_1 | bit(VIRTIO_BLK_F_FLUSH), &[16]);
     for _ in 0..3 {
-        assert_eq!(request(&d, T_FLUSH, 0, &[]), (1, S_OK));
+        assert_eq!(request(&d, VIRTIO_BLK_T_FLUSH, 0, &[]), (1, S_OK));
         assert!(d.wait_for(|| d.take_interrupt()));
     }
 }
@@ -735,7 +845,7 @@ impl XorShift {
 #[test]
 fn random_rings_never_panic_or_escape_the_file() {
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::GuestAddress;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     let dir = TempDir::new().unwrap();
     let path = image(&dir, "disk");
@@ -786,4 +896,17 @@ fn random_rings_never_panic_or_escape_the_file() {
         let _ = drain_queue(&mut queue, &mem, &irq, |chain| disk.serve(&mem, chain));
     }
     assert_eq!(fs::metadata(&path).unwrap().len(), SECTORS * SECTOR_SIZE);
+}
+
+#[test]
+fn config_fields_sit_at_the_specs_offsets() {
+    use std::mem::offset_of;
+    assert_eq!(offset_of!(VirtioBlockConfig, capacity), 0);
+    assert_eq!(offset_of!(VirtioBlockConfig, seg_max), 12);
+    assert_eq!(offset_of!(VirtioBlockConfig, blk_size), 20);
+    assert_eq!(offset_of!(VirtioBlockConfig, num_queues), 34);
+    assert_eq!(offset_of!(VirtioBlockConfig, max_discard_sectors), 36);
+    assert_eq!(offset_of!(VirtioBlockConfig, discard_sector_alignment), 44);
+    assert_eq!(offset_of!(VirtioBlockConfig, max_write_zeroes_seg), 52);
+    assert_eq!(offset_of!(VirtioBlockConfig, write_zeroes_may_unmap), 56);
 }

@@ -71,6 +71,9 @@ impl ConsoleFlush {
     pub fn finish(&self) -> Result<(), String> {
         let deadline = self.0.deadline().unwrap_or_else(Instant::now);
         let mut problems = std::mem::take(&mut *lock(&self.0.lost));
+        // Every writer learns at once that nothing more comes, so that one whose reader
+        // stalls until the deadline does not leave the others no time to finish.
+        self.0.close_outputs();
         for output in &self.0.outputs {
             if let Err(e) = output.finish(deadline) {
                 problems.push(e);

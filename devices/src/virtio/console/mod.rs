@@ -6,7 +6,7 @@
 //!   ports, which the guest sees as `/dev/vportNpM` (no tty line discipline: byte-exact) and
 //!   finds by name in `/sys/class/virtio-ports/vport*/name`. Each port carries one stream:
 //!   host input with end of file, or guest output to a host writer through a writer thread
-//!   (see `multiport.rs`, `control.rs`, `input.rs`, `output.rs`).
+//!   (see `multiport/`, `control.rs`, `input.rs`, `output.rs`).
 
 use std::io::{Read, Write};
 use std::os::unix::io::AsRawFd;

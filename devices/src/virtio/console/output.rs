@@ -51,6 +51,8 @@ struct State {
     closed: bool,
     /// The writer thread has ended.
     finished: bool,
+    /// The writer holds a chunk it took from the buffer and has not finished writing it.
+    writing: bool,
     /// The device stopped taking transmit buffers until there is room.
     device_waiting: bool,
     /// The first write error; later output is discarded.
@@ -147,7 +149,10 @@ impl Output {
     /// reported (the VM's exit status says it).
     pub fn finish(&self, deadline: Instant) -> Result<(), String> {
         self.close();
-        if !self.wait_until(deadline, |s| s.finished) {
+        // Written out once the writer ended, or once it holds nothing more and has nothing to
+        // take (it may not have woken yet to notice the close: that costs no output).
+        let written = |s: &State| s.finished || (s.closed && s.buf.is_empty() && !s.writing);
+        if !self.wait_until(deadline, written) {
             let left = self.lock().buf.len();
             return Err(format!(
                 "console port {}: the reader did not take the last {left} bytes in time",
@@ -210,6 +215,11 @@ fn write_loop(shared: &Shared, mut writer: Box<dyn Write + Send>, exit: Option<&
 /// Moves the next bytes to write into `chunk`; false once the buffer is closed and empty.
 fn take_chunk(shared: &Shared, chunk: &mut Vec<u8>) -> bool {
     let mut state = lock_state(shared);
+    // Back for more: the previous chunk, if any, is written.
+    state.writing = false;
+    if state.buf.is_empty() {
+        shared.changed.notify_all();
+    }
     while state.buf.is_empty() && !state.closed {
         state = match shared.changed.wait(state) {
             Ok(guard) => guard,
@@ -224,6 +234,7 @@ fn take_chunk(shared: &Shared, chunk: &mut Vec<u8>) -> bool {
     let n = state.buf.len().min(WRITE_CHUNK);
     chunk.clear();
     chunk.extend(state.buf.drain(..n));
+    state.writing = true;
     if std::mem::take(&mut state.device_waiting) {
         // A full counter already means "room".
         let _ = shared.room.write(1);

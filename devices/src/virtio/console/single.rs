@@ -21,7 +21,7 @@ use vm_memory::{Address, Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::super::chain::{
-    drain_queue, next_chain_or_rearm, notify_used, write_stream, Chain, ChainError,
+    drain_queue, next_chain_or_rearm, notify_used, writable_chain, Chain, ChainError,
 };
 use super::super::{
     features, register_queue_events, ActivateError, Activation, DeviceWorker, Interrupt,
@@ -78,7 +78,8 @@ impl SinglePort {
     pub(super) fn activate(&self, a: Activation) -> Result<DeviceWorker, ActivateError> {
         a.expect_queues(2)?;
         let input_fd = self.input.as_ref().map(|i| lock(i).as_raw_fd());
-        let mut queues = a.queues.into_iter();
+        let (queues, events): (Vec<_>, Vec<_>) = a.queues.into_iter().unzip();
+        let mut queues = queues.into_iter();
         let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
             return Err(ActivateError::QueueCount {
                 expected: 2,
@@ -89,7 +90,7 @@ impl SinglePort {
             mem: a.mem,
             rx,
             tx,
-            events: a.queue_events,
+            events,
             interrupt: a.interrupt,
             output: self.output.clone(),
             input: self.input.clone(),
@@ -250,14 +251,9 @@ fn receive(
     chain: DescriptorChain<&GuestMemoryMmap>,
     pending: &mut VecDeque<u8>,
 ) -> Result<u32, ChainError> {
-    let chain = Chain::walk(chain, usize::from(QUEUE_SIZE))?;
-    chain.check_memory(mem)?;
-    if !chain.readable.is_empty() {
-        // The driver must only offer buffers for the device to write.
-        return Err(ChainError::Order);
-    }
+    let mut writer = writable_chain(mem, chain, usize::from(QUEUE_SIZE))?;
     let data = pending.make_contiguous();
-    let n = write_stream(mem, &chain.writable, data).map_err(|_| ChainError::Memory)?;
+    let n = writer.write(data).map_err(|_| ChainError::Memory)?;
     pending.drain(..n);
     // At most PENDING_MAX.
     Ok(n as u32)

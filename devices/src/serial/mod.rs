@@ -2,7 +2,7 @@
 //!
 //! Register emulation is vm-superio's; this module connects it to kvmbuild: the interrupt
 //! leaves through an `EventFd` that the VMM registers as an irqfd for
-//! [`ports::SERIAL_COM1_IRQ`](crate::ports::SERIAL_COM1_IRQ), and the guest's output goes to a
+//! the UART's interrupt line (COM1's IRQ 4 on kvmbuild's machine), and the guest's output goes to a
 //! host writer (stdout, a file, or `std::io::sink()`).
 //!
 //! **Output buffering.** vm-superio writes and flushes every byte the guest transmits. One
@@ -12,16 +12,27 @@
 //! killed VMM; only a trailing partial line (a prompt, the last words of a panic) waits. The
 //! VMM must call [`Serial::flush`] when the VM ends (and may call it whenever it wants partial
 //! lines shown, e.g. before blocking for input). Dropping the device flushes too.
+//!
+//! **Input.** What the user types reaches the receive FIFO through [`SerialInput`], a
+//! subscriber on the device thread. The UART tells it when the guest has emptied the FIFO
+//! (vm-superio's `SerialEvents::in_buffer_empty`) on an `EventFd`, so a FIFO that is full
+//! is waited on, not polled.
 
 use std::io::{self, Write};
 
-use vm_superio::serial::Error as UartError;
+/// The UART's registers and receive FIFO, as vm-superio saves and restores them.
+pub use vm_superio::serial::SerialState;
+use vm_superio::serial::{Error as UartError, SerialEvents};
 use vm_superio::{Serial as Uart, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 
-/// Length of the UART's I/O port range, starting at [`crate::ports::SERIAL_COM1`].
+mod input;
+
+pub use input::SerialInput;
+
+/// Length of the UART's I/O port range (from 0x3f8 for COM1).
 pub const SERIAL_LEN: u64 = 8;
 
 /// Output is handed to the host writer once a line is this long, even without a newline.
@@ -36,6 +47,9 @@ pub enum SerialError {
     /// Writing guest output to the host failed; the output was dropped.
     #[error("serial output lost")]
     Output(#[source] io::Error),
+    /// A saved state the UART cannot have had (a receive FIFO over its 64 bytes).
+    #[error("the saved serial state is impossible")]
+    BadState,
 }
 
 /// Raises the UART interrupt by signalling the irqfd.
@@ -46,6 +60,22 @@ impl Trigger for IrqTrigger {
 
     fn trigger(&self) -> io::Result<()> {
         self.0.write(1)
+    }
+}
+
+/// Tells the input side, on an `EventFd`, that the guest emptied the receive FIFO.
+struct InputDrained(EventFd);
+
+impl SerialEvents for InputDrained {
+    fn buffer_read(&self) {}
+
+    fn out_byte(&self) {}
+
+    fn tx_lost_byte(&self) {}
+
+    fn in_buffer_empty(&self) {
+        // The only failure is a saturated counter: the wake-up is already pending.
+        let _ = self.0.write(1);
     }
 }
 
@@ -102,29 +132,65 @@ impl Drop for ConsoleOutput {
 
 /// The COM1 UART as a device on the PIO bus.
 ///
-/// Register it at [`crate::ports::SERIAL_COM1`] with length [`SERIAL_LEN`].
+/// Register it at the UART's base port (0x3f8 for COM1) with length [`SERIAL_LEN`].
 pub struct Serial {
-    uart: Uart<IrqTrigger, vm_superio::serial::NoEvents, ConsoleOutput>,
+    uart: Uart<IrqTrigger, InputDrained, ConsoleOutput>,
 }
 
 impl Serial {
     /// A UART that raises its interrupt on `irq` and writes guest output to `out`.
     ///
-    /// `irq` is meant to be registered as an irqfd for GSI 4; see [`Serial::irq`].
-    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
-        let out = ConsoleOutput {
+    /// `irq` is meant to be registered as an irqfd for GSI 4; see [`Serial::irq`]. Fails only
+    /// when the input-drained `EventFd` cannot be created.
+    pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> io::Result<Self> {
+        let drained = InputDrained(EventFd::new(libc::EFD_NONBLOCK)?);
+        Ok(Self {
+            uart: Uart::with_events(IrqTrigger(irq), drained, Self::output(out)),
+        })
+    }
+
+    /// A UART whose registers start as `state` (saved by [`Serial::state`]). Fails for a
+    /// state whose receive FIFO holds more than a 16550A's.
+    pub fn with_state(
+        irq: EventFd,
+        out: Box<dyn Write + Send>,
+        state: &SerialState,
+    ) -> Result<Self, SerialError> {
+        let drained =
+            InputDrained(EventFd::new(libc::EFD_NONBLOCK).map_err(SerialError::Interrupt)?);
+        let uart =
+            Uart::from_state(state, IrqTrigger(irq), drained, Self::output(out)).map_err(|e| {
+                match e {
+                    UartError::Trigger(e) => SerialError::Interrupt(e),
+                    UartError::IOError(e) => SerialError::Output(e),
+                    UartError::FullFifo => SerialError::BadState,
+                }
+            })?;
+        Ok(Self { uart })
+    }
+
+    fn output(out: Box<dyn Write + Send>) -> ConsoleOutput {
+        ConsoleOutput {
             out,
             line: Vec::with_capacity(256),
             error: None,
-        };
-        Self {
-            uart: Uart::new(IrqTrigger(irq), out),
         }
+    }
+
+    /// The UART's registers and receive FIFO, for a snapshot.
+    pub fn state(&self) -> SerialState {
+        self.uart.state()
     }
 
     /// The interrupt eventfd, for registering it as an irqfd.
     pub fn irq(&self) -> &EventFd {
         &self.uart.interrupt_evt().0
+    }
+
+    /// A clone of the `EventFd` signalled each time the guest reads the last byte of the
+    /// receive FIFO: the moment to offer it more input.
+    pub fn input_drained_event(&self) -> io::Result<EventFd> {
+        self.uart.events().0.try_clone()
     }
 
     /// Queues bytes for the guest to read, raising the receive interrupt if it is enabled.
@@ -182,15 +248,15 @@ mod tests {
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     // UART register offsets and bits used by the tests (16550A data sheet).
-    const DATA: u64 = 0;
+    pub(super) const DATA: u64 = 0;
     const IER: u64 = 1;
     const IIR: u64 = 2;
     const LCR: u64 = 3;
-    const LSR: u64 = 5;
+    pub(super) const LSR: u64 = 5;
     const SCR: u64 = 7;
     const IER_RDA: u8 = 0x01;
     const IER_THRE: u8 = 0x02;
-    const LSR_DATA_READY: u8 = 0x01;
+    pub(super) const LSR_DATA_READY: u8 = 0x01;
 
     /// A writer the test can inspect, counting the writer-level flushes.
     #[derive(Clone, Default)]
@@ -228,7 +294,7 @@ mod tests {
     }
 
     fn serial_with(out: Box<dyn Write + Send>) -> Serial {
-        Serial::new(EventFd::new(EFD_NONBLOCK).unwrap(), out)
+        Serial::new(EventFd::new(EFD_NONBLOCK).unwrap(), out).unwrap()
     }
 
     fn put(serial: &mut Serial, text: &[u8]) {
@@ -310,6 +376,17 @@ mod tests {
     }
 
     #[test]
+    fn reading_the_last_input_byte_signals_the_drained_event() {
+        let mut serial = serial_with(Box::new(io::sink()));
+        let drained = serial.input_drained_event().unwrap();
+        serial.enqueue_input(b"ab").unwrap();
+        assert_eq!(get(&mut serial, DATA), b'a');
+        assert!(drained.read().is_err(), "signalled with a byte left");
+        assert_eq!(get(&mut serial, DATA), b'b');
+        assert_eq!(drained.read().unwrap(), 1);
+    }
+
+    #[test]
     fn a_full_fifo_accepts_nothing_more() {
         let mut serial = serial_with(Box::new(io::sink()));
         let big = [b'z'; 1024];
@@ -334,7 +411,7 @@ mod tests {
         let serial: crate::bus::SharedDevice =
             Arc::new(Mutex::new(serial_with(Box::new(out.clone()))));
         let mut bus = crate::bus::Bus::new();
-        let com1 = u64::from(crate::ports::SERIAL_COM1);
+        let com1 = 0x3f8;
         bus.insert(serial, com1, SERIAL_LEN).unwrap();
         for &b in b"ok\n" {
             assert!(bus.write(com1 + DATA, &[b]));

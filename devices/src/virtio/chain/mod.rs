@@ -5,13 +5,16 @@
 //! longer than the device allows, or device-readable buffers after device-writable ones make it
 //! *broken* (the device must then be reset). Whether each buffer lies in guest memory is a
 //! separate check, so a device can still answer a request with bad buffers through a good
-//! status byte. Devices then see the chain as two flat byte streams, the readable and the
-//! writable part, and never depend on how the driver split them into descriptors.
+//! status byte. Devices then read and write the chain through virtio-queue's [`Reader`] and
+//! [`Writer`] (two flat byte streams, whatever way the driver split them into descriptors),
+//! built only once the walk and the memory check have passed; the segments stay for what must
+//! outlive the borrow of guest memory (a transmit chain resumed later) and for virtio-blk's
+//! zero-copy data path.
 
 use std::ops::Deref;
 
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryMmap, Permissions};
 
 use super::Interrupt;
@@ -204,23 +207,68 @@ pub fn read_stream(
     Ok(())
 }
 
-/// Writes `data` at the start of the byte stream formed by `segments`, as far as it fits;
-/// returns how many bytes were written.
-pub fn write_stream(
+/// The readable part of a chain that passed the walk and the memory check, as a [`Reader`].
+///
+/// The crate reads the descriptor table again, so a driver that changes it after the walk
+/// gets what it wrote; every access is still bounded by guest memory.
+pub fn reader<'a>(
+    mem: &'a GuestMemoryMmap,
+    chain: DescriptorChain<&'a GuestMemoryMmap>,
+) -> Result<Reader<'a>, ChainError> {
+    Reader::new(mem, chain).map_err(|_| ChainError::Memory)
+}
+
+/// The writable part of a chain that passed the walk and the memory check, as a [`Writer`]
+/// (see [`reader`]).
+pub fn writer<'a>(
+    mem: &'a GuestMemoryMmap,
+    chain: DescriptorChain<&'a GuestMemoryMmap>,
+) -> Result<Writer<'a>, ChainError> {
+    Writer::new(mem, chain).map_err(|_| ChainError::Memory)
+}
+
+/// Walks a chain the driver offers for the device to fill (receive queues, entropy), checks
+/// its buffers, and returns a [`Writer`] over them. Readable buffers in it break the queue.
+pub fn writable_chain<'a>(
+    mem: &'a GuestMemoryMmap,
+    chain: DescriptorChain<&'a GuestMemoryMmap>,
+    max_descriptors: usize,
+) -> Result<Writer<'a>, ChainError> {
+    check_one_way(mem, chain.clone(), max_descriptors, true)?;
+    writer(mem, chain)
+}
+
+/// Walks a chain the driver sends to the device (control messages), checks its buffers, and
+/// returns a [`Reader`] over them. Writable buffers in it break the queue.
+pub fn readable_chain<'a>(
+    mem: &'a GuestMemoryMmap,
+    chain: DescriptorChain<&'a GuestMemoryMmap>,
+    max_descriptors: usize,
+) -> Result<Reader<'a>, ChainError> {
+    check_one_way(mem, chain.clone(), max_descriptors, false)?;
+    reader(mem, chain)
+}
+
+/// Walks `chain` and checks its buffers, which must all be device-writable (`writable`) or
+/// all device-readable.
+fn check_one_way(
     mem: &GuestMemoryMmap,
-    segments: &[Segment],
-    data: &[u8],
-) -> Result<usize, GuestMemoryError> {
-    let mut done = 0;
-    for s in segments {
-        if done == data.len() {
-            break;
-        }
-        let n = (s.len as usize).min(data.len() - done);
-        mem.write_slice(&data[done..done + n], s.addr)?;
-        done += n;
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    max_descriptors: usize,
+    writable: bool,
+) -> Result<(), ChainError> {
+    let walked = Chain::walk(chain, max_descriptors)?;
+    walked.check_memory(mem)?;
+    let wrong_way = if writable {
+        &walked.readable
+    } else {
+        &walked.writable
+    };
+    if !wrong_way.is_empty() {
+        // The queue carries buffers one way only.
+        return Err(ChainError::Order);
     }
-    Ok(done)
+    Ok(())
 }
 
 /// Runs the standard virtqueue loop on `queue`: take every available chain, hand it to
@@ -318,202 +366,4 @@ pub fn notify_used(queue: &mut Queue, mem: &GuestMemoryMmap, interrupt: &Interru
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use virtio_bindings::bindings::virtio_ring::{
-        VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
-    };
-    use virtio_queue::desc::RawDescriptor;
-    use virtio_queue::mock::MockSplitQueue;
-
-    const NEXT: u16 = VRING_DESC_F_NEXT as u16;
-    const WRITE: u16 = VRING_DESC_F_WRITE as u16;
-
-    fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
-    }
-
-    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
-        RawDescriptor::from(Descriptor::new(addr, len, flags, next))
-    }
-
-    /// Writes `descs` at the start of the table, publishes `head` and walks it.
-    fn walk(
-        mem: &GuestMemoryMmap,
-        descs: &[RawDescriptor],
-        max: usize,
-    ) -> Result<Chain, ChainError> {
-        let vq = MockSplitQueue::new(mem, 16);
-        for (i, d) in descs.iter().enumerate() {
-            vq.desc_table().store(i as u16, *d).unwrap();
-        }
-        vq.avail().ring().ref_at(0).unwrap().store(0);
-        vq.avail().idx().store(1);
-        let mut q: Queue = vq.create_queue().unwrap();
-        let chain = next_chain(&mut q, mem).unwrap().unwrap();
-        Chain::walk(chain, max)
-    }
-
-    #[test]
-    fn walks_a_well_formed_chain() {
-        let mem = memory();
-        let c = walk(
-            &mem,
-            &[
-                desc(0x1000, 16, NEXT, 1),
-                desc(0x2000, 512, NEXT | WRITE, 2),
-                desc(0x3000, 1, WRITE, 0),
-            ],
-            8,
-        )
-        .unwrap();
-        assert_eq!(c.readable_len(), 16);
-        assert_eq!(c.writable_len(), 513);
-        assert_eq!(c.check_memory(&mem), Ok(()));
-        assert_eq!(c.last_writable_byte(&mem), Some(GuestAddress(0x3000)));
-    }
-
-    #[test]
-    fn rejects_loops_dangling_next_long_chains_and_bad_order() {
-        let mem = memory();
-        let looped = [desc(0x1000, 16, NEXT, 1), desc(0x2000, 16, NEXT, 0)];
-        assert_eq!(
-            walk(&mem, &looped, 64).unwrap_err(),
-            ChainError::Unterminated
-        );
-        let self_loop = [desc(0x1000, 16, NEXT, 0)];
-        assert_eq!(
-            walk(&mem, &self_loop, 64).unwrap_err(),
-            ChainError::Unterminated
-        );
-        let dangling = [desc(0x1000, 16, NEXT, 100)];
-        assert_eq!(
-            walk(&mem, &dangling, 64).unwrap_err(),
-            ChainError::Unterminated
-        );
-        let long = [
-            desc(0x1000, 16, NEXT, 1),
-            desc(0x1000, 16, NEXT, 2),
-            desc(0x1000, 16, 0, 0),
-        ];
-        assert_eq!(walk(&mem, &long, 2).unwrap_err(), ChainError::TooLong(2));
-        let order = [desc(0x1000, 16, NEXT | WRITE, 1), desc(0x2000, 16, 0, 0)];
-        assert_eq!(walk(&mem, &order, 8).unwrap_err(), ChainError::Order);
-    }
-
-    #[test]
-    fn rejects_bad_indirect_tables() {
-        let mem = memory();
-        // An indirect table outside guest memory yields nothing.
-        let outside = [desc(0x10_0000_0000, 32, VRING_DESC_F_INDIRECT as u16, 0)];
-        assert_eq!(walk(&mem, &outside, 8).unwrap_err(), ChainError::Empty);
-        // A looping indirect table.
-        mem.write_obj(desc(0x1000, 16, NEXT, 1), GuestAddress(0x8000))
-            .unwrap();
-        mem.write_obj(desc(0x1000, 16, NEXT, 0), GuestAddress(0x8010))
-            .unwrap();
-        let looped = [desc(0x8000, 32, VRING_DESC_F_INDIRECT as u16, 0)];
-        assert_eq!(
-            walk(&mem, &looped, 64).unwrap_err(),
-            ChainError::Unterminated
-        );
-        // A good one.
-        mem.write_obj(desc(0x1000, 16, 0, 0), GuestAddress(0x8010))
-            .unwrap();
-        let good = walk(&mem, &looped, 64).unwrap();
-        assert_eq!(good.readable_len(), 32);
-    }
-
-    #[test]
-    fn finds_buffers_outside_memory() {
-        let mem = memory();
-        let c = walk(
-            &mem,
-            &[desc(0xf_ff00, 0x200, NEXT, 1), desc(0x3000, 1, WRITE, 0)],
-            8,
-        )
-        .unwrap();
-        assert_eq!(
-            c.check_memory(&mem),
-            Err(ChainError::OutOfMemory {
-                addr: 0xf_ff00,
-                len: 0x200
-            })
-        );
-        assert_eq!(c.last_writable_byte(&mem), Some(GuestAddress(0x3000)));
-        let wraps = walk(&mem, &[desc(u64::MAX - 1, 16, WRITE, 0)], 8).unwrap();
-        assert!(wraps.check_memory(&mem).is_err());
-        assert_eq!(wraps.last_writable_byte(&mem), None);
-    }
-
-    #[test]
-    fn streams_span_segments() {
-        let mem = memory();
-        let segs = [
-            Segment {
-                addr: GuestAddress(0x1000),
-                len: 3,
-            },
-            Segment {
-                addr: GuestAddress(0x2000),
-                len: 5,
-            },
-        ];
-        assert_eq!(write_stream(&mem, &segs, b"abcdefghij").unwrap(), 8);
-        let mut buf = [0u8; 6];
-        read_stream(&mem, &segs, &mut buf).unwrap();
-        assert_eq!(&buf, b"abcdef");
-        let mid = sub_range(&segs, 2, 4).unwrap();
-        assert_eq!(
-            mid,
-            vec![
-                Segment {
-                    addr: GuestAddress(0x1002),
-                    len: 1
-                },
-                Segment {
-                    addr: GuestAddress(0x2000),
-                    len: 3
-                }
-            ]
-        );
-        assert!(sub_range(&segs, 2, 7).is_none());
-        assert!(sub_range(&segs, u64::MAX, 2).is_none());
-        assert!(read_stream(&mem, &segs, &mut [0u8; 9]).is_err());
-    }
-
-    #[test]
-    fn drains_every_chain_and_notifies() {
-        let mem = memory();
-        let vq = MockSplitQueue::new(&mem, 16);
-        let descs = [
-            desc(0x1000, 16, 0, 0),
-            desc(0x2000, 16, 0, 0),
-            desc(0x3000, 16, WRITE, 0),
-        ];
-        vq.add_desc_chains(&descs, 0).unwrap();
-        let mut q: Queue = vq.create_queue().unwrap();
-        let irq = Interrupt::new().unwrap();
-        let mut seen = Vec::new();
-        drain_queue(&mut q, &mem, &irq, |chain| {
-            seen.push(chain.head_index());
-            Ok(7)
-        })
-        .unwrap();
-        assert_eq!(seen, [0, 1, 2]);
-        assert_eq!(vq.used().idx().load(), 3);
-        assert_eq!(vq.used().ring().ref_at(2).unwrap().load().len(), 7);
-        assert_eq!(irq.event().read().unwrap(), 1);
-    }
-
-    #[test]
-    fn corrupt_avail_index_is_an_error_not_a_spin() {
-        let mem = memory();
-        let vq = MockSplitQueue::new(&mem, 16);
-        let mut q: Queue = vq.create_queue().unwrap();
-        vq.avail().idx().store(100);
-        let irq = Interrupt::new().unwrap();
-        let result = drain_queue(&mut q, &mem, &irq, |_| Ok(0));
-        assert_eq!(result, Err(ChainError::Ring));
-    }
-}
+mod tests;

@@ -20,20 +20,23 @@ use kvm_ioctls::{IoEventAddress, VmFd};
 use vm_memory::GuestMemoryMmap;
 
 use crate::acpi::MmioDeviceAcpi;
-use crate::layout;
 
 /// Errors from attaching virtio devices.
 #[derive(Debug, thiserror::Error)]
-pub enum VirtioMmioError {
+pub enum VirtioError {
     /// A disk image cannot be used.
-    #[error("--disk")]
+    #[error("disk")]
     Disk {
         path: PathBuf,
         source: devices::virtio::BlockError,
     },
     /// A vhost-user-fs back end cannot be used.
-    #[error("--vhost-user-fs")]
-    Share(#[source] devices::virtio::vhost_user_fs::VhostUserFsError),
+    #[error("virtio-fs share {tag:?} (back end {})", socket.display())]
+    Share {
+        tag: String,
+        socket: PathBuf,
+        source: devices::virtio::vhost_user_fs::VhostUserFsError,
+    },
     /// The virtio-console cannot be set up.
     #[error("cannot set up the virtio-console")]
     Console(#[source] ConsoleError),
@@ -110,24 +113,29 @@ pub struct VirtioDevices {
     pub acpi: Vec<MmioDeviceAcpi>,
     /// `virtio_mmio.device=` entries to append to the command line.
     pub cmdline: String,
-    /// The thread that runs the devices; None when there are none.
+    /// The thread that runs the devices; None when there are none (the VM starts it for
+    /// serial input then).
     pub thread: Option<DeviceThread>,
     /// Flushes the multiport console's output when the VM ends, if there is one.
     pub console_flush: Option<ConsoleFlush>,
 }
 
+/// Base of the MMIO space handed to virtio-mmio devices, in the 32-bit hole below the IOAPIC.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Size of one virtio-mmio device window.
+pub const VIRTIO_MMIO_SIZE: u64 = MMIO_WINDOW_LEN;
+/// First GSI free for devices other than the legacy ISA ones.
+pub const FIRST_DEVICE_GSI: u32 = 5;
+/// The highest GSI the in-kernel IOAPIC routes (24 pins).
+pub const LAST_DEVICE_GSI: u32 = 23;
+
 /// The `index`th device's window and GSI.
-fn placement(index: u32) -> Result<(u64, u32), VirtioMmioError> {
-    let gsi = layout::FIRST_DEVICE_GSI + index;
-    if gsi > layout::LAST_DEVICE_GSI {
-        return Err(VirtioMmioError::TooMany(
-            layout::LAST_DEVICE_GSI - layout::FIRST_DEVICE_GSI + 1,
-        ));
+fn placement(index: u32) -> Result<(u64, u32), VirtioError> {
+    let gsi = FIRST_DEVICE_GSI + index;
+    if gsi > LAST_DEVICE_GSI {
+        return Err(VirtioError::TooMany(LAST_DEVICE_GSI - FIRST_DEVICE_GSI + 1));
     }
-    Ok((
-        layout::VIRTIO_MMIO_BASE + u64::from(index) * layout::VIRTIO_MMIO_SIZE,
-        gsi,
-    ))
+    Ok((VIRTIO_MMIO_BASE + u64::from(index) * VIRTIO_MMIO_SIZE, gsi))
 }
 
 /// The kernel command-line entry announcing one device.
@@ -147,19 +155,24 @@ pub fn build_devices(
     console: Option<ConsoleConfig>,
     rng: bool,
     exit: &Arc<VmExit>,
-) -> Result<DeviceList, VirtioMmioError> {
+) -> Result<DeviceList, VirtioError> {
     let mut list: Vec<Box<dyn VirtioDevice>> = Vec::new();
     for disk in disks {
-        let block =
-            Block::new(&disk.path, disk.read_only).map_err(|source| VirtioMmioError::Disk {
-                path: disk.path.clone(),
-                source,
-            })?;
+        let block = Block::new(&disk.path, disk.read_only).map_err(|source| VirtioError::Disk {
+            path: disk.path.clone(),
+            source,
+        })?;
         list.push(Box::new(block));
     }
     for share in shares {
-        let fs = VhostUserFs::connect(&share.socket, &share.tag, exit.clone())
-            .map_err(VirtioMmioError::Share)?;
+        let fs =
+            VhostUserFs::connect(&share.socket, &share.tag, exit.clone()).map_err(|source| {
+                VirtioError::Share {
+                    tag: share.tag.clone(),
+                    socket: share.socket.clone(),
+                    source,
+                }
+            })?;
         list.push(Box::new(fs));
     }
     let mut console_flush = None;
@@ -173,7 +186,7 @@ pub fn build_devices(
         }
         Some(ConsoleConfig::Ports(ports)) => {
             let console =
-                Console::with_ports(ports, Some(exit.clone())).map_err(VirtioMmioError::Console)?;
+                Console::with_ports(ports, Some(exit.clone())).map_err(VirtioError::Console)?;
             console_flush = console.flush_handle();
             list.push(Box::new(console));
         }
@@ -194,7 +207,7 @@ pub fn attach(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     list: DeviceList,
-) -> Result<VirtioDevices, VirtioMmioError> {
+) -> Result<VirtioDevices, VirtioError> {
     let mut devices = VirtioDevices {
         bus: Bus::new(),
         acpi: Vec::new(),
@@ -206,12 +219,12 @@ pub fn attach(
     if list.is_empty() {
         return Ok(devices);
     }
-    let thread = DeviceThread::start().map_err(VirtioMmioError::Thread)?;
+    let thread = DeviceThread::start().map_err(VirtioError::Thread)?;
     for (index, device) in (0u32..).zip(list) {
         let (addr, gsi) = placement(index)?;
         let transport = MmioTransport::new(device, mem.clone(), thread.handle())
-            .map_err(VirtioMmioError::Transport)?;
-        let kvm_err = |what| move |source| VirtioMmioError::Kvm { what, addr, source };
+            .map_err(VirtioError::Transport)?;
+        let kvm_err = |what| move |source| VirtioError::Kvm { what, addr, source };
         vm.register_irqfd(transport.interrupt_event(), gsi)
             .map_err(kvm_err("route the interrupt"))?;
         let notify = IoEventAddress::Mmio(addr + QUEUE_NOTIFY_OFFSET);
@@ -222,7 +235,7 @@ pub fn attach(
         devices
             .bus
             .insert(Arc::new(Mutex::new(transport)), addr, MMIO_WINDOW_LEN)
-            .map_err(|source| VirtioMmioError::Bus { addr, source })?;
+            .map_err(|source| VirtioError::Bus { addr, source })?;
         devices.acpi.push(MmioDeviceAcpi {
             addr,
             len: MMIO_WINDOW_LEN,
@@ -244,14 +257,14 @@ mod tests {
         assert_eq!(placement(0).unwrap(), (0xd000_0000, 5));
         assert_eq!(placement(2).unwrap(), (0xd000_2000, 7));
         assert_eq!(placement(18).unwrap(), (0xd001_2000, 23));
-        assert!(matches!(placement(19), Err(VirtioMmioError::TooMany(19))));
+        assert!(matches!(placement(19), Err(VirtioError::TooMany(19))));
     }
 
     #[test]
     fn windows_stay_in_the_mmio_hole_below_the_ioapic() {
         let (last, _) = placement(18).unwrap();
-        const { assert!(layout::VIRTIO_MMIO_BASE >= layout::MMIO_HOLE_START) };
-        assert!(last + MMIO_WINDOW_LEN <= layout::IOAPIC_ADDR);
+        const { assert!(VIRTIO_MMIO_BASE >= crate::layout::MMIO_HOLE_START) };
+        assert!(last + MMIO_WINDOW_LEN <= crate::layout::IOAPIC_ADDR);
     }
 
     #[test]
@@ -272,7 +285,7 @@ mod tests {
         let err = build_devices(&[disk], &[], None, false, &exit)
             .err()
             .unwrap();
-        assert_eq!(err.to_string(), "--disk", "the cause names the image");
+        assert_eq!(err.to_string(), "disk");
         let cause = std::error::Error::source(&err).expect("the block device's error is the cause");
         assert!(
             cause.to_string().contains("/nonexistent/disk.img"),

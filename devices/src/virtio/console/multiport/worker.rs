@@ -1,235 +1,24 @@
-//! The multiport console: named generic ports, as Linux's `virtio_console` driver drives them.
-//!
-//! Queues: port 0's receive and transmit queues are 0 and 1, the control receive queue
-//! (c_ivq, device → driver) is 2 and the control transmit queue (c_ovq, driver → device) 3;
-//! port N ≥ 1 has queues 2N+2 and 2N+3. The configuration space's `max_nr_ports` is the
-//! number of ports.
-//!
-//! The handshake: the driver sends DEVICE_READY; the device answers DEVICE_ADD for each port;
-//! the driver sends PORT_READY for each; the device sends the port's PORT_NAME and PORT_OPEN(1)
-//! ("host connected": the guest's writes would block, and its reads end, without it). The
-//! driver sends PORT_OPEN(1/0) as the guest opens and closes the port's `/dev/vportNpM`.
-//!
-//! Input is delivered only while the guest has the port open (a closed generic port drops
-//! what arrives). At the input's end of file, once every byte of it is in the guest's receive
-//! buffers and marked used, the device sends PORT_OPEN(0): the guest's read then returns 0.
-//!
-//! Output goes through each port's writer thread ([`Output`]); when its buffer is full, the
-//! port's transmit buffers wait in the ring (a partly copied one is remembered) until the
-//! writer signals room. When the VM has ended, [`ConsoleFlush`] has the worker write out what
-//! is still in the rings as it is dropped, then gives the writers a bounded time to finish.
+//! The running multiport device: the control handshake, each port's input and output.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::control::{self, Message, Outbox};
-use super::flush::{ConsoleFlush, FlushState};
-use super::input::PortInput;
-use super::output::Output;
-use super::single::CONFIG_LEN;
-use super::{lock, ConsoleError, PortConfig, F_MULTIPORT};
-use crate::exit::VmExit;
-use crate::virtio::chain::{
-    drain_queue, next_chain_or_rearm, notify_used, read_stream, sub_range, write_stream, Chain,
-    ChainError, Segment,
+use super::super::control::{self, Message, Outbox};
+use super::super::flush::FlushState;
+use super::super::input::PortInput;
+use super::super::lock;
+use super::super::output::Output;
+use super::rings::{fill_rx, read_control, write_chain, TxChain};
+use super::{
+    role, rx_queue, tx_queue, PortShared, Role, CHUNK, CONTROL_RX, CONTROL_TX, INPUT_TAG, ROOM_TAG,
 };
-use crate::virtio::{register_queue_events, ActivateError, Activation, DeviceWorker, Interrupt};
-
-/// Entries in each queue.
-const QUEUE_SIZE: u16 = 128;
-const CONTROL_RX: usize = 2;
-const CONTROL_TX: usize = 3;
-/// Event data tag of port N's input descriptor: `INPUT_TAG + N` (queue events use their index).
-const INPUT_TAG: u32 = 1 << 16;
-/// Event data tag of port N's output room event: `ROOM_TAG + N`.
-const ROOM_TAG: u32 = 2 << 16;
-/// Bytes copied out of the guest per step.
-const CHUNK: usize = 16 << 10;
-
-/// What a queue index is for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Role {
-    Rx(usize),
-    Tx(usize),
-    ControlRx,
-    ControlTx,
-}
-
-fn role(queue: usize) -> Role {
-    match queue {
-        0 => Role::Rx(0),
-        1 => Role::Tx(0),
-        CONTROL_RX => Role::ControlRx,
-        CONTROL_TX => Role::ControlTx,
-        q if q % 2 == 0 => Role::Rx(q / 2 - 1),
-        q => Role::Tx(q / 2 - 1),
-    }
-}
-
-fn rx_queue(port: usize) -> usize {
-    if port == 0 {
-        0
-    } else {
-        2 * port + 2
-    }
-}
-
-fn tx_queue(port: usize) -> usize {
-    rx_queue(port) + 1
-}
-
-/// The host side of one port, kept across device resets.
-struct PortShared {
-    name: String,
-    input: Option<Arc<Mutex<PortInput>>>,
-    output: Option<Output>,
-}
-
-/// The host side of a multiport console.
-pub(super) struct Ports {
-    ports: Vec<PortShared>,
-    queue_sizes: Vec<u16>,
-    flush: Arc<FlushState>,
-}
-
-impl Ports {
-    /// Starts the writer thread of each port that has an output.
-    pub(super) fn new(
-        configs: Vec<PortConfig>,
-        exit: Option<Arc<VmExit>>,
-    ) -> Result<Self, ConsoleError> {
-        let mut ports = Vec::with_capacity(configs.len());
-        for config in configs {
-            let output = match config.output {
-                Some(writer) => Some(Output::start(&config.name, writer, exit.clone())?),
-                None => None,
-            };
-            ports.push(PortShared {
-                name: config.name,
-                input: config
-                    .input
-                    .map(|source| Arc::new(Mutex::new(PortInput::new(source)))),
-                output,
-            });
-        }
-        let flush = Arc::new(FlushState::new(
-            ports.iter().filter_map(|p| p.output.clone()).collect(),
-        ));
-        Ok(Self {
-            queue_sizes: vec![QUEUE_SIZE; 2 * ports.len() + 2],
-            ports,
-            flush,
-        })
-    }
-
-    pub(super) fn queue_sizes(&self) -> &[u16] {
-        &self.queue_sizes
-    }
-
-    /// cols and rows 0 (no `VIRTIO_CONSOLE_F_SIZE`), max_nr_ports, emerg_wr 0.
-    pub(super) fn config(&self) -> [u8; CONFIG_LEN] {
-        let mut config = [0; CONFIG_LEN];
-        // At most MAX_PORTS.
-        config[4..8].copy_from_slice(&(self.ports.len() as u32).to_le_bytes());
-        config
-    }
-
-    pub(super) fn flush_handle(&self) -> ConsoleFlush {
-        ConsoleFlush::new(self.flush.clone())
-    }
-
-    pub(super) fn activate(&self, a: Activation) -> Result<DeviceWorker, ActivateError> {
-        a.expect_queues(self.queue_sizes.len())?;
-        if a.features & F_MULTIPORT == 0 {
-            return Err(ActivateError::FeatureNotAccepted(
-                "VIRTIO_CONSOLE_F_MULTIPORT",
-            ));
-        }
-        Ok(Box::new(MultiportWorker {
-            mem: a.mem,
-            queues: a.queues,
-            events: a.queue_events,
-            interrupt: a.interrupt,
-            ports: (0..).zip(&self.ports).map(PortState::new).collect(),
-            outbox: Outbox::new(self.ports.len()),
-            announced: false,
-            broken: false,
-            flush: self.flush.clone(),
-            scratch: vec![0; CHUNK],
-        }))
-    }
-}
-
-impl Drop for Ports {
-    fn drop(&mut self) {
-        // Lets each writer thread end once it has written what it holds.
-        self.flush.close_outputs();
-    }
-}
-
-/// A transmit chain being copied to the port's output.
-struct TxChain {
-    head: u16,
-    segments: Vec<Segment>,
-    len: u64,
-    /// Bytes already handed to the output.
-    done: u64,
-}
-
-impl TxChain {
-    fn new(
-        mem: &GuestMemoryMmap,
-        chain: DescriptorChain<&GuestMemoryMmap>,
-    ) -> Result<Self, ChainError> {
-        let head = chain.head_index();
-        let chain = Chain::walk(chain, usize::from(QUEUE_SIZE))?;
-        chain.check_memory(mem)?;
-        if !chain.writable.is_empty() {
-            // The driver must only offer buffers for the device to read.
-            return Err(ChainError::Order);
-        }
-        Ok(Self {
-            head,
-            len: chain.readable_len(),
-            segments: chain.readable,
-            done: 0,
-        })
-    }
-
-    /// Copies what fits into `output` (everything is dropped without one); true once the
-    /// whole chain is copied, false while the output is full.
-    fn copy_out(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        output: Option<&Output>,
-        scratch: &mut [u8],
-    ) -> Result<bool, ChainError> {
-        let Some(output) = output else {
-            self.done = self.len;
-            return Ok(true);
-        };
-        while self.done < self.len {
-            let room = output.reserve();
-            if room == 0 {
-                return Ok(false);
-            }
-            // At most CHUNK.
-            let n = (self.len - self.done)
-                .min(room as u64)
-                .min(scratch.len() as u64) as usize;
-            let parts = sub_range(&self.segments, self.done, n as u64).ok_or(ChainError::Memory)?;
-            read_stream(mem, &parts, &mut scratch[..n]).map_err(|_| ChainError::Memory)?;
-            output.push(&scratch[..n]);
-            self.done += n as u64;
-        }
-        Ok(true)
-    }
-}
+use crate::virtio::chain::{drain_queue, next_chain_or_rearm, notify_used, ChainError};
+use crate::virtio::{register_queue_events, Activation, Interrupt};
 
 /// One port's state in the running device.
 struct PortState {
@@ -265,7 +54,7 @@ impl PortState {
 }
 
 /// The running multiport device.
-struct MultiportWorker {
+pub(super) struct MultiportWorker {
     mem: GuestMemoryMmap,
     queues: Vec<Queue>,
     events: Vec<EventFd>,
@@ -282,6 +71,23 @@ struct MultiportWorker {
 }
 
 impl MultiportWorker {
+    /// The device running on `a`'s queues for `ports`.
+    pub(super) fn new(a: Activation, ports: &[PortShared], flush: Arc<FlushState>) -> Self {
+        let (queues, events) = a.queues.into_iter().unzip();
+        Self {
+            mem: a.mem,
+            queues,
+            events,
+            interrupt: a.interrupt,
+            ports: (0..).zip(ports).map(PortState::new).collect(),
+            outbox: Outbox::new(ports.len()),
+            announced: false,
+            broken: false,
+            flush,
+            scratch: vec![0; CHUNK],
+        }
+    }
+
     fn fail(&mut self) {
         self.broken = true;
         self.interrupt.set_needs_reset();
@@ -567,61 +373,6 @@ impl MultiportWorker {
             _ => {}
         }
     }
-}
-
-/// Reads one control message from a driver's chain; `None` when it is too short to be one.
-fn read_control(
-    mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
-) -> Result<Option<Message>, ChainError> {
-    let chain = Chain::walk(chain, usize::from(QUEUE_SIZE))?;
-    chain.check_memory(mem)?;
-    if !chain.writable.is_empty() {
-        return Err(ChainError::Order);
-    }
-    if chain.readable_len() < control::HEADER_LEN as u64 {
-        return Ok(None);
-    }
-    let mut header = [0u8; control::HEADER_LEN];
-    read_stream(mem, &chain.readable, &mut header).map_err(|_| ChainError::Memory)?;
-    Ok(Message::decode(&header))
-}
-
-/// Writes `bytes` into a chain of device-writable buffers, as far as they fit; returns how
-/// many were written.
-fn write_chain(
-    mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
-    bytes: &[u8],
-) -> Result<u32, ChainError> {
-    let chain = Chain::walk(chain, usize::from(QUEUE_SIZE))?;
-    chain.check_memory(mem)?;
-    if !chain.readable.is_empty() {
-        return Err(ChainError::Order);
-    }
-    let n = write_stream(mem, &chain.writable, bytes).map_err(|_| ChainError::Memory)?;
-    // At most PENDING_MAX or a control message.
-    Ok(n as u32)
-}
-
-/// Moves `input.pending` into the receive queue's buffers while there are some.
-fn fill_rx(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    input: &mut PortInput,
-    used_any: &mut bool,
-) -> Result<(), ChainError> {
-    while !input.pending.is_empty() {
-        let Some(chain) = next_chain_or_rearm(queue, mem)? else {
-            return Ok(());
-        };
-        let head = chain.head_index();
-        let n = write_chain(mem, chain, input.pending.make_contiguous())?;
-        input.pending.drain(..n as usize);
-        queue.add_used(mem, head, n).map_err(|_| ChainError::Ring)?;
-        *used_any = true;
-    }
-    Ok(())
 }
 
 impl MutEventSubscriber for MultiportWorker {

@@ -1,0 +1,155 @@
+//! `kvmbuild exec --warm` on Debian's cloud kernel: the first run saves a snapshot at the
+//! init's snapshot point, later runs start from it with their own shares, commands and
+//! environments, fresh randomness and the right time; a damaged snapshot is replaced.
+
+use std::path::Path;
+
+use super::exec::exec;
+use super::guest::{scratch, Run};
+
+/// How many runs restore the snapshot.
+const WARM_RUNS: usize = 10;
+
+/// The guest prints its share's file, its boot id, 16 random bytes, its clock and its
+/// environment's `RUN`, and exits with the number in its share's file.
+const SCRIPT: &str = "cat /tmp/data/n; cat /proc/sys/kernel/random/boot_id; \
+    head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s; echo \"run=$RUN\"; \
+    exit $(cat /tmp/data/n)";
+
+fn warm_run(cache: &Path, share: &Path, index: usize, console: &Path) -> Run {
+    let share = format!("--share={}:/tmp/data:ro", share.display());
+    let env = format!("--env=RUN={index}");
+    let log = format!("--console-log={}", console.display());
+    // -v with a console log keeps the kernel's messages (no `quiet`), which tell a cold boot.
+    let mut run = exec(
+        cache,
+        &["--warm", "-v", &share, &env, &log, "--", "sh", "-c", SCRIPT],
+        b"",
+    );
+    // The log lives in the test host's scratch space: keep it with the run for a failure.
+    let log = std::fs::read_to_string(console).unwrap_or_default();
+    let tail = log
+        .char_indices()
+        .map(|(i, _)| i)
+        .find(|&i| i + 6000 >= log.len())
+        .map_or("", |i| &log[i..]);
+    run.stderr
+        .push_str(&format!("--- console log (end) ---\n{tail}"));
+    run
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// The cold run saves a snapshot; ten runs restore it, each with its own share, command
+/// status and environment, and each with its own boot id, random bytes and the host's time.
+pub fn exec_warm_restores_one_snapshot_for_many_runs() {
+    let dir = scratch("exec-warm");
+    let cache = dir.join("cache");
+    let mut seen_ids = Vec::new();
+    let mut seen_random = Vec::new();
+    for index in 0..=WARM_RUNS {
+        let share = dir.join(format!("share{index}"));
+        std::fs::create_dir_all(&share).unwrap();
+        std::fs::write(share.join("n"), format!("{}\n", index + 3)).unwrap();
+        let console = dir.join(format!("console{index}"));
+        let before = now();
+        let run = warm_run(&cache, &share, index, &console);
+        let after = now();
+        let boot_log = std::fs::read_to_string(&console).unwrap_or_default();
+        run.check(
+            run.status == Some(index as i32 + 3),
+            &format!("run {index} status"),
+        );
+        let lines: Vec<&str> = run.console.lines().collect();
+        run.check(lines.len() == 5, "five lines of output");
+        run.check(lines[0] == (index + 3).to_string(), "the share's file");
+        run.check(lines[4] == format!("run={index}"), "the run's environment");
+        let clock: u64 = lines[3].parse().unwrap_or(0);
+        run.check(
+            clock + 1 >= before && clock <= after + 1,
+            &format!("the guest's clock {clock} within a second of the host's {before}..{after}"),
+        );
+        // For the record (never asserted): exec -v says when the command started.
+        if let Some(line) = run.stderr.lines().find(|l| l.contains("command started")) {
+            println!(
+                "warm: run {index} ({}): {line}",
+                if index == 0 { "cold" } else { "restored" }
+            );
+        }
+        seen_ids.push(lines[1].to_string());
+        seen_random.push(lines[2].to_string());
+        // Only the first run boots the kernel; the others start after it.
+        let booted = boot_log.contains("Linux version");
+        run.check(
+            booted == (index == 0),
+            &format!("run {index} booted: {booted}"),
+        );
+        if index == 0 {
+            let snapshots = cache.join("kvmbuild/snapshots");
+            let saved = std::fs::read_dir(&snapshots)
+                .map(|d| d.count())
+                .unwrap_or(0);
+            run.check(saved == 1, "the cold run saved one snapshot");
+        }
+    }
+    let distinct = |v: &Vec<String>| {
+        let mut sorted = v.clone();
+        sorted.sort();
+        sorted.dedup();
+        sorted.len() == v.len()
+    };
+    assert!(distinct(&seen_ids), "boot ids repeat: {seen_ids:?}");
+    assert!(
+        distinct(&seen_random),
+        "random bytes repeat: {seen_random:?}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A snapshot whose memory file was damaged is found out before the guest runs: the run boots
+/// cold with a warning, succeeds, and saves a good snapshot that the next run restores.
+pub fn exec_warm_replaces_a_damaged_snapshot() {
+    let dir = scratch("exec-warm-damaged");
+    let cache = dir.join("cache");
+    let share = dir.join("share");
+    std::fs::create_dir_all(&share).unwrap();
+    std::fs::write(share.join("n"), "0\n").unwrap();
+    let console = dir.join("console");
+    let first = warm_run(&cache, &share, 0, &console);
+    first.check(first.status == Some(0), "the first run saves a snapshot");
+    let snapshots = cache.join("kvmbuild/snapshots");
+    let snapshot = std::fs::read_dir(&snapshots)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let memory = snapshot.join("memory");
+    let mut bytes = std::fs::read(&memory).unwrap();
+    let at = bytes.iter().rposition(|&b| b != 0).unwrap();
+    bytes[at] ^= 0x5a;
+    std::fs::write(&memory, bytes).unwrap();
+
+    let run = warm_run(&cache, &share, 1, &console);
+    run.check(
+        run.status == Some(0),
+        "the damaged snapshot's run still succeeds",
+    );
+    run.check(
+        run.stderr.contains("not usable") && run.stderr.contains("checksum"),
+        "a warning names the damage",
+    );
+    let log = std::fs::read_to_string(&console).unwrap_or_default();
+    run.check(log.contains("Linux version"), "it booted cold");
+
+    let again = warm_run(&cache, &share, 2, &console);
+    again.check(again.status == Some(0), "the new snapshot works");
+    let log = std::fs::read_to_string(&console).unwrap_or_default();
+    again.check(!log.contains("Linux version"), "and is restored");
+    std::fs::remove_dir_all(dir).unwrap();
+}

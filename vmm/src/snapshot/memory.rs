@@ -1,0 +1,243 @@
+//! Guest RAM in a snapshot: only the pages the guest touched, at their offsets in the guest
+//! memory file, in a sparse file of the same size.
+//!
+//! Guest RAM is a memfd whose pages exist only once written; `SEEK_DATA`/`SEEK_HOLE` list
+//! them, so a 512 MiB guest that booted to its init saves (and restores) tens of MiB, not
+//! 512. Restoring reads the saved ranges straight into a fresh memfd's mapping, which
+//! vhost-user back ends can map as they would a cold VM's memory.
+//!
+//! Every range is covered by a CRC-32 as it is written and as it is read back: the check must
+//! run at memory speed on each restore, and it guards against a damaged cache file (the cache
+//! is the user's own; a forged snapshot is outside the threat model, as a forged kernel is).
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use super::SnapshotError;
+
+/// One guest RAM region: its bytes in this process and its offset in the memory file.
+struct Region<'a> {
+    host: *mut u8,
+    len: usize,
+    file: &'a File,
+    file_offset: u64,
+}
+
+fn regions(mem: &GuestMemoryMmap) -> Result<Vec<Region<'_>>, SnapshotError> {
+    mem.iter()
+        .map(|region| {
+            let file = region.file_offset().ok_or(SnapshotError::MemoryNotAFile)?;
+            Ok(Region {
+                host: region.as_ptr(),
+                len: usize::try_from(region.len()).map_err(|_| SnapshotError::MemoryNotAFile)?,
+                file: file.file(),
+                file_offset: file.start(),
+            })
+        })
+        .collect()
+}
+
+/// The next range of data in `file` at or after `from` and before `end`, if any.
+fn next_data(file: &File, from: u64, end: u64) -> Result<Option<(u64, u64)>, SnapshotError> {
+    let seek = |offset: u64, whence| {
+        let offset = libc::off_t::try_from(offset).map_err(|_| SnapshotError::MemoryNotAFile)?;
+        // SAFETY: lseek only moves this descriptor's file position.
+        let at = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+        match at {
+            -1 => {
+                let e = std::io::Error::last_os_error();
+                // ENXIO: no data at or after `offset`.
+                match e.raw_os_error() == Some(libc::ENXIO) {
+                    true => Ok(None),
+                    false => Err(SnapshotError::Io("find the guest's pages", e)),
+                }
+            }
+            at => Ok(u64::try_from(at).ok()),
+        }
+    };
+    if from >= end {
+        return Ok(None);
+    }
+    let Some(start) = seek(from, libc::SEEK_DATA)?.filter(|&s| s < end) else {
+        return Ok(None);
+    };
+    let stop = seek(start, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+    Ok(Some((start, stop)))
+}
+
+/// The guest's data ranges in `file` (guest memory or a snapshot of it), per region.
+fn data_ranges(file: &File, region: &Region) -> Result<Vec<(u64, u64)>, SnapshotError> {
+    let end = region.file_offset + region.len as u64;
+    let mut ranges = Vec::new();
+    let mut at = region.file_offset;
+    while let Some((start, stop)) = next_data(file, at, end)? {
+        ranges.push((start, stop));
+        at = stop;
+    }
+    Ok(ranges)
+}
+
+/// The unit in which pages are compared, checked and written.
+const PAGE: usize = 4096;
+
+/// The runs of pages in `bytes` (which starts at memory-file offset `offset`, page-aligned)
+/// that are not all zero, as (offset, bytes). A page the guest touched but left zero needs no
+/// saving: a fresh memfd reads as zero.
+fn nonzero_runs(offset: u64, bytes: &[u8]) -> Vec<(u64, &[u8])> {
+    let mut runs = Vec::new();
+    let mut run_start: Option<usize> = None;
+    for (i, page) in bytes.chunks(PAGE).enumerate() {
+        let zero = page.iter().all(|&b| b == 0);
+        match (zero, run_start) {
+            (false, None) => run_start = Some(i * PAGE),
+            (true, Some(start)) => {
+                runs.push((offset + start as u64, &bytes[start..i * PAGE]));
+                run_start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(start) = run_start {
+        runs.push((offset + start as u64, &bytes[start..]));
+    }
+    runs
+}
+
+/// Adds the non-zero pages of `bytes` (at memory-file offset `offset`) to `crc`, each with
+/// its offset: what counts is the memory's content, not how a file system lays out holes.
+fn checksum(crc: &mut crc32fast::Hasher, offset: u64, bytes: &[u8]) {
+    for (at, run) in nonzero_runs(offset, bytes) {
+        crc.update(&at.to_le_bytes());
+        crc.update(run);
+    }
+}
+
+/// The bytes of `region` at memory-file offsets `start..stop`.
+///
+/// # Safety
+/// No vCPU may run (nothing else writes guest memory while the slice lives), and
+/// `start..stop` must lie in the region.
+unsafe fn region_bytes<'a>(region: &Region<'a>, start: u64, stop: u64) -> &'a mut [u8] {
+    let at = (start - region.file_offset) as usize;
+    // SAFETY: the caller guarantees the range lies in the region, which is mapped for `len`
+    // bytes at `host` for the life of the guest memory, and that nothing else uses it now.
+    unsafe { std::slice::from_raw_parts_mut(region.host.add(at), (stop - start) as usize) }
+}
+
+/// Copies the pages the guest touched into `out` (created empty, sized here) and returns
+/// their checksum. No vCPU may run.
+pub fn save(mem: &GuestMemoryMmap, out: &File) -> Result<u32, SnapshotError> {
+    let regions = regions(mem)?;
+    let size = regions
+        .iter()
+        .map(|r| r.file_offset + r.len as u64)
+        .max()
+        .unwrap_or(0);
+    out.set_len(size)
+        .map_err(|e| SnapshotError::Io("size the memory file", e))?;
+    let mut crc = crc32fast::Hasher::new();
+    for region in &regions {
+        for (start, stop) in data_ranges(region.file, region)? {
+            // SAFETY: the range came from this region's part of the memory file, and the
+            // caller guarantees no vCPU runs.
+            let bytes = unsafe { region_bytes(region, start, stop) };
+            for (at, run) in nonzero_runs(start, bytes) {
+                crc.update(&at.to_le_bytes());
+                crc.update(run);
+                out.write_all_at(run, at)
+                    .map_err(|e| SnapshotError::Io("write the memory file", e))?;
+            }
+        }
+    }
+    Ok(crc.finalize())
+}
+
+/// Reads a memory file written by [`save`] into `mem` (fresh, all zero) and returns the
+/// checksum of what it read. No vCPU may run.
+pub fn restore(mem: &GuestMemoryMmap, input: &File) -> Result<u32, SnapshotError> {
+    let regions = regions(mem)?;
+    let size = input
+        .metadata()
+        .map_err(|e| SnapshotError::Io("read the memory file", e))?
+        .len();
+    let expected = regions
+        .iter()
+        .map(|r| r.file_offset + r.len as u64)
+        .max()
+        .unwrap_or(0);
+    if size != expected {
+        return Err(SnapshotError::Corrupt("the memory file's size"));
+    }
+    let mut crc = crc32fast::Hasher::new();
+    for region in &regions {
+        for (start, stop) in data_ranges(input, region)? {
+            // SAFETY: the range lies in this region's part of the file (data_ranges clips it
+            // to the region), and the caller guarantees no vCPU runs.
+            let bytes = unsafe { region_bytes(region, start, stop) };
+            input
+                .read_exact_at(bytes, start)
+                .map_err(|e| SnapshotError::Io("read the memory file", e))?;
+            checksum(&mut crc, start, bytes);
+        }
+    }
+    Ok(crc.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_pages_are_left_out_of_runs() {
+        let mut bytes = vec![0u8; PAGE * 5];
+        bytes[PAGE] = 1;
+        bytes[PAGE * 2 + 7] = 2;
+        bytes[PAGE * 4 + PAGE - 1] = 3;
+        let runs: Vec<_> = nonzero_runs(0x10000, &bytes)
+            .into_iter()
+            .map(|(at, run)| (at, run.len()))
+            .collect();
+        assert_eq!(
+            runs,
+            vec![
+                (0x10000 + PAGE as u64, 2 * PAGE),
+                (0x10000 + 4 * PAGE as u64, PAGE)
+            ]
+        );
+    }
+
+    #[test]
+    fn memory_round_trips_through_a_sparse_file() {
+        let mem = crate::memory::create(8 << 20).unwrap();
+        use vm_memory::{Bytes, GuestAddress};
+        mem.write_slice(b"kernel", GuestAddress(0x10_0000)).unwrap();
+        mem.write_slice(&[0u8; 64], GuestAddress(0x20_0000))
+            .unwrap();
+        mem.write_slice(b"end", GuestAddress((8 << 20) - 3))
+            .unwrap();
+        let file = tempfile::tempfile().unwrap();
+        let saved = save(&mem, &file).unwrap();
+
+        let fresh = crate::memory::create(8 << 20).unwrap();
+        assert_eq!(restore(&fresh, &file).unwrap(), saved);
+        let mut buf = [0u8; 6];
+        fresh.read_slice(&mut buf, GuestAddress(0x10_0000)).unwrap();
+        assert_eq!(&buf, b"kernel");
+        let mut end = [0u8; 3];
+        fresh
+            .read_slice(&mut end, GuestAddress((8 << 20) - 3))
+            .unwrap();
+        assert_eq!(&end, b"end");
+
+        // A flipped byte is caught.
+        file.write_all_at(b"X", 0x10_0001).unwrap();
+        let other = crate::memory::create(8 << 20).unwrap();
+        assert_ne!(restore(&other, &file).unwrap(), saved);
+        // A memory file of another size is refused.
+        let small = crate::memory::create(4 << 20).unwrap();
+        assert!(restore(&small, &file).is_err());
+    }
+}

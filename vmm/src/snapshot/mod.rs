@@ -1,0 +1,356 @@
+//! Snapshots of a booted VM, saved once and restored for every later run.
+//!
+//! A snapshot is taken at a point the guest chooses, by writing to kvmbuild's snapshot port
+//! ([`abi::ports::SNAPSHOT`]) before any driver has touched a virtio device (kvmbuild's init
+//! does it before it loads `virtio_mmio`). At that point a virtio device's whole state is
+//! "reset", so a restored VM gets fresh devices, connected to this run's files, disks and
+//! back ends, and the guest's drivers find them as on a cold boot. [`Vm::save_snapshot`]
+//! checks this through each transport's status register and refuses otherwise.
+//!
+//! On disk a snapshot is a directory:
+//!
+//! | file     | content |
+//! |----------|---------|
+//! | `state`  | `KVMBSNAP`, the format version (u32 LE), the SHA-256 of the payload, then the payload: [`SavedState`] encoded with postcard |
+//! | `memory` | guest RAM as a sparse file: the non-zero pages at their offsets in the guest memory file |
+//!
+//! It is written to a temporary directory and renamed into place, so readers see a whole
+//! snapshot or none. A snapshot whose magic, version, hash, memory checksum, memory size or
+//! vCPU count does not match is refused with [`SnapshotError`]; the caller then boots cold.
+//!
+//! [`Vm::save_snapshot`]: crate::vm::Vm::save_snapshot
+
+pub mod cpu;
+pub mod memory;
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use cpu::{VcpuState, VmState};
+
+/// The first bytes of a state file.
+const MAGIC: &[u8; 8] = b"KVMBSNAP";
+/// The layout of [`SavedState`]; a snapshot of another version is never restored.
+pub const FORMAT_VERSION: u32 = 1;
+/// The state file's name in a snapshot directory.
+const STATE_FILE: &str = "state";
+/// The memory file's name in a snapshot directory.
+const MEMORY_FILE: &str = "memory";
+/// A bound on the state file: a few KiB per vCPU, far below this for any supported count.
+const MAX_STATE_BYTES: u64 = 64 << 20;
+
+/// Errors from saving or restoring a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// A KVM ioctl failed.
+    #[error("cannot {what}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    /// A file operation failed.
+    #[error("cannot {0}")]
+    Io(&'static str, #[source] std::io::Error),
+    /// The snapshot is damaged or not kvmbuild's.
+    #[error("the snapshot is damaged: {0} does not match")]
+    Corrupt(&'static str),
+    /// The snapshot was written by another format version.
+    #[error("the snapshot has format version {0}; this kvmbuild reads version {FORMAT_VERSION}")]
+    Version(u32),
+    /// The snapshot is of another machine.
+    #[error("the snapshot is of a guest with {what} {saved}, not {wanted}")]
+    Mismatch {
+        what: &'static str,
+        saved: u64,
+        wanted: u64,
+    },
+    /// The snapshot was made for another kernel, initrd or device set.
+    #[error("the snapshot was made for other settings")]
+    KeyMismatch,
+    /// A driver has already used a virtio device, whose state a snapshot does not keep.
+    #[error("the guest asked for a snapshot after a driver started virtio device {0}; snapshots are taken before virtio_mmio is loaded")]
+    DeviceInUse(usize),
+    /// No vCPU state to save: a vCPU is running or did not come back.
+    #[error("the vCPUs are not stopped")]
+    VcpusRunning,
+    /// Guest memory is not backed by a file (it always is in kvmbuild).
+    #[error("guest memory is not backed by a file")]
+    MemoryNotAFile,
+    /// The state could not be encoded or decoded.
+    #[error("cannot encode or decode the state: {0}")]
+    Encoding(postcard::Error),
+    /// An MSR list could not be built.
+    #[error("too many MSRs")]
+    Msrs,
+    /// KVM refused an MSR the snapshot holds.
+    #[error("KVM refused to restore MSR {0:#x}")]
+    MsrRefused(u32),
+    /// A CPUID list could not be built.
+    #[error("too many CPUID entries")]
+    Cpuid,
+}
+
+/// The registers of the 16550A UART, as vm-superio keeps them.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct SerialRegisters {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<devices::serial::SerialState> for SerialRegisters {
+    fn from(s: devices::serial::SerialState) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialRegisters> for devices::serial::SerialState {
+    fn from(s: &SerialRegisters) -> Self {
+        Self {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
+/// Everything in a snapshot but guest RAM.
+#[derive(Serialize, Deserialize)]
+pub struct SavedState {
+    /// What the snapshot is for (the caller's key: kernel, initrd, command line, devices).
+    pub key: String,
+    /// Guest RAM in bytes.
+    pub mem_size: u64,
+    /// Each vCPU, in index order.
+    pub vcpus: Vec<VcpuState>,
+    /// The VM's interrupt controllers, clock and PIT.
+    pub vm: VmState,
+    /// COM1's registers.
+    pub serial: SerialRegisters,
+    /// The checksum of the memory file's pages (see [`memory`]).
+    pub memory_crc: u32,
+}
+
+/// A snapshot read from disk, its state checked; its memory is checked as it is restored.
+pub struct Snapshot {
+    /// The state.
+    pub state: SavedState,
+    /// The memory file.
+    pub memory: File,
+}
+
+impl Snapshot {
+    /// Reads the snapshot in `dir`, refusing one that is damaged, of another format version,
+    /// or made for another `key`.
+    pub fn open(dir: &Path, key: &str) -> Result<Snapshot, SnapshotError> {
+        let state = read_state(&dir.join(STATE_FILE))?;
+        if state.key != key {
+            return Err(SnapshotError::KeyMismatch);
+        }
+        let memory = File::open(dir.join(MEMORY_FILE))
+            .map_err(|e| SnapshotError::Io("open the memory file", e))?;
+        Ok(Snapshot { state, memory })
+    }
+
+    /// Refuses a snapshot of a guest with another memory size or vCPU count.
+    pub fn check_machine(&self, mem_size: u64, vcpus: u8) -> Result<(), SnapshotError> {
+        let mismatch = |what, saved, wanted| SnapshotError::Mismatch {
+            what,
+            saved,
+            wanted,
+        };
+        if self.state.mem_size != mem_size {
+            return Err(mismatch(
+                "memory size (MiB)",
+                self.state.mem_size >> 20,
+                mem_size >> 20,
+            ));
+        }
+        let saved_vcpus = self.state.vcpus.len() as u64;
+        if saved_vcpus != u64::from(vcpus) {
+            return Err(mismatch("vCPU count", saved_vcpus, u64::from(vcpus)));
+        }
+        Ok(())
+    }
+}
+
+fn read_state(path: &Path) -> Result<SavedState, SnapshotError> {
+    let file = File::open(path).map_err(|e| SnapshotError::Io("open the state file", e))?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(file, MAX_STATE_BYTES), &mut bytes)
+        .map_err(|e| SnapshotError::Io("read the state file", e))?;
+    decode_state(&bytes)
+}
+
+fn decode_state(bytes: &[u8]) -> Result<SavedState, SnapshotError> {
+    let header = MAGIC.len() + 4 + 32;
+    if bytes.len() < header || &bytes[..MAGIC.len()] != MAGIC {
+        return Err(SnapshotError::Corrupt("the state file's magic"));
+    }
+    let version_bytes: [u8; 4] = bytes[MAGIC.len()..MAGIC.len() + 4]
+        .try_into()
+        .map_err(|_| SnapshotError::Corrupt("the state file's header"))?;
+    let version = u32::from_le_bytes(version_bytes);
+    if version != FORMAT_VERSION {
+        return Err(SnapshotError::Version(version));
+    }
+    let (hash, payload) = bytes[MAGIC.len() + 4..].split_at(32);
+    if Sha256::digest(payload).as_slice() != hash {
+        return Err(SnapshotError::Corrupt("the state file's hash"));
+    }
+    postcard::from_bytes(payload).map_err(SnapshotError::Encoding)
+}
+
+fn encode_state(state: &SavedState) -> Result<Vec<u8>, SnapshotError> {
+    let payload = postcard::to_stdvec(state).map_err(SnapshotError::Encoding)?;
+    let mut bytes = Vec::with_capacity(MAGIC.len() + 4 + 32 + payload.len());
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    bytes.extend_from_slice(&Sha256::digest(&payload));
+    bytes.extend_from_slice(&payload);
+    Ok(bytes)
+}
+
+/// Writes a snapshot into `dir` (which must not exist) through a temporary sibling renamed
+/// into place. `write_memory` fills the memory file and returns its checksum, which goes into
+/// the state. If another process put a snapshot at `dir` first, that one is kept.
+pub fn write(
+    dir: &Path,
+    mut state: SavedState,
+    write_memory: impl FnOnce(&File) -> Result<u32, SnapshotError>,
+) -> Result<(), SnapshotError> {
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)
+        .map_err(|e| SnapshotError::Io("create the snapshot directory", e))?;
+    let tmp = temporary_sibling(dir);
+    std::fs::create_dir(&tmp).map_err(|e| SnapshotError::Io("create the snapshot directory", e))?;
+    let result = (|| {
+        let memory = File::create(tmp.join(MEMORY_FILE))
+            .map_err(|e| SnapshotError::Io("create the memory file", e))?;
+        state.memory_crc = write_memory(&memory)?;
+        let mut file = File::create(tmp.join(STATE_FILE))
+            .map_err(|e| SnapshotError::Io("create the state file", e))?;
+        file.write_all(&encode_state(&state)?)
+            .map_err(|e| SnapshotError::Io("write the state file", e))?;
+        std::fs::rename(&tmp, dir).map_err(|e| SnapshotError::Io("move the snapshot into place", e))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        // Another process finished the same snapshot first: theirs is as good.
+        if dir.join(STATE_FILE).exists() {
+            return Ok(());
+        }
+    }
+    result
+}
+
+fn temporary_sibling(dir: &Path) -> PathBuf {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dir.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> SavedState {
+        SavedState {
+            key: "k".into(),
+            mem_size: 64 << 20,
+            vcpus: Vec::new(),
+            vm: VmState {
+                irqchips: Vec::new(),
+                clock: Default::default(),
+                pit: None,
+            },
+            serial: devices::serial::SerialState::default().into(),
+            memory_crc: 7,
+        }
+    }
+
+    #[test]
+    fn state_round_trips_and_damage_is_caught() {
+        let bytes = encode_state(&state()).unwrap();
+        let back = decode_state(&bytes).unwrap();
+        assert_eq!(
+            (back.key.as_str(), back.mem_size, back.memory_crc),
+            ("k", 64 << 20, 7)
+        );
+        let mut flipped = bytes.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert!(matches!(
+            decode_state(&flipped),
+            Err(SnapshotError::Corrupt(_))
+        ));
+        let mut other_version = bytes.clone();
+        other_version[8] = 9;
+        assert!(matches!(
+            decode_state(&other_version),
+            Err(SnapshotError::Version(9))
+        ));
+        assert!(matches!(
+            decode_state(b"short"),
+            Err(SnapshotError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn snapshots_are_written_whole_and_opened_by_key() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("snap");
+        write(&dir, state(), |file| {
+            file.set_len(64 << 20).unwrap();
+            Ok(42)
+        })
+        .unwrap();
+        let snap = Snapshot::open(&dir, "k").unwrap();
+        assert_eq!(snap.state.memory_crc, 42);
+        assert!(matches!(
+            Snapshot::open(&dir, "other"),
+            Err(SnapshotError::KeyMismatch)
+        ));
+        assert!(snap.check_machine(64 << 20, 0).is_ok());
+        assert!(matches!(
+            snap.check_machine(128 << 20, 0),
+            Err(SnapshotError::Mismatch { .. })
+        ));
+        // Nothing temporary is left beside it.
+        let names: Vec<_> = std::fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("snap")]);
+    }
+}
