@@ -356,7 +356,13 @@ fn sigterm_ends_the_wait_for_a_back_end_that_never_answers() {
         ..Case::new(&socket)
     }
     .run();
-    assert_ended(&run, 143, &["stopped the guest on SIGTERM during set-up"], after, after);
+    assert_ended(
+        &run,
+        143,
+        &["stopped the guest on SIGTERM during set-up"],
+        after,
+        after,
+    );
 }
 
 #[test]

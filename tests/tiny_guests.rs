@@ -577,6 +577,36 @@ fn bench_reports_every_marked_phase_as_json_and_svg() {
     fs::remove_file(svg).unwrap();
 }
 
+#[test]
+fn bench_counts_a_reset_only_when_expect_allows_it() {
+    require_kvm!();
+    let elf = guest("reboot").elf;
+    let bench = |expect: &str| {
+        support::kvmbuild([
+            "bench",
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--mem",
+            "64",
+            "--runs",
+            "2",
+            "--warmup",
+            "0",
+            "--expect",
+            expect,
+        ])
+    };
+    let run = bench("reset");
+    run.assert_code(exit::OK);
+    let report: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(report["expect"], "reset");
+    assert_eq!(report["kvmbuild_in_process_total"]["samples"], 2);
+    bench("any").assert_code(exit::OK);
+    let run = bench("exit");
+    run.assert_code(exit::INTERNAL);
+    assert!(run.stderr.contains("Reset(I8042)"), "{}", run.stderr);
+}
+
 // ---- the serial port's input ----
 
 /// A pseudo-terminal: (master, slave).

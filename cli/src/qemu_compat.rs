@@ -280,6 +280,7 @@ fn translate(args: &[String]) -> Result<Translated, String> {
         // QEMU's machines have a PIT; the kernels vmTools boots keep time without one.
         pit: false,
         timeout: None,
+        verbose: false,
         snapshot: None,
         restore: None,
     };

@@ -77,6 +77,9 @@ pub struct RunArgs {
     /// End the guest after this many seconds (fractions allowed).
     #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
     pub(crate) timeout: Option<Duration>,
+    /// Say what kvmbuild did: the guest memory's backing (huge pages or not).
+    #[arg(short, long)]
+    pub(crate) verbose: bool,
     /// Save the VM into DIR (which must not exist) when the guest writes kvmbuild's snapshot
     /// port (0x6f2), then let it run on. For guests that write it before any virtio driver
     /// starts a device.
@@ -232,6 +235,7 @@ pub(crate) fn run_as(args: RunArgs, names: &OptionNames) -> ExitCode {
 /// Front ends that read outcomes differently (qemu-compat's `-no-reboot`) start here.
 pub(crate) fn run_vm(args: RunArgs, names: &OptionNames) -> Result<RunReport, ExitCode> {
     let timeout = args.timeout;
+    let verbose = args.verbose;
     let stop = terminal::stop_vm_on_signals()?;
     // The terminal feeds the console device (the serial port or hvc0); it is restored when
     // `stdin` drops, before any message below is printed.
@@ -244,6 +248,9 @@ pub(crate) fn run_vm(args: RunArgs, names: &OptionNames) -> Result<RunReport, Ex
     drop(stdin);
     match result {
         Ok(mut report) => {
+            if verbose {
+                eprintln!("kvmbuild: {}", report.memory_backing);
+            }
             crate::keep_finished_vm(report.remains.take());
             Ok(report)
         }

@@ -84,8 +84,9 @@ pub fn setup_stop_status(e: &VmError) -> Option<u8> {
     };
     match source.exit_reason()? {
         ExitReason::Timeout => Some(exit_code::TIMEOUT),
-        ExitReason::Stopped => setup_stop_signal(e)
-            .map(|signal| u8::try_from(128 + signal).unwrap_or(u8::MAX)),
+        ExitReason::Stopped => {
+            setup_stop_signal(e).map(|signal| u8::try_from(128 + signal).unwrap_or(u8::MAX))
+        }
         _ => None,
     }
 }

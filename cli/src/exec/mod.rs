@@ -433,12 +433,20 @@ fn outcome(report: &RunReport, plan: &Plan, console: &ConsoleTail, log: &Log) ->
             .find(|(p, _)| *p == phase)
             .map(|(_, at)| *at)
     };
+    log.say(format_args!("{}", report.memory_backing));
     let command_started = phase_at(BootPhase::CommandStarted);
     if let Some(at) = command_started {
         log.say(format_args!(
             "command started {} ms after kvmbuild did, ended {} ms later",
             at.duration_since(report.started).as_millis(),
             report.ended.duration_since(at).as_millis()
+        ));
+    }
+    if let (Some(started), Some(finished)) = (command_started, phase_at(BootPhase::CommandFinished))
+    {
+        log.say(format_args!(
+            "{}",
+            crate::bench::marks_line(started, finished)
         ));
     }
     let init_failed =

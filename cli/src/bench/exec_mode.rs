@@ -1,0 +1,164 @@
+//! `kvmbuild bench --exec -- CMD`: times `kvmbuild exec` as users run it, as a process:
+//! process start → command started → command done → process exit.
+//!
+//! The middle two come from the guest's boot markers, which `kvmbuild exec -v` prints as
+//! CLOCK_MONOTONIC timestamps (the clock behind `Instant` on Linux, shared by all processes),
+//! so they line up with this process's own clock.
+
+use std::ffi::OsString;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+
+use super::process::{run_process, ProcessRun};
+use super::stats::{stats, stats_of, Stats};
+
+/// The start of the `-v` line that carries the timestamps.
+const MARKS_PREFIX: &str = "boot marks (CLOCK_MONOTONIC ns): command started ";
+
+/// The phases of one `kvmbuild exec`.
+pub const EXEC_PHASES: [&str; 3] = ["start", "command", "exit"];
+
+/// CLOCK_MONOTONIC now, in nanoseconds.
+fn monotonic_now_ns() -> u128 {
+    // SAFETY: timespec is plain old data; all zeroes is a valid value.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: clock_gettime writes one timespec, owned by this frame.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u128 * 1_000_000_000 + ts.tv_nsec as u128
+}
+
+/// `at` on CLOCK_MONOTONIC, in nanoseconds (through its distance from now).
+fn monotonic_ns(at: Instant) -> u128 {
+    let (now, clock) = (Instant::now(), monotonic_now_ns());
+    match at.checked_duration_since(now) {
+        Some(ahead) => clock + ahead.as_nanos(),
+        None => clock.saturating_sub(now.duration_since(at).as_nanos()),
+    }
+}
+
+/// The `-v` line `kvmbuild exec` prints about its command's start and end.
+pub fn marks_line(command_started: Instant, command_finished: Instant) -> String {
+    format!(
+        "{MARKS_PREFIX}{}, command finished {}",
+        monotonic_ns(command_started),
+        monotonic_ns(command_finished)
+    )
+}
+
+/// The two timestamps of [`marks_line`], found in some stderr.
+fn parse_marks(stderr: &str) -> Option<(u128, u128)> {
+    let line = stderr.lines().find_map(|l| l.split_once(MARKS_PREFIX))?.1;
+    let (started, finished) = line.split_once(", command finished ")?;
+    Some((started.trim().parse().ok()?, finished.trim().parse().ok()?))
+}
+
+/// One `kvmbuild exec` split into [`EXEC_PHASES`].
+#[derive(Debug, PartialEq)]
+pub struct ExecSample {
+    pub phases: [Duration; 3],
+    pub wall: Duration,
+}
+
+fn split(spawned_ns: u128, run: &ProcessRun, marks: (u128, u128)) -> Option<ExecSample> {
+    let exited_ns = spawned_ns + run.wall.as_nanos();
+    let ns = |a: u128, b: u128| Some(Duration::from_nanos(u64::try_from(b.checked_sub(a)?).ok()?));
+    Some(ExecSample {
+        phases: [
+            ns(spawned_ns, marks.0)?,
+            ns(marks.0, marks.1)?,
+            ns(marks.1, exited_ns)?,
+        ],
+        wall: run.wall,
+    })
+}
+
+/// Runs `kvmbuild exec -v [OPTIONS] -- COMMAND` once.
+pub fn exec_once(
+    kvmbuild: &Path,
+    options: &[OsString],
+    command: &[OsString],
+    limit: Duration,
+) -> anyhow::Result<(ExecSample, ProcessRun)> {
+    let mut cmd = Command::new(kvmbuild);
+    cmd.args(["exec", "-v"])
+        .args(options)
+        .arg("--")
+        .args(command);
+    let run = run_process(&mut cmd, limit).context("kvmbuild exec")?;
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    if run.code != Some(0) {
+        let last = stderr.lines().last().unwrap_or("no message");
+        bail!("kvmbuild exec exited {:?}: {last}", run.code);
+    }
+    let marks = parse_marks(&stderr).context("kvmbuild exec -v printed no boot marks")?;
+    let sample = split(monotonic_ns(run.started), &run, marks)
+        .context("kvmbuild exec's boot marks are outside its run")?;
+    Ok((sample, run))
+}
+
+#[derive(Serialize)]
+pub struct ExecPhaseStats {
+    pub phase: &'static str,
+    #[serde(flatten)]
+    pub stats: Stats,
+}
+
+/// Per phase over all runs, and the process totals.
+pub fn summarise_exec(samples: &[ExecSample]) -> (Vec<ExecPhaseStats>, Option<Stats>) {
+    let phases = EXEC_PHASES
+        .iter()
+        .enumerate()
+        .filter_map(|(i, &phase)| {
+            let values: Vec<_> = samples.iter().map(|s| s.phases[i]).collect();
+            Some(ExecPhaseStats {
+                phase,
+                stats: stats(&values)?,
+            })
+        })
+        .collect();
+    let walls: Vec<f64> = samples.iter().map(|s| s.wall.as_secs_f64() * 1e3).collect();
+    (phases, stats_of(&walls))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_marks_line_round_trips_on_the_shared_clock() {
+        let started = Instant::now();
+        let finished = started + Duration::from_millis(7);
+        let stderr = format!(
+            "kvmbuild: kernel x\nkvmbuild: {}\nkvmbuild: done\n",
+            marks_line(started, finished)
+        );
+        let (a, b) = parse_marks(&stderr).unwrap();
+        // Each timestamp is converted on its own, a few microseconds apart at most.
+        assert!((b - a).abs_diff(7_000_000) < 100_000, "{} ns apart", b - a);
+        let near = monotonic_ns(started).abs_diff(a);
+        assert!(near < 1_000_000, "{near} ns apart");
+        assert_eq!(parse_marks("kvmbuild: nothing\n"), None);
+    }
+
+    #[test]
+    fn a_run_splits_into_start_command_exit() {
+        let run = ProcessRun {
+            started: Instant::now(),
+            wall: Duration::from_millis(100),
+            code: Some(0),
+            cpu: Duration::ZERO,
+            peak_rss_kib: 0,
+            stdout: vec![],
+            stderr: vec![],
+        };
+        let ms = |n: u128| n * 1_000_000;
+        let s = split(ms(1000), &run, (ms(1060), ms(1090))).unwrap();
+        assert_eq!(s.phases.map(|d| d.as_millis()), [60, 30, 10]);
+        // Marks outside the run (clock trouble) are refused, not turned into negative time.
+        assert_eq!(split(ms(1000), &run, (ms(1060), ms(1200))), None);
+    }
+}
