@@ -6,6 +6,7 @@
 //! FIFOs stand for every non-regular input: opening one must not wait for a peer. Cases whose
 //! input is only checked while a VM is built (the kernel, initrd and disks are loaded after
 //! KVM is opened) need /dev/kvm and are skipped without it, unless CI=true.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 mod support;
 

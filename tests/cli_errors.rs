@@ -5,6 +5,7 @@
 //! Tests whose input is only wrong relative to what KVM or the host can do (memory size, vCPU
 //! count, initrd and command line against the loaded kernel) need /dev/kvm and skip without it,
 //! unless CI=true. Hiding /dev/kvm uses a private mount namespace (unshare, as root).
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 mod support;
 

@@ -7,6 +7,7 @@
 //!
 //! The harness is our own (`harness = false`) so that the whole binary, not each test, crosses
 //! into the test host once; it prints libtest's result lines.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 mod linux {
     pub mod exec;

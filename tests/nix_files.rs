@@ -5,6 +5,7 @@
 //!
 //! Without `nix-instantiate` these tests say they skipped, except under `CI=true`, where they
 //! fail (`.ci/install-deps` installs Debian's nix-bin).
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

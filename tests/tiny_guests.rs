@@ -4,6 +4,7 @@
 //!
 //! Without a usable /dev/kvm the KVM tests print a skip note, unless CI=true, where they fail.
 //! The packer and guest-image tests need only binutils.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 mod support;
 

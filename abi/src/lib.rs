@@ -11,6 +11,7 @@
 //! This crate has no dependencies, so the static init and the VMM can both build on it.
 
 #![no_std]
+#![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
 /// kvmbuild's own I/O ports, outside every range a PC device uses.
 pub mod ports {

@@ -1,4 +1,5 @@
 //! The `kvmbuild` command.
+#![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
 mod bench;
 mod exec;

@@ -2,6 +2,7 @@
 //!
 //! Nothing here touches KVM: devices see reads and writes on a [`bus::Bus`], raise interrupts
 //! through `EventFd`s that the VMM registers as irqfds, and end the VM through [`exit::VmExit`].
+#![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
 pub mod acpi_pm;
 pub mod bus;

@@ -8,6 +8,7 @@
 //!     [--module NAME]... [--include HOST[:GUEST]]... [--compress none|gzip|zstd] \
 //!     [--setting kvmbuild.cmd=...]... [--keep-compressed] [--prepend-settings] -o initrd.img
 //! ```
+#![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
 use std::time::Instant;
 

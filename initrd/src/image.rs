@@ -224,20 +224,14 @@ fn add_init(archive: &mut Archive, init: &InitBinary) -> Result<(), Error> {
 /// without a dynamic loader. Non-ELF files (scripts) are false.
 pub fn is_static_elf(binary: &[u8]) -> bool {
     const PT_INTERP: u32 = 3;
-    let u16_at = |at: usize| {
-        binary
-            .get(at..at + 2)
-            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
-    };
-    let u32_at = |at: usize| {
-        binary
-            .get(at..at + 4)
-            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
-    };
+    // Offsets come from the file: every read and every sum is checked, a miss means "not static".
+    let bytes_at = |at: usize, len: usize| binary.get(at..at.checked_add(len)?);
+    let u16_at = |at: usize| bytes_at(at, 2).map(|b| usize::from(u16::from_le_bytes([b[0], b[1]])));
+    let u32_at = |at: usize| bytes_at(at, 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
     let u64_at = |at: usize| {
-        binary
-            .get(at..at + 8)
-            .map(|b| u64::from_le_bytes(b.try_into().unwrap()) as usize)
+        let b = bytes_at(at, 8)?;
+        let word = u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+        usize::try_from(word).ok()
     };
     // Only 64-bit little-endian ELF, the only kind an x86-64 guest runs as init here.
     if !binary.starts_with(b"\x7fELF\x02\x01") {
@@ -247,7 +241,8 @@ pub fn is_static_elf(binary: &[u8]) -> bool {
     else {
         return false;
     };
-    (0..phnum).all(|i| matches!(u32_at(phoff + i * phentsize), Some(kind) if kind != PT_INTERP))
+    let entry_at = |i: usize| phoff.checked_add(i.checked_mul(phentsize)?);
+    (0..phnum).all(|i| matches!(entry_at(i).and_then(u32_at), Some(kind) if kind != PT_INTERP))
 }
 
 /// Adds the closure under `lib/modules/VERSION` and the load list.

@@ -64,6 +64,7 @@
 //! ```
 //!
 //! [`build_initrd`] refuses an init that has an ELF interpreter.
+#![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
 pub mod compress;
 pub mod config;

@@ -7,10 +7,11 @@ pub use abi::status::*;
 /// The status to report for a `waitpid` status word: the exit code, or 128+signal.
 pub fn from_wait_status(raw: i32) -> u8 {
     if libc::WIFEXITED(raw) {
-        // Exit codes are 8 bits; the mask only makes the truncation explicit.
-        (libc::WEXITSTATUS(raw) & 0xff) as u8
+        // Exit codes are 8 bits: the low byte is the code.
+        libc::WEXITSTATUS(raw).to_le_bytes()[0]
     } else if libc::WIFSIGNALED(raw) {
-        (128 + (libc::WTERMSIG(raw) & 0x7f)) as u8
+        // Signal numbers are masked to 7 bits, so 128 + signal fits a u8.
+        128 + (libc::WTERMSIG(raw) & 0x7f).to_le_bytes()[0]
     } else {
         INTERNAL
     }

@@ -1,4 +1,5 @@
 //! The archives this crate writes, read back by GNU cpio.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

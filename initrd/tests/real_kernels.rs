@@ -4,6 +4,7 @@
 //! `${XDG_CACHE_HOME:-$HOME/.cache}/kvmbuild/kernels`: each `<pkg-version>/lib/modules/VERSION`
 //! below it (with `depmod` run) is a candidate. Without them the tests print a note and pass,
 //! except under `CI=true`, where they fail loudly.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 use std::path::PathBuf;
 

@@ -2,6 +2,7 @@
 //! takes a Linux kernel from a file to its first instruction, and the VM to a clean exit.
 //!
 //! The boot sequence reads top to bottom in [`vm::Vm::build`].
+#![cfg_attr(test, allow(clippy::cast_possible_truncation))]
 
 pub mod acpi;
 pub mod boot_params;
