@@ -333,6 +333,11 @@ pub fn load_initrd(
 
 /// Checks the command line against the kernel's limit and writes it, NUL-terminated, at
 /// [`layout::CMDLINE`].
+///
+/// Not linux-loader's `Cmdline`: it accepts only printable ASCII and splits the line at `--`
+/// into boot and init arguments it joins again, while kvmbuild passes the line byte for byte
+/// as the front end gave it (vmTools' `-append`, a user's `--cmdline`), as QEMU does. The
+/// kernel's own rules are the ones checked here: its length limit and no NUL.
 pub fn load_cmdline(
     mem: &GuestMemoryMmap,
     kernel: &LoadedKernel,
