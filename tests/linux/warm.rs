@@ -153,3 +153,42 @@ pub fn exec_warm_replaces_a_damaged_snapshot() {
     again.check(!log.contains("Linux version"), "and is restored");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// Two runs restored from one snapshot at the same time each get their own share, status,
+/// environment and randomness: the snapshot is only read, and each run has its own memory.
+pub fn exec_warm_runs_concurrently_from_one_snapshot() {
+    let dir = scratch("exec-warm-concurrent");
+    let cache = dir.join("cache");
+    let share = |index: usize| {
+        let path = dir.join(format!("share{index}"));
+        std::fs::create_dir_all(&path).unwrap();
+        std::fs::write(path.join("n"), format!("{}\n", index + 3)).unwrap();
+        path
+    };
+    let first = warm_run(&cache, &share(0), 0, &dir.join("console0"));
+    first.check(first.status == Some(3), "the cold run saves the snapshot");
+    let runs: Vec<(usize, Run)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (1..=2)
+            .map(|index| {
+                let (cache, share) = (&cache, share(index));
+                let console = dir.join(format!("console{index}"));
+                scope.spawn(move || (index, warm_run(cache, &share, index, &console)))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut ids = Vec::new();
+    for (index, run) in &runs {
+        run.check(
+            run.status == Some(*index as i32 + 3),
+            &format!("run {index} status"),
+        );
+        let lines: Vec<&str> = run.console.lines().collect();
+        run.check(lines.len() == 5, "five lines of output");
+        run.check(lines[0] == (index + 3).to_string(), "its own share");
+        run.check(lines[4] == format!("run={index}"), "its own environment");
+        ids.push(lines[1].to_string());
+    }
+    assert_ne!(ids[0], ids[1], "the two restored runs share a boot id");
+    std::fs::remove_dir_all(dir).unwrap();
+}
