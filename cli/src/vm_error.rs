@@ -75,14 +75,25 @@ pub fn status(e: &VmError) -> u8 {
     }
 }
 
-/// The status of a run that its timeout or a stop signal ended during set-up, while a
-/// vhost-user back end had not answered: the same as if they had stopped the guest (124,
-/// 128+N).
-pub fn setup_stop_status(e: &VmError) -> Option<u8> {
+/// How a run ended that its timeout or a stop signal cut short during set-up, while a
+/// vhost-user back end had not answered; `None` for any other error.
+fn setup_cut(e: &VmError) -> Option<ExitReason> {
     let VmError::Device(DeviceError::Virtio(VirtioError::Share { source, .. })) = e else {
         return None;
     };
-    match source.exit_reason()? {
+    source.exit_reason()
+}
+
+/// The signal that stopped a run during set-up, when one did.
+fn setup_stop_signal(e: &VmError) -> Option<i32> {
+    (setup_cut(e)? == ExitReason::Stopped)
+        .then(|| crate::terminal::stop_signal().unwrap_or(libc::SIGTERM))
+}
+
+/// The status of a run that its timeout or a stop signal ended during set-up: the same as if
+/// they had stopped the guest (124, 128+N).
+pub fn setup_stop_status(e: &VmError) -> Option<u8> {
+    match setup_cut(e)? {
         ExitReason::Timeout => Some(exit_code::TIMEOUT),
         ExitReason::Stopped => {
             setup_stop_signal(e).map(|signal| u8::try_from(128 + signal).unwrap_or(u8::MAX))
@@ -91,18 +102,9 @@ pub fn setup_stop_status(e: &VmError) -> Option<u8> {
     }
 }
 
-/// The signal that stopped a run during set-up, when one did.
-fn setup_stop_signal(e: &VmError) -> Option<i32> {
-    let VmError::Device(DeviceError::Virtio(VirtioError::Share { source, .. })) = e else {
-        return None;
-    };
-    (source.exit_reason()? == ExitReason::Stopped)
-        .then(|| crate::terminal::stop_signal().unwrap_or(libc::SIGTERM))
-}
-
 /// The one line a front end prints for `e`, naming its own option where one is at fault.
 pub fn message(e: &VmError, names: &OptionNames) -> String {
-    let chain = chain(e);
+    let chain = initrd::guest::error_chain(e);
     if let Some(signal) = setup_stop_signal(e) {
         let name = crate::terminal::signal_name(signal);
         return format!("stopped the guest on {name} during set-up: {chain}");
@@ -116,18 +118,6 @@ pub fn message(e: &VmError, names: &OptionNames) -> String {
 /// Prints `e` as `names`' front end says it and returns its status.
 pub fn report(e: &VmError, names: &OptionNames) -> ExitCode {
     fail(status(e), message(e, names))
-}
-
-/// `e` and its causes, as anyhow's `{:#}` shows them: "a: b: c".
-fn chain(e: &VmError) -> String {
-    let mut text = e.to_string();
-    let mut cause = std::error::Error::source(e);
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
 }
 
 #[cfg(test)]
