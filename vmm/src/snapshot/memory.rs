@@ -108,11 +108,14 @@ fn nonzero_runs(offset: u64, bytes: &[u8]) -> Vec<(u64, &[u8])> {
 
 /// Adds the non-zero pages of `bytes` (at memory-file offset `offset`) to `crc`, each with
 /// its offset: what counts is the memory's content, not how a file system lays out holes.
-fn checksum(crc: &mut crc32fast::Hasher, offset: u64, bytes: &[u8]) {
-    for (at, run) in nonzero_runs(offset, bytes) {
+/// Returns those runs of pages, which are what a snapshot stores.
+fn checksum<'a>(crc: &mut crc32fast::Hasher, offset: u64, bytes: &'a [u8]) -> Vec<(u64, &'a [u8])> {
+    let runs = nonzero_runs(offset, bytes);
+    for &(at, run) in &runs {
         crc.update(&at.to_le_bytes());
         crc.update(run);
     }
+    runs
 }
 
 /// The bytes of `region` at memory-file offsets `start..stop`.
@@ -144,9 +147,7 @@ pub fn save(mem: &GuestMemoryMmap, out: &File) -> Result<u32, SnapshotError> {
             // SAFETY: the range came from this region's part of the memory file, and the
             // caller guarantees no vCPU runs.
             let bytes = unsafe { region_bytes(region, start, stop) };
-            for (at, run) in nonzero_runs(start, bytes) {
-                crc.update(&at.to_le_bytes());
-                crc.update(run);
+            for (at, run) in checksum(&mut crc, start, bytes) {
                 out.write_all_at(run, at)
                     .map_err(|e| SnapshotError::Io("write the memory file", e))?;
             }

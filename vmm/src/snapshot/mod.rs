@@ -94,53 +94,21 @@ pub enum SnapshotError {
     Cpuid,
 }
 
-/// The registers of the 16550A UART, as vm-superio keeps them.
-#[derive(Clone, Serialize, Deserialize)]
-pub struct SerialRegisters {
-    pub baud_divisor_low: u8,
-    pub baud_divisor_high: u8,
-    pub interrupt_enable: u8,
-    pub interrupt_identification: u8,
-    pub line_control: u8,
-    pub line_status: u8,
-    pub modem_control: u8,
-    pub modem_status: u8,
-    pub scratch: u8,
-    pub in_buffer: Vec<u8>,
-}
-
-impl From<devices::serial::SerialState> for SerialRegisters {
-    fn from(s: devices::serial::SerialState) -> Self {
-        Self {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
-    }
-}
-
-impl From<&SerialRegisters> for devices::serial::SerialState {
-    fn from(s: &SerialRegisters) -> Self {
-        Self {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-        }
-    }
+/// How a snapshot encodes vm-superio's `SerialState` (a type of another crate, without serde):
+/// serde's remote derive, which checks these fields against the original's.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "devices::serial::SerialState")]
+struct SerialStateDef {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
 }
 
 /// Everything in a snapshot but guest RAM.
@@ -155,7 +123,8 @@ pub struct SavedState {
     /// The VM's interrupt controllers, clock and PIT.
     pub vm: VmState,
     /// COM1's registers.
-    pub serial: SerialRegisters,
+    #[serde(with = "SerialStateDef")]
+    pub serial: devices::serial::SerialState,
     /// The checksum of the memory file's pages (see [`memory`]).
     pub memory_crc: u32,
 }
@@ -295,7 +264,7 @@ mod tests {
                 clock: Default::default(),
                 pit: None,
             },
-            serial: devices::serial::SerialState::default().into(),
+            serial: devices::serial::SerialState::default(),
             memory_crc: 7,
         }
     }

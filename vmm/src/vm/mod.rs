@@ -193,7 +193,7 @@ impl Vm {
                 shares: std::mem::take(&mut config.shares),
                 virtio_console: config.virtio_console.take(),
                 rng: config.rng,
-                serial_state: restore.as_ref().map(|s| (&s.state.serial).into()),
+                serial_state: restore.as_ref().map(|s| s.state.serial.clone()),
             },
             &exit,
         )?;
@@ -247,7 +247,7 @@ impl Vm {
             mem_size: self.mem.iter().map(|r| r.len()).sum(),
             vcpus,
             vm: snapshot::VmState::save(&self.fd, self.pit)?,
-            serial: self.devices().serial_state().into(),
+            serial: self.devices().serial_state(),
             memory_crc: 0,
         };
         snapshot::write(dir, state, |file| snapshot::memory::save(&self.mem, file))
