@@ -12,6 +12,7 @@ use initrd::guest::error_chain;
 use vmm::device_manager::{ConsoleConfig, DiskConfig, ShareConfig};
 use vmm::exit::{ExitReason, ResetSource};
 use vmm::snapshot::Snapshot;
+use vmm::vcpu::VcpuPosition;
 use vmm::vm::{self, RunReport, VmConfig};
 
 use crate::vm_error::{self, OptionNames};
@@ -273,6 +274,15 @@ pub(crate) fn reset_how(source: &ResetSource) -> &'static str {
     }
 }
 
+/// " (vCPU 0 halted at RIP …, …)": where a timed-out guest was, or nothing if KVM did not say.
+fn where_vcpus_were(positions: &[VcpuPosition]) -> String {
+    if positions.is_empty() {
+        return String::new();
+    }
+    let each: Vec<String> = positions.iter().map(ToString::to_string).collect();
+    format!(" ({})", each.join(", "))
+}
+
 pub(crate) fn report_outcome(report: &RunReport, timeout: Option<Duration>) -> ExitCode {
     if let Some(Err(e)) = &report.snapshot {
         eprintln!(
@@ -301,8 +311,9 @@ pub(crate) fn report_outcome(report: &RunReport, timeout: Option<Duration>) -> E
         ExitReason::Timeout => fail(
             exit_code::TIMEOUT,
             format!(
-                "the guest was stopped after the {:?} timeout",
-                timeout.unwrap_or_default()
+                "the guest was stopped after the {:?} timeout{}",
+                timeout.unwrap_or_default(),
+                where_vcpus_were(&report.timed_out_at)
             ),
         ),
         ExitReason::Internal(message) => fail(exit_code::INTERNAL, message),

@@ -490,6 +490,33 @@ fn describe_emulation_failure(vcpu: &mut VcpuFd, index: u8, mem: &GuestMemoryMma
     )
 }
 
+/// Where a stopped vCPU was: what `--timeout` reports, so that a hung guest says whether it
+/// was halted (waiting for an interrupt that never came) or running, and at which RIP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VcpuPosition {
+    pub index: u8,
+    pub rip: u64,
+    pub halted: bool,
+}
+
+impl VcpuPosition {
+    /// Reads the position of `vcpu`, which no thread runs; `None` if KVM will not say.
+    pub fn read(vcpu: &VcpuFd, index: u8) -> Option<VcpuPosition> {
+        let rip = vcpu.get_regs().ok()?.rip;
+        let halted = vcpu
+            .get_mp_state()
+            .is_ok_and(|s| s.mp_state == kvm_bindings::KVM_MP_STATE_HALTED);
+        Some(VcpuPosition { index, rip, halted })
+    }
+}
+
+impl std::fmt::Display for VcpuPosition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = if self.halted { "halted" } else { "running" };
+        write!(f, "vCPU {} {state} at RIP {:#x}", self.index, self.rip)
+    }
+}
+
 /// Up to `len` bytes at `addr`, stopping at the end of guest memory.
 fn read_up_to(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
     (0..len as u64)

@@ -192,6 +192,8 @@ mod tests {
             console_error: None,
             stuck_vcpus: Vec::new(),
             snapshot: None,
+            restored: None,
+            timed_out_at: Vec::new(),
             memory_backing: vmm::memory::BackingReport {
                 backing: vmm::memory::Backing::SmallPages,
                 fell_back: Vec::new(),
@@ -217,6 +219,8 @@ mod tests {
             console_error: None,
             stuck_vcpus: Vec::new(),
             snapshot: None,
+            restored: None,
+            timed_out_at: Vec::new(),
             memory_backing: vmm::memory::BackingReport {
                 backing: vmm::memory::Backing::SmallPages,
                 fell_back: Vec::new(),

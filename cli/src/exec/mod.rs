@@ -434,6 +434,16 @@ fn outcome(report: &RunReport, plan: &Plan, console: &ConsoleTail, log: &Log) ->
             .map(|(_, at)| *at)
     };
     log.say(format_args!("{}", report.memory_backing));
+    if let Some(restored) = &report.restored {
+        log.say(format_args!("{restored}"));
+    }
+    log.say(format_args!(
+        "VM set up in {} ms",
+        report
+            .guest_started
+            .duration_since(report.started)
+            .as_millis()
+    ));
     let command_started = phase_at(BootPhase::CommandStarted);
     if let Some(at) = command_started {
         log.say(format_args!(

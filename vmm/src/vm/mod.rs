@@ -33,7 +33,7 @@ use crate::memory::{self, BackingReport};
 use crate::pvh::{self, PvhInfo};
 use crate::release::Remains;
 use crate::snapshot::{self, SavedState, Snapshot, SnapshotError, VcpuState};
-use crate::vcpu::{self, BootEntry, VcpuContext};
+use crate::vcpu::{self, BootEntry, VcpuContext, VcpuPosition};
 
 /// What to boot and how.
 pub struct VmConfig {
@@ -102,9 +102,33 @@ pub struct RunReport {
     pub memory_backing: BackingReport,
     /// How saving the snapshot went (see [`RunOutcome::snapshot`]).
     pub snapshot: Option<Result<(), SnapshotError>>,
+    /// What restoring the snapshot took, when the VM started from one.
+    pub restored: Option<Restored>,
+    /// Where each vCPU was when the run timed out (empty otherwise).
+    pub timed_out_at: Vec<VcpuPosition>,
     /// The VM fd and guest RAM, still to be released (see [`crate::release`]); `None` when a
     /// stuck vCPU may still use them.
     pub remains: Option<Remains>,
+}
+
+/// What restoring guest memory from a snapshot took, for `-v` and benchmarks.
+#[derive(Clone, Copy, Debug)]
+pub struct Restored {
+    /// Bytes read from the snapshot's memory file (the pages the guest had touched).
+    pub bytes: u64,
+    /// Reading and checking them.
+    pub took: Duration,
+}
+
+impl std::fmt::Display for Restored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "restored {} MiB of guest memory in {} ms",
+            self.bytes >> 20,
+            self.took.as_millis()
+        )
+    }
 }
 
 /// How long the guest's last console output may take to reach its readers once the VM has
@@ -128,6 +152,7 @@ pub struct Vm {
     vcpu_count: u8,
     exit: Arc<VmExit>,
     started: Instant,
+    restored: Option<Restored>,
     /// vCPUs that did not come back from their threads: they may still use memory and devices.
     stuck: Vec<usize>,
     // Field order matters: the VM (and its memory slots) is dropped before the memory.
@@ -151,6 +176,8 @@ pub struct RunOutcome {
     /// Whether the snapshot the configuration asked for was saved; `None` when none was
     /// asked for or the guest never reached its snapshot point.
     pub snapshot: Option<Result<(), SnapshotError>>,
+    /// Where each vCPU was when the run timed out (empty otherwise).
+    pub timed_out_at: Vec<VcpuPosition>,
 }
 
 /// What [`Vm::teardown`] reports.
@@ -174,9 +201,10 @@ impl Vm {
             snapshot.check_machine(mem_size, config.vcpus)?;
         }
         let (fd, mem, memory_backing) = create_vm(&kvm, mem_size, config.pit)?;
-        if let Some(snapshot) = &restore {
-            restore_memory(&mem, snapshot)?;
-        }
+        let restored = match &restore {
+            Some(snapshot) => Some(restore_memory(&mem, snapshot)?),
+            None => None,
+        };
         let exit = Arc::new(VmExit::new().map_err(|e| VmError::Setup("exit channel", e))?);
         exit.set_stop_event(stop)
             .map_err(|e| VmError::Setup("stop event", e))?;
@@ -217,6 +245,7 @@ impl Vm {
             vcpu_count: config.vcpus,
             exit,
             started,
+            restored,
             stuck: Vec::new(),
             fd,
             mem,
@@ -284,6 +313,10 @@ impl Vm {
                     continue;
                 }
             }
+            let timed_out_at = match reason {
+                ExitReason::Timeout => self.vcpu_positions(),
+                _ => Vec::new(),
+            };
             return Ok(RunOutcome {
                 reason,
                 guest_started,
@@ -291,8 +324,17 @@ impl Vm {
                 markers: self.exit.markers(),
                 stuck_vcpus: self.stuck.clone(),
                 snapshot,
+                timed_out_at,
             });
         }
+    }
+
+    /// Where the vCPUs are, while no thread runs them.
+    fn vcpu_positions(&self) -> Vec<VcpuPosition> {
+        (0..)
+            .zip(&self.vcpus)
+            .filter_map(|(index, fd)| VcpuPosition::read(fd, index))
+            .collect()
     }
 
     /// Starts a thread per vCPU, waits for the VM to stop and takes the vCPUs back.
@@ -355,6 +397,11 @@ impl Vm {
         self.started
     }
 
+    /// What restoring the snapshot's memory took, when the VM started from one.
+    pub fn restored(&self) -> Option<Restored> {
+        self.restored
+    }
+
     fn devices(&self) -> &DeviceManager {
         self.devices
             .as_ref()
@@ -371,6 +418,7 @@ pub fn run(
     let mut vm = Vm::build(config, stop)?;
     let started = vm.started();
     let memory_backing = vm.memory_backing().clone();
+    let restored = vm.restored();
     let outcome = vm.run(stop, timeout)?;
     let Teardown {
         console_error,
@@ -385,6 +433,8 @@ pub fn run(
         console_error,
         stuck_vcpus: outcome.stuck_vcpus,
         snapshot: outcome.snapshot,
+        restored,
+        timed_out_at: outcome.timed_out_at,
         memory_backing,
         remains,
     })
@@ -467,11 +517,16 @@ fn load_guest(
 }
 
 /// Fills fresh guest memory from a snapshot and checks what it read.
-fn restore_memory(mem: &GuestMemoryMmap, snapshot: &Snapshot) -> Result<(), SnapshotError> {
-    if snapshot::memory::restore(mem, &snapshot.memory)? != snapshot.state.memory_crc {
+fn restore_memory(mem: &GuestMemoryMmap, snapshot: &Snapshot) -> Result<Restored, SnapshotError> {
+    let started = Instant::now();
+    let (crc, bytes) = snapshot::memory::restore(mem, &snapshot.memory)?;
+    if crc != snapshot.state.memory_crc {
         return Err(SnapshotError::Corrupt("the memory file's checksum"));
     }
-    Ok(())
+    Ok(Restored {
+        bytes,
+        took: started.elapsed(),
+    })
 }
 
 /// Restores the VM's own state, then creates each vCPU and restores its state.
