@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::guest::{boot, cloud_kernel, includes_for, kvmbuild_initrd, scratch, Run};
 
-const GUARD: Duration = Duration::from_secs(300);
+const GUARD: Duration = Duration::from_secs(180);
 /// The kvmbuild-init statuses these tests expect (initrd::status).
 const NOT_FOUND: i32 = 127;
 

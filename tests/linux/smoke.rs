@@ -5,7 +5,7 @@ use std::time::Duration;
 use super::guest::{boot, busybox_initrd, cloud_kernel, scratch};
 
 /// Generous: a nested boot under TCG takes ~15-30 s; this only catches hangs.
-const GUARD: Duration = Duration::from_secs(300);
+const GUARD: Duration = Duration::from_secs(180);
 const CMDLINE: &str = "console=ttyS0 panic=1 quiet";
 
 /// The smoke initrd's init: a marker, what the guest sees of its CPUs and keeps time with (the

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::guest::{boot, cloud_kernel, initrd_with, scratch, InitrdSpec};
 
-const GUARD: Duration = Duration::from_secs(300);
+const GUARD: Duration = Duration::from_secs(180);
 const DISK_MIB: u64 = 64;
 const GREETING: &str = "written by a guest of kvmbuild";
 

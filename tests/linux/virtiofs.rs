@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::guest::{boot, cloud_kernel, includes_for, kvmbuild_initrd, run_guarded, scratch};
 
-const GUARD: Duration = Duration::from_secs(300);
+const GUARD: Duration = Duration::from_secs(180);
 const TAG: &str = "shared";
 const FROM_HOST: &str = "written by the host for the guest";
 

@@ -37,6 +37,11 @@ use crate::{compress, status};
 pub const CONFIG_FILE: &str = "/etc/kvmbuild/config";
 /// The module load list the host writes into the initrd.
 pub const MODULES_FILE: &str = "/etc/kvmbuild/modules";
+/// How long the init waits for a device to appear once its driver is loaded (a console port,
+/// a disk, a virtio-fs tag), by the guest's clock. Generous on purpose: on a loaded host, or a
+/// nested one, probing takes seconds, and the host's `--timeout` already bounds the whole run;
+/// a short wait here only turned a slow probe into a failed run.
+const DEVICE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The command's stderr port, once open: the init's own errors are copied there.
 static ERROR_PORT: std::sync::OnceLock<std::fs::File> = std::sync::OnceLock::new();

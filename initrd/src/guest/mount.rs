@@ -9,8 +9,6 @@ use std::time::{Duration, Instant};
 use super::{sys, Error, Log};
 use crate::config::{Disk, Share};
 
-/// How long a mount may wait for its device to appear (its driver probing, a tag registering).
-const DEVICE_WAIT: Duration = Duration::from_secs(3);
 /// The pause between tries while waiting.
 const RETRY_PAUSE: Duration = Duration::from_millis(5);
 
@@ -161,7 +159,7 @@ fn mount_waiting(
     data: &OsStr,
 ) -> io::Result<()> {
     make_dir(target)?;
-    let deadline = Instant::now() + DEVICE_WAIT;
+    let deadline = Instant::now() + super::DEVICE_WAIT;
     loop {
         match sys::mount(source, target, fstype, flags, data) {
             Err(e) if is_not_ready(&e) && Instant::now() < deadline => {
@@ -181,9 +179,9 @@ fn is_not_ready(e: &io::Error) -> bool {
     )
 }
 
-/// Waits until `path` exists, for at most [`DEVICE_WAIT`].
+/// Waits until `path` exists, for at most [`super::DEVICE_WAIT`].
 fn wait_for_path(path: &Path) -> io::Result<()> {
-    let deadline = Instant::now() + DEVICE_WAIT;
+    let deadline = Instant::now() + super::DEVICE_WAIT;
     while !path.exists() {
         if Instant::now() >= deadline {
             return Err(io::Error::from_raw_os_error(libc::ENOENT));

@@ -17,8 +17,6 @@ use crate::config::STDIO_PORT_NAMES;
 
 /// Where Linux lists the virtio-console ports, each with a `name` attribute.
 const PORTS_DIR: &str = "/sys/class/virtio-ports";
-/// How long the ports may take to appear after the driver is loaded.
-const PORT_WAIT: Duration = Duration::from_secs(5);
 /// The pause between looks while waiting.
 const RETRY_PAUSE: Duration = Duration::from_millis(2);
 
@@ -55,7 +53,7 @@ fn open_port(node: &Path, write: bool) -> Result<File, Error> {
 
 /// The device nodes of the three ports, in [`STDIO_PORT_NAMES`] order, once all exist.
 fn wait_for_nodes() -> Result<[PathBuf; 3], Error> {
-    let deadline = Instant::now() + PORT_WAIT;
+    let deadline = Instant::now() + super::DEVICE_WAIT;
     loop {
         let found = find_ports(Path::new(PORTS_DIR));
         if let [Some(a), Some(b), Some(c)] = found.clone().map(|p| p.filter(|p| p.exists())) {

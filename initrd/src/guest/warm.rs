@@ -18,8 +18,6 @@ use crate::modules::LoadEntry;
 
 /// The transport module, loaded only after the snapshot point.
 const TRANSPORT_MODULE: &str = "virtio_mmio";
-/// How long the settings port may take to appear once the transport is loaded.
-const PORT_WAIT: Duration = Duration::from_secs(10);
 /// A bound on the settings: far more than any command line and environment.
 const MAX_SETTINGS: u64 = 4 << 20;
 
@@ -58,7 +56,7 @@ pub fn read_run_settings(config: &mut Config, log: &Log) -> Result<(), Error> {
 }
 
 fn wait_for_settings_port() -> Result<std::path::PathBuf, Error> {
-    let deadline = Instant::now() + PORT_WAIT;
+    let deadline = Instant::now() + super::DEVICE_WAIT;
     loop {
         if let Some(node) = stdio::find_port(SETTINGS_PORT_NAME).filter(|n| n.exists()) {
             return Ok(node);
