@@ -35,7 +35,7 @@ pub use cpu::{VcpuState, VmState};
 /// The first bytes of a state file.
 const MAGIC: &[u8; 8] = b"KVMBSNAP";
 /// The layout of [`SavedState`]; a snapshot of another version is never restored.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// The state file's name in a snapshot directory.
 const STATE_FILE: &str = "state";
 /// The memory file's name in a snapshot directory.
