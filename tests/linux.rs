@@ -56,6 +56,7 @@ const TESTS: &[Test] = tests![
     warm::exec_warm_restores_one_snapshot_for_many_runs,
     warm::exec_warm_replaces_a_damaged_snapshot,
     warm::exec_warm_runs_concurrently_from_one_snapshot,
+    warm::bench_exec_warm_reports_cold_and_restored_runs,
     nix::nix_run_in_linux_vm_builds_in_the_guest,
     nix::nix_builder_status_and_output_reach_nix,
     nix::nix_make_disk_image_gpt_none_and_qcow2,

@@ -3,9 +3,12 @@
 //! environments, fresh randomness and the right time; a damaged snapshot is replaced.
 
 use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
 use super::exec::exec;
-use super::guest::{scratch, Run};
+use super::guest::{cloud_kernel, run_guarded, scratch, Run};
+use super::virtiofs::which_virtiofsd;
 
 /// How many runs restore the snapshot.
 const WARM_RUNS: usize = 10;
@@ -190,5 +193,57 @@ pub fn exec_warm_runs_concurrently_from_one_snapshot() {
         ids.push(lines[1].to_string());
     }
     assert_ne!(ids[0], ids[1], "the two restored runs share a boot id");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// `bench --exec --warm`: cold and restored runs of one command in alternation, in one JSON
+/// report. The figures are printed for the record (a benchmark, never asserted); what is
+/// checked is that the report holds both series and that every warm run restored.
+pub fn bench_exec_warm_reports_cold_and_restored_runs() {
+    let dir = scratch("bench-warm");
+    let json = dir.join("warm.json");
+    let kernel = cloud_kernel();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvmbuild"));
+    cmd.args(["bench", "--exec", "--warm", "--runs", "3", "--warmup", "0"])
+        .args(["--timeout", "240", "--kernel"])
+        .arg(&kernel.vmlinux)
+        .arg(format!("--exec-arg=--modules={}", kernel.modules.display()))
+        .arg(format!(
+            "--exec-arg=--virtiofsd={}",
+            which_virtiofsd().display()
+        ))
+        .arg("--json")
+        .arg(&json)
+        .args(["--", "true"])
+        .env("XDG_CACHE_HOME", dir.join("cache"));
+    let run = run_guarded(cmd, Duration::from_secs(900));
+    run.check(run.status == Some(0), "bench --exec --warm succeeds");
+    let text = std::fs::read_to_string(&json).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let warm = &report["warm"];
+    let median = |v: &serde_json::Value| v["median_ms"].as_f64().unwrap_or(0.0);
+    assert!(report["process"]["wall"]["min_ms"].is_f64(), "{text}");
+    assert!(
+        median(&warm["restored_mib"]) > 0.0,
+        "warm runs restored memory: {text}"
+    );
+    let ratio = &warm["cold_over_warm_to_command"];
+    assert!(ratio["ratio_of_medians"].as_f64().is_some(), "{text}");
+    let to_command = |phases: &serde_json::Value| {
+        phases
+            .as_array()
+            .and_then(|p| p.iter().find(|p| p["phase"] == "start"))
+            .map_or(0.0, median)
+    };
+    println!(
+        "bench warm: to command started, cold median {:.0} ms, warm median {:.0} ms \
+         (restore {:.0} ms of {:.0} MiB); cold/warm {:.2} (median of round ratios {:.2})",
+        to_command(&report["exec_phases"]),
+        to_command(&warm["exec_phases"]),
+        median(&warm["restore"]),
+        median(&warm["restored_mib"]),
+        ratio["ratio_of_medians"].as_f64().unwrap_or(0.0),
+        ratio["median_of_pair_ratios"].as_f64().unwrap_or(0.0),
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -3,7 +3,8 @@
 //!
 //! The middle two come from the guest's boot markers, which `kvmbuild exec -v` prints as
 //! CLOCK_MONOTONIC timestamps (the clock behind `Instant` on Linux, shared by all processes),
-//! so they line up with this process's own clock.
+//! so they line up with this process's own clock. A run restored from a snapshot
+//! (`exec --warm`) also says how much memory it restored and how long that took.
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -18,6 +19,9 @@ use super::stats::{stats, stats_of, Stats};
 
 /// The start of the `-v` line that carries the timestamps.
 const MARKS_PREFIX: &str = "boot marks (CLOCK_MONOTONIC ns): command started ";
+
+/// What `kvmbuild exec -v` says about a restore: vmm's `Restored`, as displayed.
+const RESTORED_PREFIX: &str = "kvmbuild: restored ";
 
 /// The phases of one `kvmbuild exec`.
 pub const EXEC_PHASES: [&str; 3] = ["start", "command", "exit"];
@@ -56,14 +60,31 @@ fn parse_marks(stderr: &str) -> Option<(u128, u128)> {
     Some((started.trim().parse().ok()?, finished.trim().parse().ok()?))
 }
 
+/// The restore a `-v` stderr reports, if the run started from a snapshot: (MiB, time).
+fn parse_restored(stderr: &str) -> Option<(u64, Duration)> {
+    let line = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix(RESTORED_PREFIX))?;
+    let (mib, rest) = line.split_once(" MiB of guest memory in ")?;
+    let ms = rest.strip_suffix(" ms")?;
+    Some((mib.parse().ok()?, Duration::from_millis(ms.parse().ok()?)))
+}
+
 /// One `kvmbuild exec` split into [`EXEC_PHASES`].
 #[derive(Debug, PartialEq)]
 pub struct ExecSample {
     pub phases: [Duration; 3],
     pub wall: Duration,
+    /// MiB restored and the time it took, for a run that started from a snapshot.
+    pub restored: Option<(u64, Duration)>,
 }
 
-fn split(spawned_ns: u128, run: &ProcessRun, marks: (u128, u128)) -> Option<ExecSample> {
+fn split(
+    spawned_ns: u128,
+    run: &ProcessRun,
+    marks: (u128, u128),
+    restored: Option<(u64, Duration)>,
+) -> Option<ExecSample> {
     let exited_ns = spawned_ns + run.wall.as_nanos();
     let ns = |a: u128, b: u128| Some(Duration::from_nanos(u64::try_from(b.checked_sub(a)?).ok()?));
     Some(ExecSample {
@@ -73,6 +94,7 @@ fn split(spawned_ns: u128, run: &ProcessRun, marks: (u128, u128)) -> Option<Exec
             ns(marks.1, exited_ns)?,
         ],
         wall: run.wall,
+        restored,
     })
 }
 
@@ -95,8 +117,13 @@ pub fn exec_once(
         bail!("kvmbuild exec exited {:?}: {last}", run.code);
     }
     let marks = parse_marks(&stderr).context("kvmbuild exec -v printed no boot marks")?;
-    let sample = split(monotonic_ns(run.started), &run, marks)
-        .context("kvmbuild exec's boot marks are outside its run")?;
+    let sample = split(
+        monotonic_ns(run.started),
+        &run,
+        marks,
+        parse_restored(&stderr),
+    )
+    .context("kvmbuild exec's boot marks are outside its run")?;
     Ok((sample, run))
 }
 
@@ -156,9 +183,23 @@ mod tests {
             stderr: vec![],
         };
         let ms = |n: u128| n * 1_000_000;
-        let s = split(ms(1000), &run, (ms(1060), ms(1090))).unwrap();
+        let s = split(ms(1000), &run, (ms(1060), ms(1090)), None).unwrap();
         assert_eq!(s.phases.map(|d| d.as_millis()), [60, 30, 10]);
         // Marks outside the run (clock trouble) are refused, not turned into negative time.
-        assert_eq!(split(ms(1000), &run, (ms(1060), ms(1200))), None);
+        assert_eq!(split(ms(1000), &run, (ms(1060), ms(1200)), None), None);
+    }
+
+    #[test]
+    fn the_restore_line_is_read_as_vmm_writes_it() {
+        let restored = vmm::vm::Restored {
+            bytes: 66 << 20,
+            took: Duration::from_millis(48),
+        };
+        let stderr = format!("kvmbuild: kernel x\nkvmbuild: {restored}\nkvmbuild: done\n");
+        assert_eq!(
+            parse_restored(&stderr),
+            Some((66, Duration::from_millis(48)))
+        );
+        assert_eq!(parse_restored("kvmbuild: VM set up in 3 ms\n"), None);
     }
 }

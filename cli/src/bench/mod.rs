@@ -45,6 +45,7 @@ Examples:
   kvmbuild bench --kernel reboot.elf --expect reset --runs 30
   kvmbuild bench --kernel bzImage --compare qemu --qemu-arg=-cpu --qemu-arg=host,-arch-capabilities
   kvmbuild bench --exec --runs 5 --svg exec.svg -- true
+  kvmbuild bench --exec --warm --runs 10 --json warm.json -- true
 
 Each boot must end as --expect says (exit: power-off or status 0; reset: a reset; any: either).
 Phases need kvmbuild's init (or any guest that writes the markers 1, 2, 3 to port 0x6f0);
@@ -105,6 +106,20 @@ pub struct BenchArgs {
     /// command done, process exit); --mem, --cpus and --kernel are passed on.
     #[arg(long)]
     exec: bool,
+    /// With --exec: an extra option for `kvmbuild exec`, after bench's own; repeatable, e.g.
+    /// --exec-arg=--modules=DIR --exec-arg=--share=.:/src.
+    #[arg(
+        long,
+        value_name = "ARG",
+        allow_hyphen_values = true,
+        requires = "exec"
+    )]
+    exec_arg: Vec<OsString>,
+    /// With --exec: also time `kvmbuild exec --warm` (restored from a snapshot, saved by one
+    /// unmeasured run first), alternating with the cold runs round by round, and report cold
+    /// over warm to "command started".
+    #[arg(long, requires = "exec")]
+    warm: bool,
     /// The command for --exec.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<OsString>,
@@ -340,17 +355,11 @@ fn measure_and_report(args: &BenchArgs, vmms: &[Vmm], outputs: Outputs) -> anyho
         label: format!("{} process", vmm.kind.name()),
         totals_ms: runs.iter().map(|r| r.wall.as_secs_f64() * 1e3).collect(),
     }));
-    let mut bars: Vec<plot::Bar> = kvmbuild_phases
-        .iter()
-        .map(|p| plot::Bar {
-            label: format!("kvmbuild {}", p.phase),
-            stats: &p.stats,
-        })
-        .collect();
-    bars.push(plot::Bar {
-        label: "kvmbuild total (in process)".into(),
-        stats: &total,
-    });
+    let mut bars = phase_bars(
+        "kvmbuild",
+        kvmbuild_phases.iter().map(|p| (p.phase, &p.stats)),
+        ("total (in process)", &total),
+    );
     bars.extend(processes.iter().map(|p| plot::Bar {
         label: format!("{} total (process)", p.vmm),
         stats: &p.wall,
@@ -388,10 +397,43 @@ struct ExecReport {
     /// process start → command started → command done → process exit.
     exec_phases: Vec<ExecPhaseStats>,
     process: ProcessStats,
+    /// With --warm: the runs restored from a snapshot, each right after a cold one.
+    warm: Option<WarmReport>,
 }
 
-fn measure_exec(args: &BenchArgs, outputs: Outputs) -> anyhow::Result<()> {
-    let me = std::env::current_exe().context("cannot find kvmbuild's own binary")?;
+/// `exec --warm` beside cold `exec`.
+#[derive(Serialize)]
+struct WarmReport {
+    exec_phases: Vec<ExecPhaseStats>,
+    process: ProcessStats,
+    /// Reading and checking the snapshot's memory (part of "start").
+    restore: Stats,
+    /// The memory restored, MiB.
+    restored_mib: Stats,
+    /// Cold over warm, process start → command started.
+    cold_over_warm_to_command: Ratio,
+}
+
+/// One series of `kvmbuild exec` runs: cold, or warm.
+#[derive(Default)]
+struct ExecSeries {
+    samples: Vec<ExecSample>,
+    runs: Vec<ProcessRun>,
+}
+
+impl ExecSeries {
+    fn push(&mut self, (sample, run): (ExecSample, ProcessRun)) {
+        self.samples.push(sample);
+        self.runs.push(run);
+    }
+
+    fn to_command(&self) -> Vec<Duration> {
+        self.samples.iter().map(|s| s.phases[0]).collect()
+    }
+}
+
+/// `kvmbuild exec`'s options for the runs `bench --exec` times.
+fn exec_options(args: &BenchArgs) -> Vec<OsString> {
     let mut options: Vec<OsString> = vec![
         "--mem".into(),
         args.mem.to_string().into(),
@@ -403,36 +445,62 @@ fn measure_exec(args: &BenchArgs, outputs: Outputs) -> anyhow::Result<()> {
     if let Some(kernel) = &args.kernel {
         options.extend(["--kernel".into(), kernel.clone().into_os_string()]);
     }
-    let mut samples: Vec<ExecSample> = Vec::new();
-    let mut runs = Vec::new();
+    options.extend(args.exec_arg.iter().cloned());
+    options
+}
+
+/// One `exec --warm` run, which must have started from the snapshot.
+fn warm_exec_once(
+    me: &Path,
+    options: &[OsString],
+    args: &BenchArgs,
+) -> anyhow::Result<(ExecSample, ProcessRun)> {
+    let (sample, run) = exec_mode::exec_once(me, options, &args.command, args.limit())?;
+    if sample.restored.is_none() {
+        bail!("a --warm run booted cold instead of restoring its snapshot (see kvmbuild exec --warm -v)");
+    }
+    Ok((sample, run))
+}
+
+fn measure_exec(args: &BenchArgs, outputs: Outputs) -> anyhow::Result<()> {
+    let me = std::env::current_exe().context("cannot find kvmbuild's own binary")?;
+    let options = exec_options(args);
+    let warm_options: Vec<OsString> = options.iter().cloned().chain(["--warm".into()]).collect();
+    if args.warm {
+        // Saves the snapshot (or finds it saved); never measured.
+        exec_mode::exec_once(&me, &warm_options, &args.command, args.limit())?;
+    }
+    let mut cold = ExecSeries::default();
+    let mut warm_series = ExecSeries::default();
     for round in 0..args.warmup + args.runs {
-        let (sample, run) = exec_mode::exec_once(&me, &options, &args.command, args.limit())?;
-        if round >= args.warmup {
-            samples.push(sample);
-            runs.push(run);
+        let measured = round >= args.warmup;
+        let run = exec_mode::exec_once(&me, &options, &args.command, args.limit())?;
+        if measured {
+            cold.push(run);
+        }
+        if args.warm {
+            let run = warm_exec_once(&me, &warm_options, args)?;
+            if measured {
+                warm_series.push(run);
+            }
         }
     }
-    let (exec_phases, _) = exec_mode::summarise_exec(&samples);
     let vmm = Vmm {
         kind: Kind::Kvmbuild,
         binary: me,
     };
-    let process = process_stats(&vmm, &runs).context("no runs")?;
-    let mut bars: Vec<plot::Bar> = exec_phases
-        .iter()
-        .map(|p| plot::Bar {
-            label: format!("exec {}", p.phase),
-            stats: &p.stats,
-        })
-        .collect();
-    bars.push(plot::Bar {
-        label: "exec total (process)".into(),
-        stats: &process.wall,
-    });
-    let series = [plot::Series {
-        label: "kvmbuild exec".into(),
-        totals_ms: runs.iter().map(|r| r.wall.as_secs_f64() * 1e3).collect(),
-    }];
+    let (exec_phases, _) = exec_mode::summarise_exec(&cold.samples);
+    let process = process_stats(&vmm, &cold.runs).context("no runs")?;
+    let warm = args
+        .warm
+        .then(|| warm_report(&vmm, &cold, &warm_series))
+        .transpose()?;
+    let mut bars = exec_bars("exec", &exec_phases, &process);
+    let mut series = vec![exec_series("kvmbuild exec", &cold)];
+    if let Some(warm) = &warm {
+        bars.extend(exec_bars("exec --warm", &warm.exec_phases, &warm.process));
+        series.push(exec_series("kvmbuild exec --warm", &warm_series));
+    }
     let plot = outputs
         .svg
         .as_ref()
@@ -451,8 +519,67 @@ fn measure_exec(args: &BenchArgs, outputs: Outputs) -> anyhow::Result<()> {
         runs: args.runs,
         exec_phases,
         process,
+        warm,
     };
     write_outputs(args, outputs, &serde_json::to_string_pretty(&report)?, plot)
+}
+
+fn warm_report(vmm: &Vmm, cold: &ExecSeries, warm: &ExecSeries) -> anyhow::Result<WarmReport> {
+    let (exec_phases, _) = exec_mode::summarise_exec(&warm.samples);
+    let restores: Vec<(u64, Duration)> = warm.samples.iter().filter_map(|s| s.restored).collect();
+    let mib: Vec<f64> = restores.iter().map(|&(mib, _)| mib as f64).collect();
+    let took: Vec<Duration> = restores.iter().map(|&(_, took)| took).collect();
+    Ok(WarmReport {
+        exec_phases,
+        process: process_stats(vmm, &warm.runs).context("no warm runs")?,
+        restore: stats(&took).context("no warm runs")?,
+        restored_mib: stats_of(&mib).context("no warm runs")?,
+        cold_over_warm_to_command: stats::ratio(
+            "cold/warm to command started".into(),
+            &cold.to_command(),
+            &warm.to_command(),
+        )
+        .context("no warm runs")?,
+    })
+}
+
+/// A bar per phase, then one for the total, each labelled after `what`.
+fn phase_bars<'a>(
+    what: &str,
+    phases: impl Iterator<Item = (&'a str, &'a Stats)>,
+    (total_label, total): (&'a str, &'a Stats),
+) -> Vec<plot::Bar<'a>> {
+    phases
+        .chain([(total_label, total)])
+        .map(|(phase, stats)| plot::Bar {
+            label: format!("{what} {phase}"),
+            stats,
+        })
+        .collect()
+}
+
+/// A bar per phase of `exec_phases` and one for the whole process.
+fn exec_bars<'a>(
+    what: &str,
+    exec_phases: &'a [ExecPhaseStats],
+    process: &'a ProcessStats,
+) -> Vec<plot::Bar<'a>> {
+    phase_bars(
+        what,
+        exec_phases.iter().map(|p| (p.phase, &p.stats)),
+        ("total (process)", &process.wall),
+    )
+}
+
+fn exec_series(label: &str, series: &ExecSeries) -> plot::Series {
+    plot::Series {
+        label: label.into(),
+        totals_ms: series
+            .runs
+            .iter()
+            .map(|r| r.wall.as_secs_f64() * 1e3)
+            .collect(),
+    }
 }
 
 fn write_outputs(
