@@ -133,9 +133,15 @@ fn run_in_test_host(
         .arg(results)
         .args(["-e", &format!("{IN_TEST_HOST}=1")])
         .args(["-e", &format!("{ONLY_TESTS}={}", tests.join(","))]);
-    for var in ["CI", "RUST_BACKTRACE", "XDG_CACHE_HOME", "HOME"]
-        .iter()
-        .chain(pass_on)
+    for var in [
+        "CI",
+        "RUST_BACKTRACE",
+        "XDG_CACHE_HOME",
+        "HOME",
+        super::warm::WARM_RUNS_VAR,
+    ]
+    .iter()
+    .chain(pass_on)
     {
         if std::env::var_os(var).is_some() {
             cmd.args(["-e", var]);
