@@ -56,8 +56,9 @@ fn now() -> u64 {
         .as_secs()
 }
 
-/// The cold run saves a snapshot; ten runs (or [`warm_runs`]) restore it, each with its own share, command
-/// status and environment, and each with its own boot id, random bytes and the host's time.
+/// The cold run saves a snapshot; [`warm_runs`] runs restore it, each with its own share,
+/// command status and environment, and each with its own boot id, random bytes and the
+/// host's time.
 pub fn exec_warm_restores_one_snapshot_for_many_runs() {
     let dir = scratch("exec-warm");
     let cache = dir.join("cache");
