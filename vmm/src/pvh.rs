@@ -4,10 +4,12 @@
 //! (as module 0), the memory map and the RSDP. It skips the kernel's own 64-bit set-up path and
 //! needs no zero page.
 
+use linux_loader::configurator::pvh::PvhBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::{boot_params, layout};
 
@@ -22,9 +24,9 @@ pub enum PvhError {
     /// More memory-map entries than the area holds.
     #[error("the PVH memory map has {0} entries, more than fit")]
     TooManyEntries(usize),
-    /// Writing to guest memory failed.
+    /// linux-loader could not write it into guest memory.
     #[error("cannot write the PVH start info")]
-    Write(#[source] vm_memory::GuestMemoryError),
+    Write(#[source] linux_loader::configurator::Error),
 }
 
 /// What the start info says about this boot.
@@ -82,7 +84,8 @@ pub fn build(
     (start_info, modules, memmap)
 }
 
-/// Writes the start info at [`layout::PVH_START_INFO`], with its module list and memory map.
+/// Writes the start info at [`layout::PVH_START_INFO`], with its module list and memory map,
+/// through linux-loader's PVH configurator (which checks that each part lies in guest memory).
 pub fn write(mem: &GuestMemoryMmap, info: &PvhInfo) -> Result<(), PvhError> {
     let (start_info, modules, memmap) = build(info);
     let room = (layout::PVH_MEMMAP_END - layout::PVH_MEMMAP) as usize
@@ -90,19 +93,12 @@ pub fn write(mem: &GuestMemoryMmap, info: &PvhInfo) -> Result<(), PvhError> {
     if memmap.len() > room {
         return Err(PvhError::TooManyEntries(memmap.len()));
     }
-    mem.write_obj(start_info, GuestAddress(layout::PVH_START_INFO))
-        .map_err(PvhError::Write)?;
-    for (i, module) in (0u64..).zip(&modules) {
-        let at = layout::PVH_MODLIST + i * std::mem::size_of::<hvm_modlist_entry>() as u64;
-        mem.write_obj(*module, GuestAddress(at))
-            .map_err(PvhError::Write)?;
+    let mut params = BootParams::new(&start_info, GuestAddress(layout::PVH_START_INFO));
+    params.set_sections(&memmap, GuestAddress(layout::PVH_MEMMAP));
+    if !modules.is_empty() {
+        params.set_modules(&modules, GuestAddress(layout::PVH_MODLIST));
     }
-    for (i, entry) in (0u64..).zip(&memmap) {
-        let at = layout::PVH_MEMMAP + i * std::mem::size_of::<hvm_memmap_table_entry>() as u64;
-        mem.write_obj(*entry, GuestAddress(at))
-            .map_err(PvhError::Write)?;
-    }
-    Ok(())
+    PvhBootConfigurator::write_bootparams::<GuestMemoryMmap>(&params, mem).map_err(PvhError::Write)
 }
 
 #[cfg(test)]
@@ -157,11 +153,27 @@ mod tests {
             rsdp_addr: 0xe0000,
         };
         write(&mem, &info).unwrap();
+        use vm_memory::Bytes;
         let start: hvm_start_info = mem.read_obj(GuestAddress(layout::PVH_START_INFO)).unwrap();
         assert_eq!(start.memmap_entries, 5);
         let last: hvm_memmap_table_entry = mem
             .read_obj(GuestAddress(layout::PVH_MEMMAP + 4 * 24))
             .unwrap();
         assert_eq!((last.addr, last.size), (layout::HIGH_RAM_START, 3 << 30));
+    }
+
+    #[test]
+    fn the_initrd_is_written_as_module_zero() {
+        use vm_memory::Bytes;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let info = PvhInfo {
+            mem_size: 1 << 20,
+            initrd: Some((0x8_0000, 0x4321)),
+            rsdp_addr: 0xe0000,
+        };
+        write(&mem, &info).unwrap();
+        let start: hvm_start_info = mem.read_obj(GuestAddress(layout::PVH_START_INFO)).unwrap();
+        let module: hvm_modlist_entry = mem.read_obj(GuestAddress(start.modlist_paddr)).unwrap();
+        assert_eq!((module.paddr, module.size), (0x8_0000, 0x4321));
     }
 }
