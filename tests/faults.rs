@@ -9,6 +9,7 @@
 //! a do-nothing file system; faults come from a relay between kvmbuild and it, which stops,
 //! cuts or garbles the conversation at a chosen request, and from the back end itself refusing
 //! the memory table.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 mod support;
 

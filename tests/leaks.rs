@@ -5,6 +5,7 @@
 //!
 //! The guest is `markers` (marks its boot phases, exits 0) with a disk, an RNG and hvc0, so
 //! every run starts the device thread, a console writer and the vCPU thread.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 mod support;
 

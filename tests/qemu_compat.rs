@@ -4,6 +4,7 @@
 //! kernel command line gains the parameters that keep Linux from probing for PCI.
 //!
 //! Without a usable /dev/kvm these print a skip note, unless CI=true, where they fail.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 mod support;
 

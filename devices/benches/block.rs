@@ -7,6 +7,7 @@
 //!
 //! `cargo bench -p kvmbuild-devices --bench block`. The image is a 64 MiB file in /var/tmp
 //! (page cache, so both sides measure the copy path rather than the disk).
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;

@@ -5,6 +5,7 @@
 //! `$KVMBUILD_BENCH_MODULES`, else `/lib/modules/$(uname -r)`, else the newest kernel
 //! `scripts/guest-kernels` cached; the init is `$KVMBUILD_BENCH_INIT` or /bin/busybox (any
 //! static binary will do). Without them the bench says so and measures nothing.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 use std::path::PathBuf;
 

@@ -29,6 +29,9 @@ pub enum BootParamsError {
     /// More e820 entries than the zero page holds.
     #[error("the e820 map has more than {0} entries")]
     TooManyE820Entries(usize),
+    /// A value too large for its 32-bit field in the setup header.
+    #[error("the {0} does not fit the zero page's 32-bit field")]
+    Not32Bit(&'static str),
 }
 
 /// Everything the zero page says about this boot.
@@ -83,12 +86,12 @@ pub fn build(info: &BootInfo) -> Result<boot_params, BootParamsError> {
     hdr.boot_flag = BOOT_FLAG;
     hdr.header = HDRS_MAGIC;
     hdr.type_of_loader = LOADER_UNDEFINED;
-    hdr.cmd_line_ptr = layout::CMDLINE as u32;
-    hdr.cmdline_size = info.cmdline_len as u32;
+    hdr.cmd_line_ptr = const { layout::as_u32(layout::CMDLINE) };
+    hdr.cmdline_size = fit_u32(info.cmdline_len as u64, "command line's length")?;
     if let Some((addr, size)) = info.initrd {
-        // Both fit in 32 bits: the initrd lies below the MMIO hole.
-        hdr.ramdisk_image = addr as u32;
-        hdr.ramdisk_size = size as u32;
+        // Both fit in 32 bits when the initrd lies below the MMIO hole, as the loader puts it.
+        hdr.ramdisk_image = fit_u32(addr, "initrd's address")?;
+        hdr.ramdisk_size = fit_u32(size, "initrd's size")?;
     }
     params.acpi_rsdp_addr = info.rsdp_addr;
 
@@ -103,8 +106,13 @@ pub fn build(info: &BootInfo) -> Result<boot_params, BootParamsError> {
             r#type: *type_,
         };
     }
-    params.e820_entries = map.len() as u8;
+    params.e820_entries = u8::try_from(map.len())
+        .map_err(|_| BootParamsError::TooManyE820Entries(params.e820_table.len()))?;
     Ok(params)
+}
+
+fn fit_u32(value: u64, what: &'static str) -> Result<u32, BootParamsError> {
+    u32::try_from(value).map_err(|_| BootParamsError::Not32Bit(what))
 }
 
 #[cfg(test)]

@@ -3,6 +3,21 @@
 //! The low megabyte follows the PC conventions Linux expects; RAM above it is split around the
 //! 32-bit MMIO hole when the guest has more than [`MMIO_HOLE_START`] bytes of it.
 
+/// `v` as a u32, for a layout constant that a 32-bit field holds (checked where evaluated in a
+/// const, that is at compile time).
+#[allow(clippy::cast_possible_truncation)] // asserted to fit
+pub const fn as_u32(v: u64) -> u32 {
+    assert!(v <= u32::MAX as u64);
+    v as u32
+}
+
+/// `v` as a usize, for a layout constant that a length or an ioctl argument takes.
+#[allow(clippy::cast_possible_truncation)] // asserted to fit
+pub const fn as_usize(v: u64) -> usize {
+    assert!(v <= usize::MAX as u64);
+    v as usize
+}
+
 /// GDT used to enter long mode.
 pub const BOOT_GDT: u64 = 0x500;
 /// An empty IDT, loaded so an early exception triple-faults instead of jumping at random.

@@ -66,10 +66,13 @@ pub fn build(
             reserved: 0,
         })
         .collect();
+    // At most one module, and the memory map is checked against its room before it is written.
+    #[allow(clippy::cast_possible_truncation)]
+    let (nr_modules, memmap_entries) = (modules.len() as u32, memmap.len() as u32);
     let start_info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC,
         version: START_INFO_VERSION,
-        nr_modules: modules.len() as u32,
+        nr_modules,
         modlist_paddr: if modules.is_empty() {
             0
         } else {
@@ -78,7 +81,7 @@ pub fn build(
         cmdline_paddr: layout::CMDLINE,
         rsdp_paddr: info.rsdp_addr,
         memmap_paddr: layout::PVH_MEMMAP,
-        memmap_entries: memmap.len() as u32,
+        memmap_entries,
         ..Default::default()
     };
     (start_info, modules, memmap)
@@ -88,7 +91,7 @@ pub fn build(
 /// through linux-loader's PVH configurator (which checks that each part lies in guest memory).
 pub fn write(mem: &GuestMemoryMmap, info: &PvhInfo) -> Result<(), PvhError> {
     let (start_info, modules, memmap) = build(info);
-    let room = (layout::PVH_MEMMAP_END - layout::PVH_MEMMAP) as usize
+    let room = const { layout::as_usize(layout::PVH_MEMMAP_END - layout::PVH_MEMMAP) }
         / std::mem::size_of::<hvm_memmap_table_entry>();
     if memmap.len() > room {
         return Err(PvhError::TooManyEntries(memmap.len()));

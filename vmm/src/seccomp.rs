@@ -77,7 +77,7 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
         return Ok(());
     };
     let index = kind_index(kind);
-    KIND.with(|k| k.set(index as i8));
+    KIND.with(|k| k.set(i8::try_from(index).unwrap_or(-1)));
     seccompiler::apply_filter(&filters[index]).map_err(|e| SeccompError::Install(kind, e))
 }
 

@@ -58,6 +58,9 @@ const GDT_CODE: u16 = 2;
 const GDT_DATA: u16 = 3;
 const GDT_TSS: u16 = 4;
 const GDT_ENTRIES: usize = 5;
+/// The GDT's limit: its size less one.
+#[allow(clippy::cast_possible_truncation)] // 39
+const GDT_LIMIT: u16 = (GDT_ENTRIES * 8 - 1) as u16;
 
 const CR0_PE: u64 = 1 << 0;
 const CR0_ET: u64 = 1 << 4;
@@ -101,6 +104,8 @@ fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
 /// The `kvm_segment` that loading `entry` with selector `index * 8` would produce.
 fn segment(index: u16, entry: u64) -> kvm_segment {
     let granular = (entry >> 55) & 1 == 1;
+    // 20 bits of limit.
+    #[allow(clippy::cast_possible_truncation)]
     let raw_limit = (((entry >> 48) & 0xf) << 16 | (entry & 0xffff)) as u32;
     kvm_segment {
         base: ((entry >> 16) & 0xff_ffff) | (((entry >> 56) & 0xff) << 24),
@@ -258,7 +263,7 @@ fn set_entry_mode(vcpu: &VcpuFd, index: u8, entry: BootEntry) -> Result<(), Vcpu
     };
     let data = segment(GDT_DATA, gdt[GDT_DATA as usize]);
     sregs.gdt.base = layout::BOOT_GDT;
-    sregs.gdt.limit = (GDT_ENTRIES * 8 - 1) as u16;
+    sregs.gdt.limit = GDT_LIMIT;
     sregs.idt.base = layout::BOOT_IDT;
     sregs.idt.limit = 7;
     sregs.cs = segment(code, gdt[code as usize]);

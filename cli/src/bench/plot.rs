@@ -24,7 +24,8 @@ pub struct Series {
 
 /// Draws the bars and the scatter into one SVG document.
 pub fn svg(bars: &[Bar], series: &[Series]) -> Result<String, String> {
-    let bars_height = 60 + ROW_HEIGHT * bars.len() as u32;
+    let bars_height =
+        60 + ROW_HEIGHT * u32::try_from(bars.len()).unwrap_or(u32::MAX / ROW_HEIGHT / 2);
     let mut out = String::new();
     {
         let root = SVGBackend::with_string(&mut out, (WIDTH, bars_height + SCATTER_HEIGHT))
@@ -38,12 +39,17 @@ pub fn svg(bars: &[Bar], series: &[Series]) -> Result<String, String> {
     Ok(out)
 }
 
+/// A bar's row as plotters counts them (a handful of bars: a huge count just stops growing).
+fn row(index: usize) -> i32 {
+    i32::try_from(index).unwrap_or(i32::MAX)
+}
+
 type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
 type DrawResult = Result<(), DrawingAreaErrorKind<std::io::Error>>;
 
 fn draw_bars(area: &Area, bars: &[Bar]) -> DrawResult {
     let x_max = bars.iter().map(|b| b.stats.max_ms).fold(0.0, f64::max) * 1.15 + 1e-3;
-    let rows = bars.len() as i32;
+    let rows = row(bars.len());
     let mut chart = ChartBuilder::on(area)
         .caption(
             "median per phase (bar), min to max (line), ms",
@@ -68,7 +74,7 @@ fn draw_bars(area: &Area, bars: &[Bar]) -> DrawResult {
         .x_desc("ms")
         .draw()?;
     chart.draw_series(bars.iter().enumerate().map(|(i, bar)| {
-        let i = i as i32;
+        let i = row(i);
         let mut rect = Rectangle::new(
             [
                 (0.0, SegmentValue::Exact(i)),
@@ -80,7 +86,7 @@ fn draw_bars(area: &Area, bars: &[Bar]) -> DrawResult {
         rect
     }))?;
     chart.draw_series(bars.iter().enumerate().map(|(i, bar)| {
-        let y = SegmentValue::CenterOf(i as i32);
+        let y = SegmentValue::CenterOf(row(i));
         PathElement::new(
             vec![(bar.stats.min_ms, y.clone()), (bar.stats.max_ms, y)],
             BLACK.stroke_width(1),
@@ -91,7 +97,7 @@ fn draw_bars(area: &Area, bars: &[Bar]) -> DrawResult {
             format!("{:.2}", bar.stats.median_ms),
             (
                 bar.stats.max_ms + x_max * 0.01,
-                SegmentValue::CenterOf(i as i32),
+                SegmentValue::CenterOf(row(i)),
             ),
             ("sans-serif", 12),
         )

@@ -6,7 +6,7 @@ use std::io::{self, Write};
 use virtio_queue::DescriptorChain;
 use vm_memory::GuestMemoryMmap;
 
-use super::chain::{writable_chain, ChainError};
+use super::chain::{used_len, writable_chain, ChainError};
 use super::worker::{RequestHandler, SingleQueueWorker};
 use super::{
     device_type, features, read_config_bytes, ActivateError, Activation, DeviceWorker, VirtioDevice,
@@ -91,8 +91,7 @@ fn fill(
         return Ok(0);
     }
     let written = writer.write(buf).map_err(|_| ChainError::Memory)?;
-    // At most MAX_FILL.
-    Ok(written as u32)
+    used_len(written)
 }
 
 /// Fills `buf` from the kernel's random pool.

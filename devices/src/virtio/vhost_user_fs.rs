@@ -37,6 +37,9 @@ use watchdog::{Limit, Watchdog};
 pub const MAX_TAG_LEN: usize = 36;
 /// One high-priority queue and one request queue.
 const NUM_QUEUES: usize = 2;
+/// The request queues the config space announces: all but the high-priority queue.
+const REQUEST_QUEUES: u32 = 1;
+const _: () = assert!(REQUEST_QUEUES as usize == NUM_QUEUES - 1);
 /// Entries per queue.
 const QUEUE_SIZE: u16 = 1024;
 /// The vhost-user feature bit that announces protocol features; never offered to the guest.
@@ -242,7 +245,7 @@ fn request_err(socket: &Path, what: &'static str) -> impl FnOnce(vhost::Error) -
 fn fs_config(tag: &str) -> Vec<u8> {
     let mut config = vec![0u8; MAX_TAG_LEN];
     config[..tag.len()].copy_from_slice(tag.as_bytes());
-    config.extend_from_slice(&((NUM_QUEUES - 1) as u32).to_le_bytes());
+    config.extend_from_slice(&REQUEST_QUEUES.to_le_bytes());
     config
 }
 

@@ -176,6 +176,8 @@ pub fn write_acpi_tables<M: GuestMemory>(
 
     // One image, one write: the guest never sees a half-written set of tables, and a failed
     // write leaves nothing behind to clean up.
+    // The tables lie in the ACPI area, a few KiB (see layout).
+    #[allow(clippy::cast_possible_truncation)]
     let mut image = vec![0u8; (end - layout::ACPI_START) as usize];
     for (addr, table) in [
         (rsdp_addr, &rsdp),
@@ -184,6 +186,7 @@ pub fn write_acpi_tables<M: GuestMemory>(
         (madt_addr, &madt),
         (dsdt_addr, &dsdt),
     ] {
+        #[allow(clippy::cast_possible_truncation)] // as above
         let at = (addr - layout::ACPI_START) as usize;
         image[at..at + table.len()].copy_from_slice(table);
     }
@@ -236,12 +239,16 @@ fn madt(vcpus: u8) -> Result<Vec<u8>, AcpiError> {
         OEM_ID,
         OEM_TABLE_ID,
         OEM_REVISION,
-        LocalInterruptController::Address(layout::LAPIC_ADDR as u32),
+        LocalInterruptController::Address(const { layout::as_u32(layout::LAPIC_ADDR) }),
     );
     for id in 0..vcpus {
         madt.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
     }
-    madt.add_structure(IoApic::new(IOAPIC_ID, layout::IOAPIC_ADDR as u32, 0));
+    madt.add_structure(IoApic::new(
+        IOAPIC_ID,
+        const { layout::as_u32(layout::IOAPIC_ADDR) },
+        0,
+    ));
     let mut bytes = to_bytes(&madt);
     // The crate offers no way to set the MADT flags, so set PCAT_COMPAT in the serialized
     // table and fix the checksum.
@@ -272,7 +279,7 @@ fn dsdt(virtio: &[MmioDeviceAcpi]) -> Result<Vec<u8>, AcpiError> {
 
     let mut dsdt = Sdt::new(
         *b"DSDT",
-        SDT_HEADER_LEN as u32,
+        const { layout::as_u32(SDT_HEADER_LEN as u64) },
         DSDT_REVISION,
         OEM_ID,
         OEM_TABLE_ID,

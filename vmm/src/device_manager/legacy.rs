@@ -30,8 +30,11 @@ pub const ACPI_PM_BASE: u16 = 0x600;
 /// kvmbuild's marker and exit ports, fixed by the guest ABI.
 pub const KVMBUILD_PORTS_BASE: u16 = abi::ports::BASE;
 
-/// The port of one of the ACPI power registers, by its offset in [`acpi_pm`].
+/// The port of one of the ACPI power registers, by its offset in [`acpi_pm`] (a few bytes:
+/// asserted, at compile time for the constants).
+#[allow(clippy::cast_possible_truncation)] // asserted to fit
 pub const fn acpi_pm_port(offset: u64) -> u16 {
+    assert!(offset < 0x100);
     ACPI_PM_BASE + offset as u16
 }
 

@@ -37,7 +37,8 @@ const MAX_ELF_NOTES: u64 = 1 << 20;
 /// ELF program header type of a note segment.
 const PT_NOTE: u32 = 4;
 /// Size of an ELF64 program header.
-const ELF64_PHDR_LEN: u64 = 56;
+const ELF64_PHDR_SIZE: usize = 56;
+const ELF64_PHDR_LEN: u64 = ELF64_PHDR_SIZE as u64;
 
 /// Errors from loading the kernel, initrd or command line.
 #[derive(Debug, thiserror::Error)]
@@ -256,10 +257,13 @@ fn check_elf_notes(path: &Path, file: &mut File) -> Result<(), LoaderError> {
     {
         return Ok(());
     }
-    let mut table = vec![0u8; table_len as usize];
+    let Ok(table_len) = usize::try_from(table_len) else {
+        return Ok(());
+    };
+    let mut table = vec![0u8; table_len];
     file.seek(SeekFrom::Start(phoff)).map_err(read_err)?;
     file.read_exact(&mut table).map_err(read_err)?;
-    for phdr in table.chunks_exact(ELF64_PHDR_LEN as usize) {
+    for phdr in table.chunks_exact(ELF64_PHDR_SIZE) {
         let field = |at: usize| u64::from_le_bytes(phdr[at..at + 8].try_into().expect("8 bytes"));
         if u32::from_le_bytes(phdr[0..4].try_into().expect("4 bytes")) != PT_NOTE {
             continue;
@@ -320,10 +324,15 @@ pub fn load_initrd(
     mem.write_slice(prefix, GuestAddress(placement.addr))
         .map_err(guest_write)?;
     // The placement fits in guest RAM, so the file's size fits a usize.
+    let too_large = || LoaderError::InitrdTooLarge {
+        path: path.to_path_buf(),
+        size,
+        limit: mem_size,
+    };
     let mut slice = mem
         .get_slice(
             GuestAddress(placement.addr + prefix_len),
-            file_size as usize,
+            usize::try_from(file_size).map_err(|_| too_large())?,
         )
         .map_err(guest_write)?;
     file.read_exact_volatile(&mut slice)
@@ -357,7 +366,7 @@ pub fn load_cmdline(
 
 /// The command line's length and content rules, without touching memory.
 pub fn check_cmdline(cmdline: &str, kernel_limit: usize) -> Result<(), LoaderError> {
-    let limit = kernel_limit.min(layout::CMDLINE_MAX as usize - 1);
+    let limit = kernel_limit.min(const { layout::as_usize(layout::CMDLINE_MAX) } - 1);
     if cmdline.len() > limit {
         return Err(LoaderError::CmdlineTooLong {
             len: cmdline.len(),

@@ -136,6 +136,7 @@ fn checksum(crc: &mut crc32fast::Hasher, offset: u64, bytes: &[u8]) {
 /// # Safety
 /// No vCPU may run (nothing else writes guest memory while the slice lives), and
 /// `start..stop` must lie in the region.
+#[allow(clippy::cast_possible_truncation)] // within the region, whose length is a usize
 unsafe fn region_bytes<'a>(region: &Region<'a>, start: u64, stop: u64) -> &'a mut [u8] {
     let at = (start - region.file_offset) as usize;
     // SAFETY: the caller guarantees the range lies in the region, which is mapped for `len`

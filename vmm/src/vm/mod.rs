@@ -452,7 +452,7 @@ fn create_vm(
     let fd = kvm.create_vm().map_err(kvm_err("create the VM"))?;
     let (mem, backing) = memory::create_reporting(mem_size)?;
     memory::register(&fd, &mem)?;
-    fd.set_tss_address(layout::KVM_TSS_ADDR as usize)
+    fd.set_tss_address(const { layout::as_usize(layout::KVM_TSS_ADDR) })
         .map_err(kvm_err("set the TSS address"))?;
     fd.create_irq_chip()
         .map_err(kvm_err("create the in-kernel irqchip"))?;

@@ -40,6 +40,7 @@ pub(super) fn lock_image(file: &File, read_only: bool, path: &Path) -> Result<()
 
 /// A `kind` lock (`F_RDLCK` or `F_WRLCK`) on the whole file: `l_start` and `l_len` 0 cover it
 /// however it grows.
+#[allow(clippy::cast_possible_truncation)] // F_RDLCK, F_WRLCK and SEEK_SET are 0 to 2
 fn whole_file_lock(kind: libc::c_int) -> libc::flock {
     // SAFETY: flock is plain data; all-zero is a valid value, and the fields that matter are
     // set below.

@@ -48,6 +48,9 @@ pub(super) use request::Disk;
 
 /// Sector size of the virtio-blk protocol (always 512, whatever `blk_size` says).
 pub const SECTOR_SIZE: u64 = 512;
+/// The block size the config space offers: one sector.
+const BLK_SIZE: u32 = 512;
+const _: () = assert!(BLK_SIZE as u64 == SECTOR_SIZE);
 /// Entries in the request queue.
 const QUEUE_SIZE: u16 = 256;
 /// Data segments per request (`seg_max`): a request also needs a header and a status
@@ -217,7 +220,7 @@ impl Block {
         let mut config = VirtioBlockConfig {
             capacity: self.image.sectors.into(),
             seg_max: SEG_MAX.into(),
-            blk_size: (SECTOR_SIZE as u32).into(),
+            blk_size: BLK_SIZE.into(),
             num_queues: 1.into(),
             ..Default::default()
         };

@@ -58,6 +58,7 @@ const _: () = assert!(std::mem::size_of::<RequestHeader>() as u64 == HEADER_LEN)
 const _: () = assert!(std::mem::size_of::<DiscardSegment>() as u64 == DISCARD_SEGMENT_LEN);
 
 /// The status byte for a virtio-bindings status value.
+#[allow(clippy::cast_possible_truncation)] // asserted to fit, at compile time for the consts
 const fn status_byte(status: u32) -> u8 {
     assert!(status <= 0xff);
     // Checked above: the value fits.
@@ -204,8 +205,8 @@ impl Disk {
         // What follows `room` is the status byte's, not the id's.
         data.split_at(room).map_err(|_| S_IOERR)?;
         let n = data.write(&self.image.id).map_err(|_| S_IOERR)?;
-        // At most 20.
-        Ok(n as u32)
+        // At most 20 bytes.
+        u32::try_from(n).map_err(|_| S_IOERR)
     }
 
     /// Discard (`zeroes` false) or write-zeroes: checks every segment, then frees or zeroes

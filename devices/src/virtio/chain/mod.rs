@@ -179,7 +179,7 @@ pub fn sub_range(segments: &[Segment], offset: u64, len: u64) -> Option<Vec<Segm
             out.push(Segment {
                 addr: GuestAddress(s.addr.0.checked_add(from - pos)?),
                 // `to - from` is at most `s.len`, a u32.
-                len: (to - from) as u32,
+                len: u32::try_from(to - from).ok()?,
             });
         }
         pos = s_end;
@@ -229,6 +229,12 @@ pub fn writer<'a>(
 
 /// Walks a chain the driver offers for the device to fill (receive queues, entropy), checks
 /// its buffers, and returns a [`Writer`] over them. Readable buffers in it break the queue.
+/// How many bytes a device wrote into a chain, as the used ring holds it: a chain's buffers
+/// total at most `u32::MAX` (a longer chain is refused as [`ChainError::Overflow`]).
+pub fn used_len(written: usize) -> Result<u32, ChainError> {
+    u32::try_from(written).map_err(|_| ChainError::Overflow)
+}
+
 pub fn writable_chain<'a>(
     mem: &'a GuestMemoryMmap,
     chain: DescriptorChain<&'a GuestMemoryMmap>,

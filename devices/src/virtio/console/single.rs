@@ -21,7 +21,7 @@ use vm_memory::{Address, Bytes, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::super::chain::{
-    drain_queue, next_chain_or_rearm, notify_used, writable_chain, Chain, ChainError,
+    drain_queue, next_chain_or_rearm, notify_used, used_len, writable_chain, Chain, ChainError,
 };
 use super::super::{
     features, register_queue_events, ActivateError, Activation, DeviceWorker, Interrupt,
@@ -233,8 +233,9 @@ fn transmit(
     for s in &chain.readable {
         let mut done = 0u64;
         while done < u64::from(s.len) {
-            // At most CHUNK.
-            let n = (u64::from(s.len) - done).min(CHUNK as u64) as usize;
+            let n = usize::try_from(u64::from(s.len) - done)
+                .unwrap_or(usize::MAX)
+                .min(CHUNK);
             let addr = s.addr.unchecked_add(done);
             mem.read_slice(&mut chunk[..n], addr)
                 .map_err(|_| ChainError::Memory)?;
@@ -255,8 +256,7 @@ fn receive(
     let data = pending.make_contiguous();
     let n = writer.write(data).map_err(|_| ChainError::Memory)?;
     pending.drain(..n);
-    // At most PENDING_MAX.
-    Ok(n as u32)
+    used_len(n)
 }
 
 impl MutEventSubscriber for ConsoleWorker {

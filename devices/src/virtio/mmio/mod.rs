@@ -228,6 +228,7 @@ impl MmioTransport {
         }
     }
 
+    #[allow(clippy::cast_possible_truncation)] // the low and high halves: truncation is the point
     fn device_features_window(&self) -> u32 {
         let features = self.device.features();
         match self.device_features_sel {

@@ -132,8 +132,8 @@ impl Ports {
     /// cols and rows 0 (no `VIRTIO_CONSOLE_F_SIZE`), max_nr_ports, emerg_wr 0.
     pub(super) fn config(&self) -> [u8; CONFIG_LEN] {
         let mut config = [0; CONFIG_LEN];
-        // At most MAX_PORTS.
-        config[4..8].copy_from_slice(&(self.ports.len() as u32).to_le_bytes());
+        let ports = u32::try_from(self.ports.len()).unwrap_or(u32::MAX); // at most MAX_PORTS
+        config[4..8].copy_from_slice(&ports.to_le_bytes());
         config
     }
 

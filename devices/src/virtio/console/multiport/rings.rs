@@ -11,8 +11,8 @@ use super::super::input::PortInput;
 use super::super::output::Output;
 use super::QUEUE_SIZE;
 use crate::virtio::chain::{
-    next_chain_or_rearm, read_stream, readable_chain, sub_range, writable_chain, Chain, ChainError,
-    Segment,
+    next_chain_or_rearm, read_stream, readable_chain, sub_range, used_len, writable_chain, Chain,
+    ChainError, Segment,
 };
 
 /// A transmit chain being copied to the port's output.
@@ -61,10 +61,10 @@ impl TxChain {
             if room == 0 {
                 return Ok(false);
             }
-            // At most CHUNK.
-            let n = (self.len - self.done)
-                .min(room as u64)
-                .min(scratch.len() as u64) as usize;
+            let n = usize::try_from(self.len - self.done)
+                .unwrap_or(usize::MAX)
+                .min(room)
+                .min(scratch.len());
             let parts = sub_range(&self.segments, self.done, n as u64).ok_or(ChainError::Memory)?;
             read_stream(mem, &parts, &mut scratch[..n]).map_err(|_| ChainError::Memory)?;
             output.push(&scratch[..n]);
@@ -99,8 +99,7 @@ pub(super) fn write_chain(
 ) -> Result<u32, ChainError> {
     let mut writer = writable_chain(mem, chain, usize::from(QUEUE_SIZE))?;
     let n = writer.write(bytes).map_err(|_| ChainError::Memory)?;
-    // At most PENDING_MAX or a control message.
-    Ok(n as u32)
+    used_len(n)
 }
 
 /// Moves `input.pending` into the receive queue's buffers while there are some.
