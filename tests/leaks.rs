@@ -54,6 +54,7 @@ fn config(kernel: &Path, disk: &Path) -> VmConfig {
         rng: true,
         pit: false,
         setup_deadline: None,
+        seccomp: None,
         snapshot_to: None,
         restore: None,
     }

@@ -731,3 +731,56 @@ fn a_snapshot_restores_registers_and_memory_and_goes_on_from_its_point() {
     damaged.assert_error(64, &["snapshot", "checksum"]);
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// The threads of a running VM are confined: its vCPU and device threads show seccomp mode 2
+/// (a filter) in /proc, and mode 0 with `--seccomp off`.
+#[test]
+fn vm_threads_run_under_their_seccomp_filters() {
+    require_kvm!();
+    for (switch, mode) in [("on", "2"), ("off", "0")] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kvmbuild"))
+            .env_remove("KVMBUILD_SECCOMP")
+            .args(["run", "--seccomp", switch, "--rng", "--mem", "64"])
+            .args(["--timeout", "20", "--console", "none", "--kernel"])
+            .arg(&guest("spin").bzimage)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let threads = thread_seccomp(child.id(), &["vcpu0", "kvmbuild-virtio"]);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(threads.len(), 2, "threads found: {threads:?}");
+        for (name, seccomp) in threads {
+            assert_eq!(seccomp, mode, "{name} with --seccomp {switch}");
+        }
+    }
+}
+
+/// (name, `Seccomp:` field) of each thread of process `pid` named in `names`, once all of
+/// them exist (or after 10 s, with those found).
+fn thread_seccomp(pid: u32, names: &[&str]) -> Vec<(String, String)> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let mut found = Vec::new();
+        for task in fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let comm = fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            let status = fs::read_to_string(task.path().join("status")).unwrap_or_default();
+            let seccomp = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Seccomp:"))
+                .map(|v| v.trim().to_string());
+            if let (true, Some(seccomp)) = (names.contains(&comm.trim()), seccomp) {
+                found.push((comm.trim().to_string(), seccomp));
+            }
+        }
+        if found.len() == names.len() || std::time::Instant::now() > deadline {
+            return found;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}

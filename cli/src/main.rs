@@ -13,6 +13,7 @@ mod terminal;
 mod vm_error;
 
 use std::process::ExitCode;
+use std::sync::{Arc, OnceLock};
 
 use clap::{Parser, Subcommand};
 
@@ -38,13 +39,25 @@ enum Switch {
     Off,
 }
 
-/// Turns the seccomp filters on unless `--seccomp off` or KVMBUILD_SECCOMP=off says not to.
+/// The seccomp filters every VM this process builds confines its threads with, once built.
+/// Like the stop signal and the finished VM, this belongs to the process, so to the CLI: the
+/// library takes them in each `VmConfig`.
+static SECCOMP_FILTERS: OnceLock<Arc<vmm::seccomp::Filters>> = OnceLock::new();
+
+/// Builds the seccomp filters unless `--seccomp off` or KVMBUILD_SECCOMP=off says not to.
 fn start_seccomp(flag: Switch) -> Result<(), ExitCode> {
     let env_off = std::env::var_os("KVMBUILD_SECCOMP").is_some_and(|v| v == "off");
     if flag == Switch::Off || env_off {
         return Ok(());
     }
-    vmm::seccomp::enable().map_err(|e| fail(exit_code::INTERNAL, e))
+    let filters = vmm::seccomp::Filters::enable().map_err(|e| fail(exit_code::INTERNAL, e))?;
+    let _ = SECCOMP_FILTERS.set(filters);
+    Ok(())
+}
+
+/// The filters for a `VmConfig` (`None` with seccomp off).
+pub(crate) fn seccomp_filters() -> Option<Arc<vmm::seccomp::Filters>> {
+    SECCOMP_FILTERS.get().cloned()
 }
 
 #[derive(Subcommand)]

@@ -216,6 +216,7 @@ fn vm_config(
         rng: args.rng,
         pit: args.pit,
         setup_deadline: args.timeout.map(|t| std::time::Instant::now() + t),
+        seccomp: crate::seccomp_filters(),
     })
 }
 

@@ -13,6 +13,8 @@ use std::time::Instant;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::thread_kind::{ThreadKind, ThreadStart};
+
 /// Why a guest-initiated exit happened.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ResetSource {
@@ -66,6 +68,8 @@ pub struct VmExit {
     /// A copy of the owner's stop event, for waits before the run loop (which polls the
     /// event itself); `None` until [`VmExit::set_stop_event`].
     stop: Mutex<Option<EventFd>>,
+    /// What each of the VM's threads does first (its seccomp filter), if anything.
+    thread_start: Mutex<Option<ThreadStart>>,
 }
 
 impl VmExit {
@@ -79,7 +83,28 @@ impl VmExit {
             event: EventFd::new(EFD_NONBLOCK)?,
             deadline: Mutex::new(None),
             stop: Mutex::new(None),
+            thread_start: Mutex::new(None),
         })
+    }
+
+    /// Sets what each thread of this VM does first as it starts; set before any starts.
+    pub fn set_thread_start(&self, start: ThreadStart) {
+        *self.thread_start.lock().unwrap_or_else(|p| p.into_inner()) = Some(start);
+    }
+
+    /// What each thread of this VM does first, for threads started without this channel.
+    pub fn thread_start(&self) -> Option<ThreadStart> {
+        self.thread_start
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Called first by each thread of this VM, with its kind.
+    pub fn thread_started(&self, kind: ThreadKind) {
+        if let Some(start) = self.thread_start() {
+            start(kind);
+        }
     }
 
     /// Sets when the run must end (None: never).

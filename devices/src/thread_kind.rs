@@ -1,9 +1,10 @@
 //! Each of kvmbuild's threads says what kind it is as it starts, so that the VMM can confine
 //! it to the system calls that kind makes (seccomp, in `vmm::seccomp`). This crate has no
-//! seccomp of its own: the VMM sets the hook, and without one (unit tests, `--seccomp off`)
-//! starting a thread changes nothing.
+//! seccomp of its own: a VM's owner sets a [`ThreadStart`] on the VM's exit channel
+//! ([`crate::exit::VmExit::set_thread_start`]), and every thread of that VM calls it first;
+//! without one (unit tests, `--seccomp off`) starting a thread changes nothing.
 
-use std::sync::OnceLock;
+use std::sync::Arc;
 
 /// The kinds of threads kvmbuild runs, each with its own allow-list.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,17 +19,5 @@ pub enum ThreadKind {
     VhostUser,
 }
 
-static HOOK: OnceLock<fn(ThreadKind)> = OnceLock::new();
-
-/// Sets the function every thread calls as it starts (once per process; later calls are
-/// ignored).
-pub fn set_hook(hook: fn(ThreadKind)) {
-    let _ = HOOK.set(hook);
-}
-
-/// Called first thing by each thread of `kind`.
-pub fn started(kind: ThreadKind) {
-    if let Some(hook) = HOOK.get() {
-        hook(kind);
-    }
-}
+/// What each thread of a VM does first, given its kind.
+pub type ThreadStart = Arc<dyn Fn(ThreadKind) + Send + Sync>;

@@ -8,6 +8,11 @@
 //! the call's number, and the process exits 70. `--seccomp off` (or `KVMBUILD_SECCOMP=off`)
 //! leaves the threads unfiltered, for debugging.
 //!
+//! The owner builds the [`Filters`] once ([`Filters::enable`], which also installs the SIGSYS
+//! handler: a signal's disposition is the process's) and hands them to each VM in
+//! `VmConfig::seccomp`; the VM sets them as its threads' start
+//! ([`devices::exit::VmExit::set_thread_start`]). Nothing here is process-global state.
+//!
 //! The main thread is not filtered: it builds and tears down VMs (opening files, creating
 //! memfds, VMs and threads), `bench` runs many VMs in one process, and it never handles
 //! guest-controlled data itself, so a filter on it would allow nearly everything and protect
@@ -16,9 +21,9 @@
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::convert::TryInto;
-use std::sync::OnceLock;
+use std::sync::Arc;
 
-use devices::thread_kind::{self, ThreadKind};
+use devices::thread_kind::{ThreadKind, ThreadStart};
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
@@ -48,42 +53,53 @@ const KINDS: [ThreadKind; 4] = [
     ThreadKind::VhostUser,
 ];
 
-/// The compiled filters, one per kind (in [`KINDS`] order), built once by [`enable`].
-static FILTERS: OnceLock<Vec<BpfProgram>> = OnceLock::new();
-
 thread_local! {
     /// This thread's kind, for the SIGSYS message (index into [`KINDS`], or -1).
     static KIND: Cell<i8> = const { Cell::new(-1) };
 }
 
-/// Builds every filter, installs the SIGSYS handler, and makes each thread install its kind's
-/// filter as it starts. Call once, before the first VM runs.
-pub fn enable() -> Result<(), SeccompError> {
-    if FILTERS.get().is_none() {
-        let filters = KINDS
+/// The compiled filters, one per kind (in [`KINDS`] order).
+pub struct Filters {
+    programs: Vec<BpfProgram>,
+}
+
+impl std::fmt::Debug for Filters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Filters")
+            .field("kinds", &self.programs.len())
+            .finish()
+    }
+}
+
+impl Filters {
+    /// Builds every filter and installs the SIGSYS handler. Call once, before the first VM
+    /// runs, and give the result to every VM's configuration.
+    pub fn enable() -> Result<Arc<Filters>, SeccompError> {
+        let programs = KINDS
             .iter()
             .map(|&kind| build(kind))
             .collect::<Result<Vec<_>, _>>()?;
-        let _ = FILTERS.set(filters);
+        install_sigsys_handler()?;
+        Ok(Arc::new(Filters { programs }))
     }
-    install_sigsys_handler()?;
-    thread_kind::set_hook(install_or_exit);
-    Ok(())
+
+    /// Confines the calling thread to `kind`'s system calls.
+    pub fn install(&self, kind: ThreadKind) -> Result<(), SeccompError> {
+        let index = kind_index(kind);
+        KIND.with(|k| k.set(i8::try_from(index).unwrap_or(-1)));
+        seccompiler::apply_filter(&self.programs[index]).map_err(|e| SeccompError::Install(kind, e))
+    }
+
+    /// What each thread of a VM confined by these filters does first.
+    pub fn thread_start(self: &Arc<Self>) -> ThreadStart {
+        let filters = self.clone();
+        Arc::new(move |kind| install_or_exit(&filters, kind))
+    }
 }
 
-/// Confines the calling thread to `kind`'s system calls, if [`enable`] was called.
-pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
-    let Some(filters) = FILTERS.get() else {
-        return Ok(());
-    };
-    let index = kind_index(kind);
-    KIND.with(|k| k.set(i8::try_from(index).unwrap_or(-1)));
-    seccompiler::apply_filter(&filters[index]).map_err(|e| SeccompError::Install(kind, e))
-}
-
-/// The thread hook: a thread that cannot be confined must not go on unconfined.
-fn install_or_exit(kind: ThreadKind) {
-    if let Err(e) = install(kind) {
+/// The thread start: a thread that cannot be confined must not go on unconfined.
+fn install_or_exit(filters: &Filters, kind: ThreadKind) {
+    if let Err(e) = filters.install(kind) {
         eprintln!("kvmbuild: {e}");
         // SAFETY: _exit ends the process at once; nothing is left half-written that matters
         // more than not running unconfined.
@@ -329,9 +345,10 @@ mod tests {
         if std::env::var_os("KVMBUILD_SECCOMP_CHILD").is_none() {
             return;
         }
-        enable().unwrap();
-        std::thread::spawn(|| {
-            thread_kind::started(ThreadKind::VhostUser);
+        let filters = Filters::enable().unwrap();
+        let start = filters.thread_start();
+        std::thread::spawn(move || {
+            start(ThreadKind::VhostUser);
             // SAFETY: getppid has no preconditions; here it only has to be forbidden.
             unsafe { libc::getppid() };
         })

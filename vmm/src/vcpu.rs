@@ -357,7 +357,8 @@ pub fn spawn(
     std::thread::Builder::new()
         .name(format!("vcpu{index}"))
         .spawn(move || {
-            devices::thread_kind::started(devices::thread_kind::ThreadKind::Vcpu);
+            ctx.exit
+                .thread_started(devices::thread_kind::ThreadKind::Vcpu);
             IMMEDIATE_EXIT.with(|flag| flag.set(&mut vcpu.get_kvm_run().immediate_exit));
             if let Some(reason) = run_until_exit(&mut vcpu, index, &ctx) {
                 ctx.exit.request(reason);

@@ -178,6 +178,7 @@ fn boot_once(args: &BenchArgs) -> anyhow::Result<Sample> {
         restore: None,
         // Bench bounds a boot with its own limit below.
         setup_deadline: None,
+        seccomp: crate::seccomp_filters(),
     };
     // Nothing stops a bench run but its timeout.
     let stop = EventFd::new(libc::EFD_NONBLOCK)?;

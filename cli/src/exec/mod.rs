@@ -339,6 +339,7 @@ fn vm_config(
         rng: true,
         pit: false,
         setup_deadline: plan.timeout.map(|t| std::time::Instant::now() + t),
+        seccomp: crate::seccomp_filters(),
         snapshot_to,
         restore,
     })

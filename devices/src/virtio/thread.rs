@@ -15,6 +15,7 @@ use std::thread::JoinHandle;
 use event_manager::{EventManager, RemoteEndpoint, SubscriberId};
 
 use super::DeviceWorker;
+use crate::thread_kind::{ThreadKind, ThreadStart};
 
 /// Errors from the device thread.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +84,12 @@ pub struct DeviceThread {
 impl DeviceThread {
     /// Starts the event loop on a new thread named `kvmbuild-virtio`.
     pub fn start() -> Result<Self, ThreadError> {
+        Self::start_with(None)
+    }
+
+    /// As [`DeviceThread::start`], the thread first calling `on_start` (its VM's
+    /// [`ThreadStart`], which confines it).
+    pub fn start_with(on_start: Option<ThreadStart>) -> Result<Self, ThreadError> {
         let mut manager = EventManager::<DeviceWorker>::new().map_err(ThreadError::Create)?;
         let handle = DeviceThreadHandle {
             endpoint: manager.remote_endpoint(),
@@ -91,7 +98,12 @@ impl DeviceThread {
         let stop_flag = stop.clone();
         let join = std::thread::Builder::new()
             .name("kvmbuild-virtio".into())
-            .spawn(move || run(&mut manager, &stop_flag))
+            .spawn(move || {
+                if let Some(start) = on_start {
+                    start(ThreadKind::DeviceLoop);
+                }
+                run(&mut manager, &stop_flag)
+            })
             .map_err(ThreadError::Spawn)?;
         Ok(Self {
             handle,
@@ -129,7 +141,6 @@ impl Drop for DeviceThread {
 }
 
 fn run(manager: &mut EventManager<DeviceWorker>, stop: &AtomicBool) -> Result<(), ThreadError> {
-    crate::thread_kind::started(crate::thread_kind::ThreadKind::DeviceLoop);
     while !stop.load(Ordering::Acquire) {
         manager.run().map_err(ThreadError::Loop)?;
     }

@@ -203,10 +203,12 @@ pub fn build_devices(
 
 /// Attaches `list` to the VM: transports on the MMIO bus, notifications and interrupts wired
 /// through KVM.
+/// The device thread starts as `exit`'s VM says its threads start.
 pub fn attach(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     list: DeviceList,
+    exit: &VmExit,
 ) -> Result<VirtioDevices, VirtioError> {
     let mut devices = VirtioDevices {
         bus: Bus::new(),
@@ -219,7 +221,7 @@ pub fn attach(
     if list.is_empty() {
         return Ok(devices);
     }
-    let thread = DeviceThread::start().map_err(VirtioError::Thread)?;
+    let thread = DeviceThread::start_with(exit.thread_start()).map_err(VirtioError::Thread)?;
     for (index, device) in (0u32..).zip(list) {
         let (addr, gsi) = placement(index)?;
         let transport = MmioTransport::new(device, mem.clone(), thread.handle())

@@ -88,7 +88,7 @@ impl DeviceManager {
             config.rng,
             exit,
         )?;
-        let virtio = mmio::attach(vm, mem, list)?;
+        let virtio = mmio::attach(vm, mem, list, exit)?;
         Ok(Self {
             pio,
             mmio: virtio.bus.clone(),
@@ -130,10 +130,14 @@ impl DeviceManager {
         let worker = SerialInput::new(input, self.serial.clone(), exit.clone()).map_err(create)?;
         let thread = match &mut self.virtio.thread {
             Some(thread) => thread,
-            slot @ None => slot.insert(DeviceThread::start().map_err(|e| DeviceError::Create {
-                what: "device thread",
-                reason: e.to_string(),
-            })?),
+            slot @ None => {
+                slot.insert(DeviceThread::start_with(exit.thread_start()).map_err(|e| {
+                    DeviceError::Create {
+                        what: "device thread",
+                        reason: e.to_string(),
+                    }
+                })?)
+            }
         };
         thread
             .handle()

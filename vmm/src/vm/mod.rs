@@ -32,6 +32,7 @@ use crate::loader;
 use crate::memory::{self, BackingReport};
 use crate::pvh::{self, PvhInfo};
 use crate::release::Remains;
+use crate::seccomp;
 use crate::snapshot::{self, SavedState, Snapshot, SnapshotError, VcpuState};
 use crate::vcpu::{self, BootEntry, VcpuContext, VcpuPosition};
 
@@ -77,6 +78,9 @@ pub struct VmConfig {
     /// read): its memory, vCPUs, interrupt controllers, clock and COM1, with fresh virtio
     /// devices made from this configuration.
     pub restore: Option<Snapshot>,
+    /// The seccomp filters every thread of this VM confines itself with as it starts (see
+    /// [`crate::seccomp`]); `None` leaves them unfiltered.
+    pub seccomp: Option<Arc<seccomp::Filters>>,
 }
 
 /// How a run ended.
@@ -209,6 +213,9 @@ impl Vm {
         exit.set_stop_event(stop)
             .map_err(|e| VmError::Setup("stop event", e))?;
         exit.set_deadline(config.setup_deadline);
+        if let Some(filters) = &config.seccomp {
+            exit.set_thread_start(filters.thread_start());
+        }
         if config.snapshot_to.is_some() {
             exit.pause_at_snapshot_point();
         }

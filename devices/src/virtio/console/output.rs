@@ -196,7 +196,9 @@ impl std::fmt::Debug for Output {
 
 /// The writer thread: takes chunks out of the buffer and writes them until closed.
 fn write_loop(shared: &Shared, mut writer: Box<dyn Write + Send>, exit: Option<&VmExit>) {
-    crate::thread_kind::started(crate::thread_kind::ThreadKind::ConsoleWriter);
+    if let Some(exit) = exit {
+        exit.thread_started(crate::thread_kind::ThreadKind::ConsoleWriter);
+    }
     let mut chunk = Vec::with_capacity(WRITE_CHUNK);
     while take_chunk(shared, &mut chunk) {
         if let Err(e) = writer.write_all(&chunk).and_then(|()| writer.flush()) {

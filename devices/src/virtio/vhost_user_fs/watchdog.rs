@@ -164,7 +164,9 @@ impl Drop for Watchdog {
 
 /// The watchdog thread: sleeps until armed, then until the exchange ends or must be cut.
 fn watch(shared: &Shared) {
-    crate::thread_kind::started(crate::thread_kind::ThreadKind::VhostUser);
+    shared
+        .exit
+        .thread_started(crate::thread_kind::ThreadKind::VhostUser);
     let mut state = shared.lock();
     loop {
         if state.quit {
