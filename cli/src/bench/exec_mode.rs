@@ -7,15 +7,17 @@
 //! (`exec --warm`) also says how much memory it restored and how long that took.
 
 use std::ffi::OsString;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde::Serialize;
 
+use super::others::{Kind, Vmm};
 use super::process::{run_process, ProcessRun};
-use super::stats::{stats, stats_of, Stats};
+use super::stats::{self, stats, stats_of, Ratio, Stats};
+use super::{plot, process_stats, write_outputs, BenchArgs, Outputs, ProcessStats};
 
 /// The start of the `-v` line that carries the timestamps.
 const MARKS_PREFIX: &str = "boot marks (CLOCK_MONOTONIC ns): command started ";
@@ -149,6 +151,186 @@ pub fn summarise_exec(samples: &[ExecSample]) -> (Vec<ExecPhaseStats>, Option<St
         .collect();
     let walls: Vec<f64> = samples.iter().map(|s| s.wall.as_secs_f64() * 1e3).collect();
     (phases, stats_of(&walls))
+}
+
+#[derive(Serialize)]
+struct ExecReport {
+    command: Vec<String>,
+    kernel: Option<PathBuf>,
+    mem_mib: u64,
+    cpus: u64,
+    runs: u32,
+    /// process start → command started → command done → process exit.
+    exec_phases: Vec<ExecPhaseStats>,
+    process: ProcessStats,
+    /// With --warm: the runs restored from a snapshot, each right after a cold one.
+    warm: Option<WarmReport>,
+}
+
+/// `exec --warm` beside cold `exec`.
+#[derive(Serialize)]
+struct WarmReport {
+    exec_phases: Vec<ExecPhaseStats>,
+    process: ProcessStats,
+    /// Reading and checking the snapshot's memory (part of "start").
+    restore: Stats,
+    /// The memory restored, MiB.
+    restored_mib: Stats,
+    /// Cold over warm, process start → command started.
+    cold_over_warm_to_command: Ratio,
+}
+
+/// One series of `kvmbuild exec` runs: cold, or warm.
+#[derive(Default)]
+struct ExecSeries {
+    samples: Vec<ExecSample>,
+    runs: Vec<ProcessRun>,
+}
+
+impl ExecSeries {
+    fn push(&mut self, (sample, run): (ExecSample, ProcessRun)) {
+        self.samples.push(sample);
+        self.runs.push(run);
+    }
+
+    fn to_command(&self) -> Vec<Duration> {
+        self.samples.iter().map(|s| s.phases[0]).collect()
+    }
+}
+
+/// `kvmbuild exec`'s options for the runs `bench --exec` times.
+fn exec_options(args: &BenchArgs) -> Vec<OsString> {
+    let mut options: Vec<OsString> = vec![
+        "--mem".into(),
+        args.mem.to_string().into(),
+        "--cpus".into(),
+        args.cpus.to_string().into(),
+        "--timeout".into(),
+        args.timeout.to_string().into(),
+    ];
+    if let Some(kernel) = &args.kernel {
+        options.extend(["--kernel".into(), kernel.clone().into_os_string()]);
+    }
+    options.extend(args.exec_arg.iter().cloned());
+    options
+}
+
+/// One `exec --warm` run, which must have started from the snapshot.
+fn warm_exec_once(
+    me: &Path,
+    options: &[OsString],
+    args: &BenchArgs,
+) -> anyhow::Result<(ExecSample, ProcessRun)> {
+    let (sample, run) = exec_once(me, options, &args.command, args.limit())?;
+    if sample.restored.is_none() {
+        bail!("a --warm run booted cold instead of restoring its snapshot (see kvmbuild exec --warm -v)");
+    }
+    Ok((sample, run))
+}
+
+pub(super) fn measure_exec(args: &BenchArgs, outputs: Outputs) -> anyhow::Result<()> {
+    let me = std::env::current_exe().context("cannot find kvmbuild's own binary")?;
+    let options = exec_options(args);
+    let warm_options: Vec<OsString> = options.iter().cloned().chain(["--warm".into()]).collect();
+    if args.warm {
+        // Saves the snapshot (or finds it saved); never measured.
+        exec_once(&me, &warm_options, &args.command, args.limit())?;
+    }
+    let mut cold = ExecSeries::default();
+    let mut warm_series = ExecSeries::default();
+    for round in 0..args.warmup + args.runs {
+        let measured = round >= args.warmup;
+        let run = exec_once(&me, &options, &args.command, args.limit())?;
+        if measured {
+            cold.push(run);
+        }
+        if args.warm {
+            let run = warm_exec_once(&me, &warm_options, args)?;
+            if measured {
+                warm_series.push(run);
+            }
+        }
+    }
+    let vmm = Vmm {
+        kind: Kind::Kvmbuild,
+        binary: me,
+    };
+    let (exec_phases, _) = summarise_exec(&cold.samples);
+    let process = process_stats(&vmm, &cold.runs).context("no runs")?;
+    let warm = args
+        .warm
+        .then(|| warm_report(&vmm, &cold, &warm_series))
+        .transpose()?;
+    let mut bars = exec_bars("exec", &exec_phases, &process);
+    let mut series = vec![exec_series("kvmbuild exec", &cold)];
+    if let Some(warm) = &warm {
+        bars.extend(exec_bars("exec --warm", &warm.exec_phases, &warm.process));
+        series.push(exec_series("kvmbuild exec --warm", &warm_series));
+    }
+    let plot = outputs
+        .svg
+        .as_ref()
+        .map(|_| plot::svg(&bars, &series))
+        .transpose();
+    let plot = plot.map_err(|e| anyhow::anyhow!("--svg: cannot draw it: {e}"))?;
+    let report = ExecReport {
+        command: args
+            .command
+            .iter()
+            .map(|a| a.to_string_lossy().into())
+            .collect(),
+        kernel: args.kernel.clone(),
+        mem_mib: args.mem,
+        cpus: args.cpus,
+        runs: args.runs,
+        exec_phases,
+        process,
+        warm,
+    };
+    write_outputs(args, outputs, &serde_json::to_string_pretty(&report)?, plot)
+}
+
+fn warm_report(vmm: &Vmm, cold: &ExecSeries, warm: &ExecSeries) -> anyhow::Result<WarmReport> {
+    let (exec_phases, _) = summarise_exec(&warm.samples);
+    let restores: Vec<(u64, Duration)> = warm.samples.iter().filter_map(|s| s.restored).collect();
+    let mib: Vec<f64> = restores.iter().map(|&(mib, _)| mib as f64).collect();
+    let took: Vec<Duration> = restores.iter().map(|&(_, took)| took).collect();
+    Ok(WarmReport {
+        exec_phases,
+        process: process_stats(vmm, &warm.runs).context("no warm runs")?,
+        restore: stats(&took).context("no warm runs")?,
+        restored_mib: stats_of(&mib).context("no warm runs")?,
+        cold_over_warm_to_command: stats::ratio(
+            "cold/warm to command started".into(),
+            &cold.to_command(),
+            &warm.to_command(),
+        )
+        .context("no warm runs")?,
+    })
+}
+
+/// A bar per phase of `exec_phases` and one for the whole process.
+fn exec_bars<'a>(
+    what: &str,
+    exec_phases: &'a [ExecPhaseStats],
+    process: &'a ProcessStats,
+) -> Vec<plot::Bar<'a>> {
+    plot::phase_bars(
+        what,
+        exec_phases.iter().map(|p| (p.phase, &p.stats)),
+        ("total (process)", &process.wall),
+    )
+}
+
+fn exec_series(label: &str, series: &ExecSeries) -> plot::Series {
+    plot::Series {
+        label: label.into(),
+        totals_ms: series
+            .runs
+            .iter()
+            .map(|r| r.wall.as_secs_f64() * 1e3)
+            .collect(),
+    }
 }
 
 #[cfg(test)]

@@ -22,6 +22,21 @@ pub struct Series {
     pub totals_ms: Vec<f64>,
 }
 
+/// A bar per phase, then one for the total, each labelled after `what`.
+pub fn phase_bars<'a>(
+    what: &str,
+    phases: impl Iterator<Item = (&'a str, &'a Stats)>,
+    (total_label, total): (&'a str, &'a Stats),
+) -> Vec<Bar<'a>> {
+    phases
+        .chain([(total_label, total)])
+        .map(|(phase, stats)| Bar {
+            label: format!("{what} {phase}"),
+            stats,
+        })
+        .collect()
+}
+
 /// Draws the bars and the scatter into one SVG document.
 pub fn svg(bars: &[Bar], series: &[Series]) -> Result<String, String> {
     let bars_height =
