@@ -267,12 +267,7 @@ pub(super) fn measure_exec(args: &BenchArgs, outputs: Outputs) -> anyhow::Result
         bars.extend(exec_bars("exec --warm", &warm.exec_phases, &warm.process));
         series.push(exec_series("kvmbuild exec --warm", &warm_series));
     }
-    let plot = outputs
-        .svg
-        .as_ref()
-        .map(|_| plot::svg(&bars, &series))
-        .transpose();
-    let plot = plot.map_err(|e| anyhow::anyhow!("--svg: cannot draw it: {e}"))?;
+    let plot = outputs.draw(&bars, &series)?;
     let report = ExecReport {
         command: args
             .command

@@ -251,6 +251,17 @@ struct Outputs {
     svg: Option<File>,
 }
 
+impl Outputs {
+    /// The SVG, drawn when --svg asked for one.
+    fn draw(&self, bars: &[plot::Bar], series: &[plot::Series]) -> anyhow::Result<Option<String>> {
+        self.svg
+            .as_ref()
+            .map(|_| plot::svg(bars, series))
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--svg: cannot draw it: {e}"))
+    }
+}
+
 fn open_outputs(args: &BenchArgs) -> anyhow::Result<Outputs> {
     let mut inputs: Vec<&Path> = args.kernel.iter().map(PathBuf::as_path).collect();
     inputs.extend(args.initrd.as_deref());
@@ -365,12 +376,7 @@ fn measure_and_report(args: &BenchArgs, vmms: &[Vmm], outputs: Outputs) -> anyho
         label: format!("{} total (process)", p.vmm),
         stats: &p.wall,
     }));
-    let plot = outputs
-        .svg
-        .as_ref()
-        .map(|_| plot::svg(&bars, &series))
-        .transpose();
-    let plot = plot.map_err(|e| anyhow::anyhow!("--svg: cannot draw it: {e}"))?;
+    let plot = outputs.draw(&bars, &series)?;
     let report = Report {
         kernel: args.kernel().to_path_buf(),
         initrd: args.initrd.clone(),
