@@ -733,10 +733,12 @@ fn a_snapshot_restores_registers_and_memory_and_goes_on_from_its_point() {
 }
 
 /// The threads of a running VM are confined: its vCPU and device threads show seccomp mode 2
-/// (a filter) in /proc, and mode 0 with `--seccomp off`.
+/// (a filter) in /proc, and mode 0 with `--seccomp off`. A thread installs its filter as the
+/// first thing it does, so the check waits (up to 10 s) for each thread to show the mode.
 #[test]
 fn vm_threads_run_under_their_seccomp_filters() {
     require_kvm!();
+    let names = ["vcpu0", "kvmbuild-virtio"];
     for (switch, mode) in [("on", "2"), ("off", "0")] {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kvmbuild"))
             .env_remove("KVMBUILD_SECCOMP")
@@ -747,40 +749,47 @@ fn vm_threads_run_under_their_seccomp_filters() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        let threads = thread_seccomp(child.id(), &["vcpu0", "kvmbuild-virtio"]);
+        let seen = wait_for_seccomp_modes(child.id(), &names, mode);
         let _ = child.kill();
         let _ = child.wait();
-        assert_eq!(threads.len(), 2, "threads found: {threads:?}");
-        for (name, seccomp) in threads {
+        assert_eq!(seen.len(), names.len(), "threads found: {seen:?}");
+        for (name, seccomp) in seen {
             assert_eq!(seccomp, mode, "{name} with --seccomp {switch}");
         }
     }
 }
 
-/// (name, `Seccomp:` field) of each thread of process `pid` named in `names`, once all of
-/// them exist (or after 10 s, with those found).
-fn thread_seccomp(pid: u32, names: &[&str]) -> Vec<(String, String)> {
+/// (name, `Seccomp:` field) of each thread of process `pid` named in `names`, once all of them
+/// exist and show `mode` (or as last seen after 10 s).
+fn wait_for_seccomp_modes(pid: u32, names: &[&str], mode: &str) -> Vec<(String, String)> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        let mut found = Vec::new();
-        for task in fs::read_dir(format!("/proc/{pid}/task"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let comm = fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-            let status = fs::read_to_string(task.path().join("status")).unwrap_or_default();
-            let seccomp = status
-                .lines()
-                .find_map(|l| l.strip_prefix("Seccomp:"))
-                .map(|v| v.trim().to_string());
-            if let (true, Some(seccomp)) = (names.contains(&comm.trim()), seccomp) {
-                found.push((comm.trim().to_string(), seccomp));
-            }
-        }
-        if found.len() == names.len() || std::time::Instant::now() > deadline {
-            return found;
+        let seen = thread_seccomp(pid, names);
+        let all_there = seen.len() == names.len() && seen.iter().all(|(_, m)| m == mode);
+        if all_there || std::time::Instant::now() > deadline {
+            return seen;
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+}
+
+/// (name, `Seccomp:` field) of each thread of process `pid` named in `names`, now.
+fn thread_seccomp(pid: u32, names: &[&str]) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    for task in fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let status = fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let seccomp = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .map(|v| v.trim().to_string());
+        if let (true, Some(seccomp)) = (names.contains(&comm.trim()), seccomp) {
+            found.push((comm.trim().to_string(), seccomp));
+        }
+    }
+    found
 }
