@@ -176,19 +176,19 @@ mod tests {
         assert_eq!(stats(&[]), None);
     }
 
-    #[test]
-    fn phases_follow_the_markers_and_add_up() {
-        let t0 = Instant::now();
-        let report = RunReport {
-            reason: ExitReason::GuestStatus(0),
+    /// A run that started at `t0`, its guest `guest_started` later and ended `ended` after t0.
+    fn report(
+        reason: ExitReason,
+        t0: Instant,
+        (guest_started, ended): (Duration, Duration),
+        markers: Vec<(BootPhase, Instant)>,
+    ) -> RunReport {
+        RunReport {
+            reason,
             started: t0,
-            guest_started: t0 + ms(2),
-            ended: t0 + ms(40),
-            markers: vec![
-                (BootPhase::InitStarted, t0 + ms(20)),
-                (BootPhase::CommandStarted, t0 + ms(25)),
-                (BootPhase::CommandFinished, t0 + ms(35)),
-            ],
+            guest_started: t0 + guest_started,
+            ended: t0 + ended,
+            markers,
             console_error: None,
             stuck_vcpus: Vec::new(),
             snapshot: None,
@@ -199,7 +199,18 @@ mod tests {
                 fell_back: Vec::new(),
             },
             remains: None,
-        };
+        }
+    }
+
+    #[test]
+    fn phases_follow_the_markers_and_add_up() {
+        let t0 = Instant::now();
+        let markers = vec![
+            (BootPhase::InitStarted, t0 + ms(20)),
+            (BootPhase::CommandStarted, t0 + ms(25)),
+            (BootPhase::CommandFinished, t0 + ms(35)),
+        ];
+        let report = report(ExitReason::GuestStatus(0), t0, (ms(2), ms(40)), markers);
         let s = sample(&report, t0 + ms(41));
         let expected = [2, 18, 5, 10, 5, 1].map(|n| Some(ms(n)));
         assert_eq!(s.phases, expected);
@@ -210,23 +221,7 @@ mod tests {
     #[test]
     fn unmarked_phases_are_absent_not_zero() {
         let t0 = Instant::now();
-        let report = RunReport {
-            reason: ExitReason::PowerOff,
-            started: t0,
-            guest_started: t0 + ms(1),
-            ended: t0 + ms(9),
-            markers: vec![],
-            console_error: None,
-            stuck_vcpus: Vec::new(),
-            snapshot: None,
-            restored: None,
-            timed_out_at: Vec::new(),
-            memory_backing: vmm::memory::BackingReport {
-                backing: vmm::memory::Backing::SmallPages,
-                fell_back: Vec::new(),
-            },
-            remains: None,
-        };
+        let report = report(ExitReason::PowerOff, t0, (ms(1), ms(9)), vec![]);
         let s = sample(&report, t0 + ms(10));
         assert_eq!(s.phases, [Some(ms(1)), None, None, None, None, Some(ms(1))]);
         let (phases, _) = summarise(&[s]);
