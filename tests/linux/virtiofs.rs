@@ -64,6 +64,22 @@ pub fn which_virtiofsd() -> PathBuf {
 }
 
 /// Percent-encodes a value for a `kvmbuild.*` setting, as the init's own format does.
+/// vmTools' two virtio-fs shares as QEMU arguments: `store` and `xchg`, each a
+/// `vhost-user-fs-pci` device on a socket chardev of the same name.
+pub fn vmtools_share_args(store: &Virtiofsd, xchg: &Virtiofsd) -> Vec<String> {
+    [("store", store), ("xchg", xchg)]
+        .into_iter()
+        .flat_map(|(tag, fs)| {
+            [
+                "-chardev".to_string(),
+                format!("socket,id={tag},path={}", fs.socket.display()),
+                "-device".to_string(),
+                format!("vhost-user-fs-pci,chardev={tag},tag={tag}"),
+            ]
+        })
+        .collect()
+}
+
 fn encode(value: &str) -> String {
     initrd::config::encode(value.as_bytes())
 }
@@ -230,15 +246,7 @@ pub fn qemu_compat_runs_the_vmtools_device_set() {
             "-device",
             "virtio-rng-pci",
         ])
-        .arg("-chardev")
-        .arg(format!(
-            "socket,id=store,path={}",
-            store_fs.socket.display()
-        ))
-        .args(["-device", "vhost-user-fs-pci,chardev=store,tag=store"])
-        .arg("-chardev")
-        .arg(format!("socket,id=xchg,path={}", xchg_fs.socket.display()))
-        .args(["-device", "vhost-user-fs-pci,chardev=xchg,tag=xchg"])
+        .args(vmtools_share_args(&store_fs, &xchg_fs))
         .arg("-drive")
         .arg(format!(
             "file={},if=virtio,cache=unsafe,werror=report",

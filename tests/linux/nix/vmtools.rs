@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use super::super::guest::{cloud_kernel, initrd_with, run_guarded, scratch, InitrdSpec, Run};
-use super::super::virtiofs::Virtiofsd;
+use super::super::virtiofs::{vmtools_share_args, Virtiofsd};
 
 const GUARD: Duration = Duration::from_secs(300);
 /// What nixpkgs' vmTools loads in stage 1 that the cloud kernel has as modules.
@@ -98,15 +98,8 @@ fn vm_run(test: &str, builder: &str) -> (Run, std::path::PathBuf) {
     // vmTools' line: its qemu-common binary with `-cpu max`, QEMU_OPTS' memory flags.
     cmd.arg("qemu-compat")
         .args(["-cpu", "max", "-nographic", "-no-reboot"])
-        .args(["-device", "virtio-rng-pci", "-chardev"])
-        .arg(format!(
-            "socket,id=store,path={}",
-            store_fs.socket.display()
-        ))
-        .args(["-device", "vhost-user-fs-pci,chardev=store,tag=store"])
-        .arg("-chardev")
-        .arg(format!("socket,id=xchg,path={}", xchg_fs.socket.display()))
-        .args(["-device", "vhost-user-fs-pci,chardev=xchg,tag=xchg"])
+        .args(["-device", "virtio-rng-pci"])
+        .args(vmtools_share_args(&store_fs, &xchg_fs))
         .arg("-kernel")
         .arg(&kernel.bzimage)
         .arg("-initrd")
