@@ -43,13 +43,7 @@ pub struct Sample {
 
 /// Splits one boot into [`PHASES`] from its timestamps.
 pub fn sample(report: &RunReport, returned: Instant) -> Sample {
-    let marked = |phase| {
-        report
-            .markers
-            .iter()
-            .find(|(p, _)| *p == phase)
-            .map(|(_, t)| *t)
-    };
+    let marked = |phase| report.marked(phase);
     let init = marked(BootPhase::InitStarted);
     let command = marked(BootPhase::CommandStarted);
     let finished = marked(BootPhase::CommandFinished);

@@ -427,13 +427,6 @@ impl ConsoleTail {
 
 /// The exit status, with the console's tail when the guest failed before the command ran.
 fn outcome(report: &RunReport, plan: &Plan, console: &ConsoleTail, log: &Log) -> ExitCode {
-    let phase_at = |phase| {
-        report
-            .markers
-            .iter()
-            .find(|(p, _)| *p == phase)
-            .map(|(_, at)| *at)
-    };
     log.say(format_args!("{}", report.memory_backing));
     if let Some(restored) = &report.restored {
         log.say(format_args!("{restored}"));
@@ -445,7 +438,7 @@ fn outcome(report: &RunReport, plan: &Plan, console: &ConsoleTail, log: &Log) ->
             .duration_since(report.started)
             .as_millis()
     ));
-    let command_started = phase_at(BootPhase::CommandStarted);
+    let command_started = report.marked(BootPhase::CommandStarted);
     if let Some(at) = command_started {
         log.say(format_args!(
             "command started {} ms after kvmbuild did, ended {} ms later",
@@ -453,7 +446,8 @@ fn outcome(report: &RunReport, plan: &Plan, console: &ConsoleTail, log: &Log) ->
             report.ended.duration_since(at).as_millis()
         ));
     }
-    if let (Some(started), Some(finished)) = (command_started, phase_at(BootPhase::CommandFinished))
+    if let (Some(started), Some(finished)) =
+        (command_started, report.marked(BootPhase::CommandFinished))
     {
         log.say(format_args!(
             "{}",

@@ -115,6 +115,16 @@ pub struct RunReport {
     pub remains: Option<Remains>,
 }
 
+impl RunReport {
+    /// When the guest marked `phase`, if it did.
+    pub fn marked(&self, phase: BootPhase) -> Option<Instant> {
+        self.markers
+            .iter()
+            .find(|(p, _)| *p == phase)
+            .map(|(_, at)| *at)
+    }
+}
+
 /// What restoring guest memory from a snapshot took, for `-v` and benchmarks.
 #[derive(Clone, Copy, Debug)]
 pub struct Restored {
