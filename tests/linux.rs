@@ -60,6 +60,7 @@ const TESTS: &[Test] = tests![
     nix::nix_run_in_linux_vm_builds_in_the_guest,
     nix::nix_builder_status_and_output_reach_nix,
     nix::nix_make_disk_image_gpt_none_and_qcow2,
+    nix::nix_builds_on_a_remote_builder_over_ssh,
     nix::vmtools_stage1_through_the_qemu_entry_point,
     nix::vmtools_failing_builder_resets_and_qemu_compat_exits_0,
 ];

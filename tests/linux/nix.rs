@@ -9,10 +9,12 @@
 //! copied out of that store before the namespace goes away.
 
 mod disk_image;
+mod remote;
 mod timing;
 mod vmtools;
 
 pub use disk_image::nix_make_disk_image_gpt_none_and_qcow2;
+pub use remote::nix_builds_on_a_remote_builder_over_ssh;
 pub use timing::nix_trivial_build_drop_in_vs_native;
 pub use vmtools::{
     vmtools_failing_builder_resets_and_qemu_compat_exits_0,
@@ -214,8 +216,7 @@ fn nix_build(dir: &Path, attr: &str, then: &str, guard: Duration) -> Run {
 }
 
 /// A derivation whose builder runs in the VM writes the guest's `uname -r` and its RAM to
-/// `$out`; on the host the file holds the cloud kernel's release and a RAM size that is the
-/// `memSize` asked for (the test host itself has 4 GiB), so the builder ran in the guest.
+/// `$out`; on the host the file shows that the builder ran in the guest.
 pub fn nix_run_in_linux_vm_builds_in_the_guest() {
     let dir = setup("nix-uname");
     let result = dir.join("result");
@@ -236,6 +237,14 @@ pub fn nix_run_in_linux_vm_builds_in_the_guest() {
     }
     run.check(run.status == Some(0), "the VM build should succeed");
     let text = std::fs::read_to_string(&result).unwrap_or_default();
+    check_written_in_the_guest(&run, &text);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// `text` is what the `uname` attribute's builder wrote to `$out`: the cloud kernel's release
+/// and a RAM size that is the `memSize` asked for (the test host itself has 4 GiB), so the
+/// builder ran in the guest.
+fn check_written_in_the_guest(run: &Run, text: &str) {
     let mut lines = text.lines();
     let release = lines.next().unwrap_or_default();
     let mem_kib: u64 = lines.next().and_then(|l| l.parse().ok()).unwrap_or(0);
@@ -247,7 +256,6 @@ pub fn nix_run_in_linux_vm_builds_in_the_guest() {
         mem_kib > (MEM_SIZE_MIB - 128) * 1024 && mem_kib <= MEM_SIZE_MIB * 1024,
         &format!("the guest should have about {MEM_SIZE_MIB} MiB (memSize); it had {mem_kib} KiB"),
     );
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// A builder that exits 3 in the VM fails the build: Nix reports exit code 3, its log holds
