@@ -241,6 +241,19 @@ fn never_accepting(tag: &str) -> (PathBuf, UnixListener) {
     (socket, listener)
 }
 
+/// A socket whose listen backlog is full (set to its minimum, then filled), so that a blocking
+/// connect(2) to it would wait until the listener accepts, which it never does. Returns the
+/// socket, the listener and the connection that fills the backlog.
+fn full_backlog(tag: &str) -> (PathBuf, UnixListener, UnixStream) {
+    let socket = scratch_dir(tag).join("full.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    // SAFETY: listen(2) on a socket we own; listening again only changes the backlog.
+    assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+    // With a backlog of 0, Linux queues one connection; this one fills it.
+    let filler = UnixStream::connect(&socket).unwrap();
+    (socket, listener, filler)
+}
+
 /// A socket whose one connection is accepted and then never answered.
 fn never_answering(tag: &str) -> PathBuf {
     let socket = scratch_dir(tag).join("silent.sock");
@@ -351,10 +364,36 @@ fn a_back_end_that_never_accepts_ends_at_the_set_up_bound_without_a_timeout() {
 fn sigterm_ends_the_wait_for_a_back_end_that_never_answers() {
     require_kvm!();
     let socket = never_answering("never-answers-sigterm");
+    assert_sigterm_ends_the_set_up(&socket);
+}
+
+#[test]
+fn a_back_end_with_a_full_backlog_ends_at_the_timeout() {
+    require_kvm!();
+    let (socket, _listener, _filler) = full_backlog("full-backlog-timeout");
+    let run = Case {
+        timeout_s: Some(2),
+        ..Case::new(&socket)
+    }
+    .run();
+    let parts = ["cannot connect", "no answer before the run's timeout"];
+    assert_ended(&run, exit::TIMEOUT, &parts, secs(2), secs(2));
+}
+
+#[test]
+fn sigterm_ends_the_wait_to_connect_to_a_full_backlog() {
+    require_kvm!();
+    let (socket, _listener, _filler) = full_backlog("full-backlog-sigterm");
+    assert_sigterm_ends_the_set_up(&socket);
+}
+
+/// SIGTERM half a second into the set-up with the back end at `socket` ends kvmbuild at once,
+/// with 143 and the message for a stop during set-up.
+fn assert_sigterm_ends_the_set_up(socket: &Path) {
     let after = Duration::from_millis(500);
     let run = Case {
         sigterm_after: Some(after),
-        ..Case::new(&socket)
+        ..Case::new(socket)
     }
     .run();
     assert_ended(

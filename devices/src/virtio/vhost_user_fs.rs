@@ -12,6 +12,7 @@
 //! set-up must be over within [`SETUP_BOUND`] and before the run's deadline, and a stop signal
 //! or the VM's end cuts the wait short.
 
+mod connect;
 mod watchdog;
 
 use std::os::fd::AsRawFd;
@@ -57,7 +58,7 @@ pub enum VhostUserFsError {
     BadTag(String),
     /// The back end's socket cannot be reached.
     #[error("cannot connect to the vhost-user back end at {}", .0.display())]
-    Connect(PathBuf, #[source] vhost::Error),
+    Connect(PathBuf, #[source] std::io::Error),
     /// A vhost-user request failed.
     #[error("vhost-user back end at {}: cannot {what}", path.display())]
     Request {
@@ -115,11 +116,19 @@ impl VhostUserFs {
         if tag.is_empty() || tag.len() > MAX_TAG_LEN {
             return Err(VhostUserFsError::BadTag(tag.to_string()));
         }
-        let mut frontend = Frontend::connect(socket, NUM_QUEUES as u64)
-            .map_err(|e| VhostUserFsError::Connect(socket.to_path_buf(), e))?;
+        let limit = Limit::from_now(SETUP_BOUND);
+        let stream = connect::connect(socket, limit, &exit).map_err(|e| match e {
+            connect::ConnectError::Io(e) => VhostUserFsError::Connect(socket.to_path_buf(), e),
+            connect::ConnectError::Cut(cut) => VhostUserFsError::Cut {
+                path: socket.to_path_buf(),
+                what: "connect",
+                cut,
+            },
+        })?;
+        let mut frontend = Frontend::from_stream(stream, NUM_QUEUES as u64);
         let watchdog = Watchdog::start(frontend.as_raw_fd(), exit.clone())
             .map_err(VhostUserFsError::Watchdog)?;
-        let phase = Phase::new(socket, &watchdog);
+        let phase = Phase::within(socket, &watchdog, limit);
         phase.ask("set the owner", || frontend.set_owner())?;
         let raw_features = phase.ask("read its features", || frontend.get_features())?;
         let protocol_features = raw_features & VHOST_USER_F_PROTOCOL_FEATURES != 0;
@@ -211,10 +220,15 @@ struct Phase<'a> {
 
 impl<'a> Phase<'a> {
     fn new(socket: &'a Path, watchdog: &'a Watchdog) -> Self {
+        Self::within(socket, watchdog, Limit::from_now(SETUP_BOUND))
+    }
+
+    /// A phase that began earlier, with `limit` (connecting is part of the first phase).
+    fn within(socket: &'a Path, watchdog: &'a Watchdog, limit: Limit) -> Self {
         Self {
             socket,
             watchdog,
-            limit: Limit::from_now(SETUP_BOUND),
+            limit,
         }
     }
 

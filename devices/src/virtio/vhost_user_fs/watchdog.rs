@@ -112,10 +112,7 @@ impl Watchdog {
     /// `limit` (or by the run's deadline, if that is sooner). Returns the exchange's result, or
     /// why it was cut (the exchange then failed, or finished just as the cut came).
     pub fn bound<T>(&self, limit: Limit, exchange: impl FnOnce() -> T) -> Result<T, Cut> {
-        let mut deadline = limit.deadline;
-        if let Some(run_ends) = self.shared.exit.deadline() {
-            deadline = deadline.min(run_ends);
-        }
+        let deadline = limit.deadline_within_the_run(&self.shared.exit);
         {
             let mut state = self.shared.lock();
             if let Some(cut) = state.cut.clone() {
@@ -148,6 +145,19 @@ impl Limit {
         Self {
             deadline: Instant::now() + bound,
             bound,
+        }
+    }
+
+    /// Why a wait within this limit must end now, if it must (see [`cut_reason`]).
+    pub fn cut(&self, exit: &VmExit) -> Option<Cut> {
+        cut_reason(exit, self.deadline_within_the_run(exit), self.bound)
+    }
+
+    /// This limit's deadline, or the run's if that comes first.
+    fn deadline_within_the_run(&self, exit: &VmExit) -> Instant {
+        match exit.deadline() {
+            Some(run_ends) => self.deadline.min(run_ends),
+            None => self.deadline,
         }
     }
 }
