@@ -119,12 +119,13 @@ fn nonzero_runs(offset: u64, bytes: &[u8]) -> Vec<(u64, &[u8])> {
     runs
 }
 
-/// Adds each non-zero page of `bytes` (at memory-file offset `offset`) to `crc`, with its
-/// offset: what counts is the memory's content, not how a file system lays out holes or how
-/// the reader splits its reads.
-fn checksum(crc: &mut crc32fast::Hasher, offset: u64, bytes: &[u8]) {
-    for (at, page) in (offset..).step_by(PAGE).zip(bytes.chunks(PAGE)) {
-        if !is_zero(page) {
+/// Adds each page of `runs` (from [`nonzero_runs`]: every non-zero page, at its memory-file
+/// offset) to `crc`, with its offset: what counts is the memory's content, not how a file
+/// system lays out holes or how the reader splits its reads. The runs come from the one scan
+/// for zero pages that also decides what is written.
+fn checksum(crc: &mut crc32fast::Hasher, runs: &[(u64, &[u8])]) {
+    for &(offset, run) in runs {
+        for (at, page) in (offset..).step_by(PAGE).zip(run.chunks(PAGE)) {
             crc.update(&at.to_le_bytes());
             crc.update(page);
         }
@@ -161,8 +162,9 @@ pub fn save(mem: &GuestMemoryMmap, out: &File) -> Result<u32, SnapshotError> {
             // SAFETY: the range came from this region's part of the memory file, and the
             // caller guarantees no vCPU runs.
             let bytes = unsafe { region_bytes(region, start, stop) };
-            checksum(&mut crc, start, bytes);
-            for (at, run) in nonzero_runs(start, bytes) {
+            let runs = nonzero_runs(start, bytes);
+            checksum(&mut crc, &runs);
+            for (at, run) in runs {
                 out.write_all_at(run, at)
                     .map_err(|e| SnapshotError::Io("write the memory file", e))?;
             }
@@ -204,8 +206,9 @@ pub fn restore(mem: &GuestMemoryMmap, input: &File) -> Result<(u32, u64), Snapsh
                 input
                     .read_exact_at(bytes, at)
                     .map_err(|e| SnapshotError::Io("read the memory file", e))?;
-                checksum(&mut crc, at, bytes);
-                for (page_at, run) in nonzero_runs(at, bytes) {
+                let runs = nonzero_runs(at, bytes);
+                checksum(&mut crc, &runs);
+                for (page_at, run) in runs {
                     region
                         .file
                         .write_all_at(run, page_at)
