@@ -55,6 +55,7 @@ fn config(kernel: &Path, disk: &Path) -> VmConfig {
         pit: false,
         setup_deadline: None,
         seccomp: None,
+        confine_runner: false,
         snapshot_to: None,
         restore: None,
     }

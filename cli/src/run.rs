@@ -217,6 +217,7 @@ fn vm_config(
         pit: args.pit,
         setup_deadline: args.timeout.map(|t| std::time::Instant::now() + t),
         seccomp: crate::seccomp_filters(),
+        confine_runner: true,
     })
 }
 

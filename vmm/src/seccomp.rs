@@ -13,10 +13,15 @@
 //! `VmConfig::seccomp`; the VM sets them as its threads' start
 //! ([`devices::exit::VmExit::set_thread_start`]). Nothing here is process-global state.
 //!
-//! The main thread is not filtered: it builds and tears down VMs (opening files, creating
-//! memfds, VMs and threads), `bench` runs many VMs in one process, and it never handles
-//! guest-controlled data itself, so a filter on it would allow nearly everything and protect
-//! nothing.
+//! The thread that runs a VM (the caller of `Vm::run`, a front end's main thread) gets a filter
+//! of the opposite shape when its owner asks for it (`VmConfig::confine_runner`): it has to
+//! stay free to open and write files (snapshots, reports), start threads, stop virtiofsd and
+//! tear the VM down, so instead of listing what it may do, the filter lists what nothing in
+//! kvmbuild does once the guest runs: starting programs, new sockets, and the kernel's
+//! administrative surfaces (ptrace, mounts and namespaces, modules, kexec, BPF,
+//! keyrings, identity changes). A front end that runs one VM and nothing after it (`run`,
+//! `exec`, the QEMU entry point) asks for it; `bench` runs many VMs and other programs in one
+//! process, so it does not.
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -41,6 +46,12 @@ pub enum SeccompError {
     /// The kernel refused a filter.
     #[error("cannot install the seccomp filter for {0:?} threads")]
     Install(ThreadKind, #[source] seccompiler::Error),
+    /// The runner's filter could not be built (a bug in the list below).
+    #[error("cannot build the seccomp filter for the thread that runs the VM: {0}")]
+    BuildRunner(String),
+    /// The kernel refused the runner's filter.
+    #[error("cannot install the seccomp filter for the thread that runs the VM")]
+    InstallRunner(#[source] seccompiler::Error),
 }
 
 /// The status a forbidden system call ends the process with (an internal error).
@@ -53,14 +64,20 @@ const KINDS: [ThreadKind; 4] = [
     ThreadKind::VhostUser,
 ];
 
+/// [`KIND`]'s value on the thread that runs the VM: the index after the last kind.
+const RUNNER: i8 = 4;
+const _: () = assert!(RUNNER as usize == KINDS.len());
+
 thread_local! {
-    /// This thread's kind, for the SIGSYS message (index into [`KINDS`], or -1).
+    /// This thread's kind, for the SIGSYS message (index into [`KINDS`], [`RUNNER`], or -1).
     static KIND: Cell<i8> = const { Cell::new(-1) };
 }
 
-/// The compiled filters, one per kind (in [`KINDS`] order).
+/// The compiled filters, one per kind (in [`KINDS`] order), and the runner's.
 pub struct Filters {
     programs: Vec<BpfProgram>,
+    /// The runner's deny list.
+    runner: BpfProgram,
 }
 
 impl std::fmt::Debug for Filters {
@@ -79,8 +96,16 @@ impl Filters {
             .iter()
             .map(|&kind| build(kind))
             .collect::<Result<Vec<_>, _>>()?;
+        let runner = build_runner()?;
         install_sigsys_handler()?;
-        Ok(Arc::new(Filters { programs }))
+        Ok(Arc::new(Filters { programs, runner }))
+    }
+
+    /// Confines the calling thread, which runs a VM, with the runner's deny list (see the
+    /// module's documentation). Threads it starts afterwards inherit it.
+    pub fn confine_runner(&self) -> Result<(), SeccompError> {
+        KIND.with(|k| k.set(RUNNER));
+        seccompiler::apply_filter(&self.runner).map_err(SeccompError::InstallRunner)
     }
 
     /// Confines the calling thread to `kind`'s system calls.
@@ -219,6 +244,80 @@ fn build(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
         .map_err(|e: seccompiler::BackendError| err(&e))
 }
 
+/// What the thread that runs a VM must never do once the guest runs (x86_64). Processes are
+/// not on the list: one made from this thread inherits the filter, so it can start no program
+/// either, and kvmbuild releases a finished VM through such a process (`crate::release`).
+const RUNNER_DENIED: &[i64] = &[
+    // New programs.
+    libc::SYS_execve,
+    libc::SYS_execveat,
+    // Other processes' memory.
+    libc::SYS_ptrace,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    // New sockets: every back end is connected while the VM is built.
+    libc::SYS_socket,
+    libc::SYS_socketpair,
+    libc::SYS_connect,
+    libc::SYS_bind,
+    libc::SYS_listen,
+    libc::SYS_accept,
+    libc::SYS_accept4,
+    // Mounts and namespaces.
+    libc::SYS_mount,
+    libc::SYS_umount2,
+    libc::SYS_pivot_root,
+    libc::SYS_chroot,
+    libc::SYS_setns,
+    libc::SYS_unshare,
+    libc::SYS_open_by_handle_at,
+    // The kernel itself.
+    libc::SYS_init_module,
+    libc::SYS_finit_module,
+    libc::SYS_delete_module,
+    libc::SYS_kexec_load,
+    libc::SYS_kexec_file_load,
+    libc::SYS_bpf,
+    libc::SYS_perf_event_open,
+    libc::SYS_userfaultfd,
+    libc::SYS_iopl,
+    libc::SYS_ioperm,
+    libc::SYS_reboot,
+    libc::SYS_swapon,
+    libc::SYS_swapoff,
+    libc::SYS_personality,
+    // Keyrings and identity.
+    libc::SYS_keyctl,
+    libc::SYS_add_key,
+    libc::SYS_request_key,
+    libc::SYS_setuid,
+    libc::SYS_setgid,
+    libc::SYS_setreuid,
+    libc::SYS_setregid,
+    libc::SYS_setresuid,
+    libc::SYS_setresgid,
+    libc::SYS_setgroups,
+    libc::SYS_capset,
+];
+
+fn build_runner() -> Result<BpfProgram, SeccompError> {
+    let err = |e: &dyn std::fmt::Display| SeccompError::BuildRunner(e.to_string());
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = RUNNER_DENIED
+        .iter()
+        .map(|&call| (call, Vec::new()))
+        .collect();
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Trap,
+        TargetArch::x86_64,
+    )
+    .map_err(|e| err(&e))?;
+    filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| err(&e))
+}
+
 fn install_sigsys_handler() -> Result<(), SeccompError> {
     // SAFETY: a zeroed sigaction is valid; the fields set below make it a SA_SIGINFO handler
     // that uses only async-signal-safe calls.
@@ -264,6 +363,9 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
 }
 
 fn kind_name(index: i8) -> &'static str {
+    if index == RUNNER {
+        return "VM-running (main)";
+    }
     match usize::try_from(index).ok().and_then(|i| KINDS.get(i)) {
         Some(ThreadKind::Vcpu) => "vCPU",
         Some(ThreadKind::DeviceLoop) => "device",
@@ -355,6 +457,88 @@ mod tests {
         .join()
         .unwrap();
         unreachable!("the forbidden call did not end the process");
+    }
+
+    /// The child half of the runner test: threads still start on the confined thread, then a
+    /// new socket ends the process.
+    #[test]
+    fn runner_child() {
+        if std::env::var_os("KVMBUILD_SECCOMP_RUNNER_CHILD").is_none() {
+            return;
+        }
+        let filters = Filters::enable().unwrap();
+        std::thread::spawn(move || {
+            filters.confine_runner().unwrap();
+            let started = std::thread::spawn(|| 7).join().unwrap();
+            eprintln!("thread started under the runner's filter: {started}");
+            // SAFETY: socket(2) takes no pointers; here it only has to be forbidden.
+            unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+        })
+        .join()
+        .unwrap();
+        unreachable!("the forbidden call did not end the process");
+    }
+
+    /// As [`runner_child`], with a new program instead of a socket.
+    #[test]
+    fn runner_exec_child() {
+        if std::env::var_os("KVMBUILD_SECCOMP_RUNNER_EXEC_CHILD").is_none() {
+            return;
+        }
+        let filters = Filters::enable().unwrap();
+        std::thread::spawn(move || {
+            filters.confine_runner().unwrap();
+            let program = c"/bin/true";
+            let argv = [program.as_ptr(), std::ptr::null()];
+            let envp = [std::ptr::null()];
+            // SAFETY: NUL-terminated path and argument and environment arrays that outlive
+            // the call; here it only has to be refused.
+            unsafe { libc::execve(program.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+        })
+        .join()
+        .unwrap();
+        unreachable!("the forbidden call did not end the process");
+    }
+
+    fn run_child(test: &str, flag: &str) -> (Option<i32>, String) {
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", test, "--nocapture"])
+            .env(flag, "1")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    #[test]
+    fn the_runner_starts_threads_but_no_sockets_or_programs() {
+        let (code, stderr) = run_child(
+            "seccomp::tests::runner_child",
+            "KVMBUILD_SECCOMP_RUNNER_CHILD",
+        );
+        assert_eq!(code, Some(FORBIDDEN_CALL_STATUS), "{stderr}");
+        assert!(
+            stderr.contains("thread started under the runner's filter: 7"),
+            "{stderr}"
+        );
+        let expected = format!(
+            "kvmbuild: seccomp: a VM-running (main) thread made system call {}, which its filter forbids",
+            libc::SYS_socket
+        );
+        assert!(stderr.contains(&expected), "{stderr}");
+
+        let (code, stderr) = run_child(
+            "seccomp::tests::runner_exec_child",
+            "KVMBUILD_SECCOMP_RUNNER_EXEC_CHILD",
+        );
+        assert_eq!(code, Some(FORBIDDEN_CALL_STATUS), "{stderr}");
+        let expected = format!(
+            "a VM-running (main) thread made system call {}",
+            libc::SYS_execve
+        );
+        assert!(stderr.contains(&expected), "{stderr}");
     }
 
     #[test]

@@ -340,6 +340,7 @@ fn vm_config(
         pit: false,
         setup_deadline: plan.timeout.map(|t| std::time::Instant::now() + t),
         seccomp: crate::seccomp_filters(),
+        confine_runner: true,
         snapshot_to,
         restore,
     })

@@ -63,6 +63,9 @@ pub enum VmError {
     /// A snapshot could not be restored.
     #[error("cannot restore the snapshot")]
     Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// The thread that runs the VM could not be confined.
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     /// The run's own plumbing (its stop event, the exit channel) could not be set up.
     #[error("cannot create the {0}: {1}")]
     Setup(&'static str, std::io::Error),

@@ -81,6 +81,10 @@ pub struct VmConfig {
     /// The seccomp filters every thread of this VM confines itself with as it starts (see
     /// [`crate::seccomp`]); `None` leaves them unfiltered.
     pub seccomp: Option<Arc<seccomp::Filters>>,
+    /// With `seccomp`: [`Vm::run`] confines its calling thread with the runner's deny list
+    /// before the guest starts ([`seccomp::Filters::confine_runner`]). For callers that run one
+    /// VM and start no process or socket after it; the confinement outlives the VM.
+    pub confine_runner: bool,
 }
 
 /// How a run ended.
@@ -169,6 +173,8 @@ pub struct Vm {
     restored: Option<Restored>,
     /// vCPUs that did not come back from their threads: they may still use memory and devices.
     stuck: Vec<usize>,
+    /// The filters to confine [`Vm::run`]'s caller with, until it has been.
+    confine_runner: Option<Arc<seccomp::Filters>>,
     // Field order matters: the VM (and its memory slots) is dropped before the memory.
     fd: VmFd,
     mem: GuestMemoryMmap,
@@ -264,6 +270,7 @@ impl Vm {
             started,
             restored,
             stuck: Vec::new(),
+            confine_runner: config.seccomp.clone().filter(|_| config.confine_runner),
             fd,
             mem,
         })
@@ -314,6 +321,9 @@ impl Vm {
         stop: &EventFd,
         timeout: Option<Duration>,
     ) -> Result<RunOutcome, VmError> {
+        if let Some(filters) = self.confine_runner.take() {
+            filters.confine_runner()?;
+        }
         let deadline = timeout.map(|t| Instant::now() + t);
         self.exit.set_deadline(deadline);
         // Stamped before the first thread starts: a quick guest marks its first phase at once.
