@@ -10,7 +10,9 @@
 //!
 //! Every request that waits for an answer is bounded (see [`watchdog`]): each phase of the
 //! set-up must be over within [`SETUP_BOUND`] and before the run's deadline, and a stop signal
-//! or the VM's end cuts the wait short.
+//! or the VM's end cuts the wait short. Connecting is part of the first phase and bounded the
+//! same way (see [`connect`]: a back end whose listen backlog is full would otherwise hold a
+//! blocking connect(2) for ever).
 
 mod connect;
 mod watchdog;
