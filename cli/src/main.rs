@@ -27,8 +27,9 @@ use clap::{Parser, Subcommand};
 pub(crate) struct Cli {
     #[command(subcommand)]
     pub(crate) command: Command,
-    /// seccomp filters on the vCPU, device, console-writer and vhost-user threads;
-    /// `off` (or KVMBUILD_SECCOMP=off, also for qemu-compat) to debug a forbidden call.
+    /// seccomp filters on the vCPU, device, console-writer and vhost-user threads, and on the
+    /// thread that runs the VM once the guest starts; `off` (or KVMBUILD_SECCOMP=off, also for
+    /// qemu-compat) to debug a forbidden call.
     #[arg(long, global = true, value_name = "on|off", default_value = "on")]
     seccomp: Switch,
 }
