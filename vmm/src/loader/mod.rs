@@ -80,6 +80,10 @@ pub enum LoaderError {
         what: &'static str,
         entry: u64,
     },
+    /// The kernel's image (with its zero-filled part, an ELF segment's memory size) reaches
+    /// past guest RAM: the kernel would use memory that is not there.
+    #[error("{path}: the kernel's image ends at {end:#x}, beyond guest RAM")]
+    ImageBeyondRam { path: PathBuf, end: u64 },
     /// The bzImage ends before its 64-bit entry point.
     #[error("{0}: the bzImage is truncated: it ends before its 64-bit entry point")]
     TruncatedBzImage(PathBuf),
@@ -219,6 +223,9 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
                     entry: used.0,
                 });
             }
+            // linux-loader writes each segment's file bytes into RAM but takes its memory size
+            // (the zero-filled rest, .bss) on trust when it reports where the image ends.
+            check_image_in_ram(mem, path, result.kernel_end)?;
             Ok(LoadedKernel {
                 format,
                 entry: result.kernel_load,
@@ -231,6 +238,18 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, L
             })
         }
     }
+}
+
+/// Refuses a kernel image that ends (exclusive `end`) past guest RAM.
+fn check_image_in_ram(mem: &GuestMemoryMmap, path: &Path, end: u64) -> Result<(), LoaderError> {
+    let last = end.checked_sub(1).map(GuestAddress);
+    if last.is_some_and(|last| !mem.address_in_range(last)) {
+        return Err(LoaderError::ImageBeyondRam {
+            path: path.to_path_buf(),
+            end,
+        });
+    }
+    Ok(())
 }
 
 /// Refuses an ELF kernel whose `PT_NOTE` segments lie outside the file or exceed

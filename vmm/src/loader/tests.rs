@@ -226,3 +226,19 @@ fn empty_initrd_and_non_regular_inputs_are_refused() {
         Err(LoaderError::Read { .. })
     ));
 }
+
+/// Found by the `loader` fuzz target: a PT_LOAD whose memory size (its zero-filled part)
+/// reaches past RAM loaded, and the image's reported end lay far outside guest memory.
+#[test]
+fn elf_whose_memory_size_reaches_past_ram_is_refused() {
+    let mut f = elf(0x10_0000, &[], &[]);
+    // The PT_LOAD header starts at 64; p_memsz is its field at 40.
+    f[64 + 40..64 + 48].copy_from_slice(&(1u64 << 40).to_le_bytes());
+    let (_d, path) = file_with(&f);
+    let err = load_kernel(&ram(), &path).unwrap_err();
+    assert!(
+        matches!(err, LoaderError::ImageBeyondRam { end, .. } if end == 0x10_0000 + (1 << 40)),
+        "{err}"
+    );
+    assert!(err.to_string().ends_with("beyond guest RAM"), "{err}");
+}
