@@ -232,16 +232,22 @@ fn build(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
             vec![SeccompRule::new(vec![kvm_only]).map_err(|e| err(&e))?],
         );
     }
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Trap,
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )
-    .map_err(|e| err(&e))?;
+    compile(rules, SeccompAction::Trap, SeccompAction::Allow)
+        .map_err(|e| SeccompError::Build(kind, e))
+}
+
+/// Compiles `rules` for x86_64: a call that matches a rule gets `matched`, any other call
+/// `mismatched`. The error is seccompiler's, as text.
+fn compile(
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    mismatched: SeccompAction,
+    matched: SeccompAction,
+) -> Result<BpfProgram, String> {
+    let filter = SeccompFilter::new(rules, mismatched, matched, TargetArch::x86_64)
+        .map_err(|e| e.to_string())?;
     filter
         .try_into()
-        .map_err(|e: seccompiler::BackendError| err(&e))
+        .map_err(|e: seccompiler::BackendError| e.to_string())
 }
 
 /// What the thread that runs a VM must never do once the guest runs (x86_64). Processes are
@@ -301,21 +307,11 @@ const RUNNER_DENIED: &[i64] = &[
 ];
 
 fn build_runner() -> Result<BpfProgram, SeccompError> {
-    let err = |e: &dyn std::fmt::Display| SeccompError::BuildRunner(e.to_string());
-    let rules: BTreeMap<i64, Vec<SeccompRule>> = RUNNER_DENIED
+    let rules = RUNNER_DENIED
         .iter()
         .map(|&call| (call, Vec::new()))
         .collect();
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Trap,
-        TargetArch::x86_64,
-    )
-    .map_err(|e| err(&e))?;
-    filter
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| err(&e))
+    compile(rules, SeccompAction::Allow, SeccompAction::Trap).map_err(SeccompError::BuildRunner)
 }
 
 fn install_sigsys_handler() -> Result<(), SeccompError> {
@@ -441,65 +437,19 @@ mod tests {
         assert_eq!(&m.bytes[..m.len], b"call 110 0 -7");
     }
 
-    /// The child half of the next test: a filtered thread makes a call its filter forbids.
-    #[test]
-    fn forbidden_call_child() {
-        if std::env::var_os("KVMBUILD_SECCOMP_CHILD").is_none() {
+    /// A child test's body: when the parent test has run this test binary again with `flag`
+    /// set, runs `body` on a new thread with freshly enabled filters; the body must end the
+    /// process with a forbidden call.
+    fn as_child(flag: &str, body: impl FnOnce(&Arc<Filters>) + Send + 'static) {
+        if std::env::var_os(flag).is_none() {
             return;
         }
         let filters = Filters::enable().unwrap();
-        let start = filters.thread_start();
-        std::thread::spawn(move || {
-            start(ThreadKind::VhostUser);
-            // SAFETY: getppid has no preconditions; here it only has to be forbidden.
-            unsafe { libc::getppid() };
-        })
-        .join()
-        .unwrap();
+        std::thread::spawn(move || body(&filters)).join().unwrap();
         unreachable!("the forbidden call did not end the process");
     }
 
-    /// The child half of the runner test: threads still start on the confined thread, then a
-    /// new socket ends the process.
-    #[test]
-    fn runner_child() {
-        if std::env::var_os("KVMBUILD_SECCOMP_RUNNER_CHILD").is_none() {
-            return;
-        }
-        let filters = Filters::enable().unwrap();
-        std::thread::spawn(move || {
-            filters.confine_runner().unwrap();
-            let started = std::thread::spawn(|| 7).join().unwrap();
-            eprintln!("thread started under the runner's filter: {started}");
-            // SAFETY: socket(2) takes no pointers; here it only has to be forbidden.
-            unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
-        })
-        .join()
-        .unwrap();
-        unreachable!("the forbidden call did not end the process");
-    }
-
-    /// As [`runner_child`], with a new program instead of a socket.
-    #[test]
-    fn runner_exec_child() {
-        if std::env::var_os("KVMBUILD_SECCOMP_RUNNER_EXEC_CHILD").is_none() {
-            return;
-        }
-        let filters = Filters::enable().unwrap();
-        std::thread::spawn(move || {
-            filters.confine_runner().unwrap();
-            let program = c"/bin/true";
-            let argv = [program.as_ptr(), std::ptr::null()];
-            let envp = [std::ptr::null()];
-            // SAFETY: NUL-terminated path and argument and environment arrays that outlive
-            // the call; here it only has to be refused.
-            unsafe { libc::execve(program.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
-        })
-        .join()
-        .unwrap();
-        unreachable!("the forbidden call did not end the process");
-    }
-
+    /// Runs the child test `test` with `flag` set; its status and stderr.
     fn run_child(test: &str, flag: &str) -> (Option<i32>, String) {
         let out = Command::new(std::env::current_exe().unwrap())
             .args(["--exact", test, "--nocapture"])
@@ -510,6 +460,57 @@ mod tests {
             out.status.code(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
+    }
+
+    /// The child half of the next test: a filtered thread makes a call its filter forbids.
+    #[test]
+    fn forbidden_call_child() {
+        as_child("KVMBUILD_SECCOMP_CHILD", |filters| {
+            filters.thread_start()(ThreadKind::VhostUser);
+            // SAFETY: getppid has no preconditions; here it only has to be forbidden.
+            unsafe { libc::getppid() };
+        });
+    }
+
+    #[test]
+    fn a_forbidden_call_ends_the_process_naming_the_thread_and_the_call() {
+        let (code, stderr) = run_child(
+            "seccomp::tests::forbidden_call_child",
+            "KVMBUILD_SECCOMP_CHILD",
+        );
+        assert_eq!(code, Some(FORBIDDEN_CALL_STATUS), "{stderr}");
+        let expected = format!(
+            "kvmbuild: seccomp: a vhost-user thread made system call {}, which its filter forbids",
+            libc::SYS_getppid
+        );
+        assert!(stderr.contains(&expected), "{stderr}");
+    }
+
+    /// The child half of the runner test: threads still start on the confined thread, then a
+    /// new socket ends the process.
+    #[test]
+    fn runner_child() {
+        as_child("KVMBUILD_SECCOMP_RUNNER_CHILD", |filters| {
+            filters.confine_runner().unwrap();
+            let started = std::thread::spawn(|| 7).join().unwrap();
+            eprintln!("thread started under the runner's filter: {started}");
+            // SAFETY: socket(2) takes no pointers; here it only has to be forbidden.
+            unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) };
+        });
+    }
+
+    /// As [`runner_child`], with a new program instead of a socket.
+    #[test]
+    fn runner_exec_child() {
+        as_child("KVMBUILD_SECCOMP_RUNNER_EXEC_CHILD", |filters| {
+            filters.confine_runner().unwrap();
+            let program = c"/bin/true";
+            let argv = [program.as_ptr(), std::ptr::null()];
+            let envp = [std::ptr::null()];
+            // SAFETY: NUL-terminated path and argument and environment arrays that outlive
+            // the call; here it only has to be refused.
+            unsafe { libc::execve(program.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+        });
     }
 
     #[test]
@@ -537,26 +538,6 @@ mod tests {
         let expected = format!(
             "a VM-running (main) thread made system call {}",
             libc::SYS_execve
-        );
-        assert!(stderr.contains(&expected), "{stderr}");
-    }
-
-    #[test]
-    fn a_forbidden_call_ends_the_process_naming_the_thread_and_the_call() {
-        let out = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "seccomp::tests::forbidden_call_child",
-                "--nocapture",
-            ])
-            .env("KVMBUILD_SECCOMP_CHILD", "1")
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(FORBIDDEN_CALL_STATUS), "{stderr}");
-        let expected = format!(
-            "kvmbuild: seccomp: a vhost-user thread made system call {}, which its filter forbids",
-            libc::SYS_getppid
         );
         assert!(stderr.contains(&expected), "{stderr}");
     }
