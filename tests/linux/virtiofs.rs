@@ -63,7 +63,6 @@ pub fn which_virtiofsd() -> PathBuf {
         .expect("virtiofsd is installed (cargo install virtiofsd)")
 }
 
-/// Percent-encodes a value for a `kvmbuild.*` setting, as the init's own format does.
 /// vmTools' two virtio-fs shares as QEMU arguments: `store` and `xchg`, each a
 /// `vhost-user-fs-pci` device on a socket chardev of the same name.
 pub fn vmtools_share_args(store: &Virtiofsd, xchg: &Virtiofsd) -> Vec<String> {
@@ -80,6 +79,7 @@ pub fn vmtools_share_args(store: &Virtiofsd, xchg: &Virtiofsd) -> Vec<String> {
         .collect()
 }
 
+/// Percent-encodes a value for a `kvmbuild.*` setting, as the init's own format does.
 fn encode(value: &str) -> String {
     initrd::config::encode(value.as_bytes())
 }
