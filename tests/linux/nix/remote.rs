@@ -171,6 +171,7 @@ impl RemoteBuilder {
             host_key = keys.host.display(),
             dir = dir.display(),
         );
+        let log_file = std::fs::File::create(&log).unwrap();
         let child = Command::new("unshare")
             .args([
                 "--mount",
@@ -182,8 +183,8 @@ impl RemoteBuilder {
                 &script,
             ])
             .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::options().append(true).open(&log).unwrap())
+            .stdout(log_file.try_clone().unwrap())
+            .stderr(log_file)
             .spawn()
             .expect("unshare runs (util-linux)");
         let mut server = RemoteBuilder { child, port, log };
