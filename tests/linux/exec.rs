@@ -34,9 +34,15 @@ pub fn exec_command(cache: &Path, args: &[&str]) -> Command {
 /// Runs `exec` to the end with `stdin` as its input, under the hang guard.
 pub fn exec(cache: &Path, args: &[&str], stdin: &[u8]) -> Run {
     let mut cmd = exec_command(cache, args);
-    let input = scratch("exec-stdin").join(format!("in-{}", unique()));
+    let input = std::env::temp_dir().join(format!(
+        "kvmbuild-linux-exec-stdin-{}-{}",
+        std::process::id(),
+        unique()
+    ));
     std::fs::write(&input, stdin).unwrap();
     cmd.stdin(std::fs::File::open(&input).unwrap());
+    // The open file is all the run needs; the name can go now.
+    std::fs::remove_file(&input).unwrap();
     run_guarded(cmd, GUARD)
 }
 
@@ -411,8 +417,9 @@ pub fn exec_caches_the_initrd() {
             .unwrap()
     };
     let (a, b) = (spawn(), spawn());
-    for child in [a, b] {
-        let out = wait_output(child, GUARD);
+    // Both are waited for before either is judged, so a failure leaves neither running.
+    let outputs = [wait_output(a, GUARD), wait_output(b, GUARD)];
+    for out in outputs {
         assert_eq!(
             out.status,
             Some(0),

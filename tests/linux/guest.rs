@@ -160,9 +160,11 @@ fn shared_libraries(binary: &str) -> Vec<String> {
         .collect()
 }
 
-/// A scratch directory for one test.
+/// An empty scratch directory for one test. Whatever an earlier attempt left there is removed
+/// first, so that a test the harness runs once more (after a nested failure) starts clean.
 pub fn scratch(test: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("kvmbuild-linux-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
