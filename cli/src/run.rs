@@ -253,6 +253,12 @@ pub(crate) fn run_vm(args: RunArgs, names: &OptionNames) -> Result<RunReport, Ex
         Ok(mut report) => {
             if verbose {
                 eprintln!("kvmbuild: {}", report.memory_backing);
+                if let Some(restored) = &report.restored {
+                    eprintln!("kvmbuild: {restored}");
+                }
+                if let Some(served) = report.served_on_demand {
+                    eprintln!("kvmbuild: {}", served_line(served));
+                }
             }
             crate::keep_finished_vm(report.remains.take());
             Ok(report)
@@ -334,4 +340,12 @@ pub(crate) fn report_outcome(report: &RunReport, timeout: Option<Duration>) -> E
             )
         }
     }
+}
+
+/// The `-v` line on how much of a snapshot's memory a restored guest touched.
+pub fn served_line(served: u64) -> String {
+    format!(
+        "served {} KiB of the snapshot's memory as the guest touched it",
+        served >> 10
+    )
 }

@@ -17,6 +17,8 @@ pub enum ThreadKind {
     ConsoleWriter,
     /// Watches the waits on a vhost-user back end.
     VhostUser,
+    /// Fills guest memory from a snapshot as the guest touches it (userfaultfd).
+    PageServer,
 }
 
 /// What each thread of a VM does first, given its kind.

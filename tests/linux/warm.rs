@@ -56,6 +56,34 @@ fn now() -> u64 {
         .as_secs()
 }
 
+/// A restored run's memory was served as the guest touched it (the test host runs kvmbuild as
+/// root, which userfaultfd needs for KVM's faults), and the guest touched less than the
+/// snapshot holds: what it did not touch was never copied.
+fn check_served_on_demand(run: &Run) {
+    let line = |prefix: &str| {
+        run.stderr
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(str::to_owned)
+    };
+    let restored = line("kvmbuild: restored ").unwrap_or_default();
+    run.check(
+        restored.ends_with("(checked; pages served as the guest touches them)"),
+        "the snapshot's memory is served on demand",
+    );
+    let mib = |text: &str| -> u64 {
+        let number = text.split(' ').next().unwrap_or("");
+        number.parse().unwrap_or(0)
+    };
+    let served_kib = line("kvmbuild: served ").map_or(0, |l| mib(&l));
+    let saved_kib = mib(&restored) << 10;
+    println!("warm: served {served_kib} KiB of {saved_kib} KiB on demand");
+    run.check(
+        served_kib > 0 && served_kib < saved_kib,
+        "some but not all of the snapshot's memory was served",
+    );
+}
+
 /// The cold run saves a snapshot; [`warm_runs`] runs restore it, each with its own share,
 /// command status and environment, and each with its own boot id, random bytes and the
 /// host's time.
@@ -92,6 +120,9 @@ pub fn exec_warm_restores_one_snapshot_for_many_runs() {
                 "warm: run {index} ({}): {line}",
                 if index == 0 { "cold" } else { "restored" }
             );
+        }
+        if index > 0 {
+            check_served_on_demand(&run);
         }
         seen_ids.push(lines[1].to_string());
         seen_random.push(lines[2].to_string());

@@ -1,5 +1,5 @@
 //! seccomp filters: each thread that touches guest-controlled data (vCPUs, the device thread,
-//! console writers, the vhost-user watchdog) confines itself, as it
+//! console writers, the vhost-user watchdog, a restored VM's page server) confines itself, as it
 //! starts, to the system calls its kind makes. The lists come from tracing the test suite
 //! (`strace -f` over the tiny-guest, fault and Linux tests) plus the error and exit paths
 //! the traces cannot reach (KVM's emulation-failure report, panics, thread exit).
@@ -57,15 +57,16 @@ pub enum SeccompError {
 /// The status a forbidden system call ends the process with (an internal error).
 pub const FORBIDDEN_CALL_STATUS: i32 = 70;
 
-const KINDS: [ThreadKind; 4] = [
+const KINDS: [ThreadKind; 5] = [
     ThreadKind::Vcpu,
     ThreadKind::DeviceLoop,
     ThreadKind::ConsoleWriter,
     ThreadKind::VhostUser,
+    ThreadKind::PageServer,
 ];
 
 /// [`KIND`]'s value on the thread that runs the VM: the index after the last kind.
-const RUNNER: i8 = 4;
+const RUNNER: i8 = 5;
 const _: () = assert!(RUNNER as usize == KINDS.len());
 
 thread_local! {
@@ -206,11 +207,24 @@ fn extra_calls(kind: ThreadKind) -> &'static [i64] {
         ThreadKind::ConsoleWriter => &[],
         // Cutting a back end's connection.
         ThreadKind::VhostUser => &[libc::SYS_shutdown],
+        // Reading the snapshot's pages (its ioctls are limited to userfaultfd's, below).
+        ThreadKind::PageServer => &[libc::SYS_pread64],
     }
 }
 
 /// KVM's ioctl type byte: vCPU threads may issue KVM ioctls only.
 const KVMIO: u64 = 0xae;
+/// userfaultfd's ioctl type byte: the page server may issue those only.
+const UFFDIO: u64 = 0xaa;
+
+/// The ioctls a kind may issue, by type byte.
+fn ioctl_type(kind: ThreadKind) -> Option<u64> {
+    match kind {
+        ThreadKind::Vcpu => Some(KVMIO),
+        ThreadKind::PageServer => Some(UFFDIO),
+        _ => None,
+    }
+}
 
 fn build(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
     let err = |e: &dyn std::fmt::Display| SeccompError::Build(kind, e.to_string());
@@ -219,17 +233,17 @@ fn build(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
         .chain(extra_calls(kind))
         .map(|&call| (call, Vec::new()))
         .collect();
-    if kind == ThreadKind::Vcpu {
-        let kvm_only = SeccompCondition::new(
+    if let Some(ty) = ioctl_type(kind) {
+        let of_type = SeccompCondition::new(
             1,
             SeccompCmpArgLen::Dword,
             SeccompCmpOp::MaskedEq(0xff00),
-            KVMIO << 8,
+            ty << 8,
         )
         .map_err(|e| err(&e))?;
         rules.insert(
             libc::SYS_ioctl,
-            vec![SeccompRule::new(vec![kvm_only]).map_err(|e| err(&e))?],
+            vec![SeccompRule::new(vec![of_type]).map_err(|e| err(&e))?],
         );
     }
     compile(rules, SeccompAction::Trap, SeccompAction::Allow)
@@ -367,6 +381,7 @@ fn kind_name(index: i8) -> &'static str {
         Some(ThreadKind::DeviceLoop) => "device",
         Some(ThreadKind::ConsoleWriter) => "console writer",
         Some(ThreadKind::VhostUser) => "vhost-user",
+        Some(ThreadKind::PageServer) => "page server",
         None => "filtered",
     }
 }

@@ -68,7 +68,7 @@ fn parse_restored(stderr: &str) -> Option<(u64, Duration)> {
         .lines()
         .find_map(|l| l.strip_prefix(RESTORED_PREFIX))?;
     let (mib, rest) = line.split_once(" MiB of guest memory in ")?;
-    let ms = rest.strip_suffix(" ms")?;
+    let (ms, _how) = rest.split_once(" ms")?;
     Some((mib.parse().ok()?, Duration::from_millis(ms.parse().ok()?)))
 }
 
@@ -371,6 +371,7 @@ mod tests {
         let restored = vmm::vm::Restored {
             bytes: 66 << 20,
             took: Duration::from_millis(48),
+            fill: vmm::vm::Fill::OnDemand,
         };
         let stderr = format!("kvmbuild: kernel x\nkvmbuild: {restored}\nkvmbuild: done\n");
         assert_eq!(

@@ -187,6 +187,7 @@ mod tests {
             stuck_vcpus: Vec::new(),
             snapshot: None,
             restored: None,
+            served_on_demand: None,
             timed_out_at: Vec::new(),
             memory_backing: vmm::memory::BackingReport {
                 backing: vmm::memory::Backing::SmallPages,

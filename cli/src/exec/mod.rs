@@ -432,6 +432,9 @@ fn outcome(report: &RunReport, plan: &Plan, console: &ConsoleTail, log: &Log) ->
     if let Some(restored) = &report.restored {
         log.say(format_args!("{restored}"));
     }
+    if let Some(served) = report.served_on_demand {
+        log.say(format_args!("{}", crate::run::served_line(served)));
+    }
     log.say(format_args!(
         "VM set up in {} ms",
         report

@@ -22,6 +22,7 @@
 
 pub mod cpu;
 pub mod memory;
+pub mod on_demand;
 
 use std::fs::File;
 use std::io::Write;
@@ -77,6 +78,10 @@ pub enum SnapshotError {
     /// No vCPU state to save: a vCPU is running or did not come back.
     #[error("the vCPUs are not stopped")]
     VcpusRunning,
+    /// The VM's memory is still being served from another snapshot: its memory file lacks
+    /// the pages the guest has not touched yet.
+    #[error("a VM restored from a snapshot is not saved again")]
+    ServedOnDemand,
     /// Guest memory is not backed by a file (it always is in kvmbuild).
     #[error("guest memory is not backed by a file")]
     MemoryNotAFile,

@@ -63,6 +63,9 @@ pub enum VmError {
     /// A snapshot could not be restored.
     #[error("cannot restore the snapshot")]
     Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// The server of a restored VM's memory could not be started.
+    #[error("cannot serve the snapshot's memory")]
+    OnDemand(#[from] crate::snapshot::on_demand::OnDemandError),
     /// The thread that runs the VM could not be confined.
     #[error(transparent)]
     Seccomp(#[from] crate::seccomp::SeccompError),

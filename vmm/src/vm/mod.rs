@@ -29,10 +29,12 @@ use crate::firmware;
 use crate::kvm;
 use crate::layout;
 use crate::loader;
+use crate::memory::Backing;
 use crate::memory::{self, BackingReport};
 use crate::pvh::{self, PvhInfo};
 use crate::release::Remains;
 use crate::seccomp;
+use crate::snapshot::on_demand::{self, OnDemand};
 use crate::snapshot::{self, SavedState, Snapshot, SnapshotError, VcpuState};
 use crate::vcpu::{self, BootEntry, VcpuContext, VcpuPosition};
 
@@ -112,6 +114,8 @@ pub struct RunReport {
     pub snapshot: Option<Result<(), SnapshotError>>,
     /// What restoring the snapshot took, when the VM started from one.
     pub restored: Option<Restored>,
+    /// Bytes of snapshot memory served as the guest touched them, when they were.
+    pub served_on_demand: Option<u64>,
     /// Where each vCPU was when the run timed out (empty otherwise).
     pub timed_out_at: Vec<VcpuPosition>,
     /// The VM fd and guest RAM, still to be released (see [`crate::release`]); `None` when a
@@ -130,12 +134,23 @@ impl RunReport {
 }
 
 /// What restoring guest memory from a snapshot took, for `-v` and benchmarks.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Restored {
     /// Bytes read from the snapshot's memory file (the pages the guest had touched).
     pub bytes: u64,
-    /// Reading and checking them.
+    /// Reading and checking them (and copying them, when they were copied).
     pub took: Duration,
+    /// How the pages reach guest memory.
+    pub fill: Fill,
+}
+
+/// How a restored VM's memory is filled from its snapshot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fill {
+    /// Each page as the guest first touches it ([`snapshot::on_demand`]).
+    OnDemand,
+    /// All at once before the guest resumed, for the reason given.
+    Copied(String),
 }
 
 impl std::fmt::Display for Restored {
@@ -145,7 +160,11 @@ impl std::fmt::Display for Restored {
             "restored {} MiB of guest memory in {} ms",
             self.bytes >> 20,
             self.took.as_millis()
-        )
+        )?;
+        match &self.fill {
+            Fill::OnDemand => write!(f, " (checked; pages served as the guest touches them)"),
+            Fill::Copied(why) => write!(f, " (copied: {why})"),
+        }
     }
 }
 
@@ -171,6 +190,9 @@ pub struct Vm {
     exit: Arc<VmExit>,
     started: Instant,
     restored: Option<Restored>,
+    /// Serves a restored VM's memory as it is touched; dropped (stopped) only once no vCPU or
+    /// device thread can touch guest memory any more.
+    on_demand: Option<OnDemand>,
     /// vCPUs that did not come back from their threads: they may still use memory and devices.
     stuck: Vec<usize>,
     /// The filters to confine [`Vm::run`]'s caller with, until it has been.
@@ -221,10 +243,6 @@ impl Vm {
             snapshot.check_machine(mem_size, config.vcpus)?;
         }
         let (fd, mem, memory_backing) = create_vm(&kvm, mem_size, config.pit)?;
-        let restored = match &restore {
-            Some(snapshot) => Some(restore_memory(&mem, snapshot)?),
-            None => None,
-        };
         let exit = Arc::new(VmExit::new().map_err(|e| VmError::Setup("exit channel", e))?);
         exit.set_stop_event(stop)
             .map_err(|e| VmError::Setup("stop event", e))?;
@@ -232,6 +250,14 @@ impl Vm {
         if let Some(filters) = &config.seccomp {
             exit.set_thread_start(filters.thread_start());
         }
+        let (restored, on_demand) = match &restore {
+            Some(snapshot) => {
+                let (restored, on_demand) =
+                    restore_memory(&mem, snapshot, &memory_backing.backing, &exit)?;
+                (Some(restored), on_demand)
+            }
+            None => (None, None),
+        };
         if config.snapshot_to.is_some() {
             exit.pause_at_snapshot_point();
         }
@@ -269,6 +295,7 @@ impl Vm {
             exit,
             started,
             restored,
+            on_demand,
             stuck: Vec::new(),
             confine_runner: config.seccomp.clone().filter(|_| config.confine_runner),
             fd,
@@ -281,6 +308,9 @@ impl Vm {
     pub fn save_snapshot(&self, dir: &std::path::Path, key: &str) -> Result<(), SnapshotError> {
         if self.vcpus.len() != usize::from(self.vcpu_count) {
             return Err(SnapshotError::VcpusRunning);
+        }
+        if self.on_demand.is_some() {
+            return Err(SnapshotError::ServedOnDemand);
         }
         if let Some(index) = self.devices().virtio_device_in_use() {
             return Err(SnapshotError::DeviceInUse(index));
@@ -426,7 +456,12 @@ impl Vm {
 
     /// What restoring the snapshot's memory took, when the VM started from one.
     pub fn restored(&self) -> Option<Restored> {
-        self.restored
+        self.restored.clone()
+    }
+
+    /// Bytes of snapshot memory served so far as the guest touched them, when they are.
+    pub fn served_on_demand(&self) -> Option<u64> {
+        self.on_demand.as_ref().map(OnDemand::served)
     }
 
     fn devices(&self) -> &DeviceManager {
@@ -447,6 +482,7 @@ pub fn run(
     let memory_backing = vm.memory_backing().clone();
     let restored = vm.restored();
     let outcome = vm.run(stop, timeout)?;
+    let served_on_demand = vm.served_on_demand();
     let Teardown {
         console_error,
         remains,
@@ -461,6 +497,7 @@ pub fn run(
         stuck_vcpus: outcome.stuck_vcpus,
         snapshot: outcome.snapshot,
         restored,
+        served_on_demand,
         timed_out_at: outcome.timed_out_at,
         memory_backing,
         remains,
@@ -543,17 +580,43 @@ fn load_guest(
     Ok(BootEntry::Linux64(kernel.entry))
 }
 
-/// Fills fresh guest memory from a snapshot and checks what it read.
-fn restore_memory(mem: &GuestMemoryMmap, snapshot: &Snapshot) -> Result<Restored, SnapshotError> {
+/// Checks a snapshot's memory and arranges for fresh guest memory to hold it: served as the
+/// guest touches it where userfaultfd allows (the returned server), else copied now.
+fn restore_memory(
+    mem: &GuestMemoryMmap,
+    snapshot: &Snapshot,
+    backing: &Backing,
+    exit: &Arc<VmExit>,
+) -> Result<(Restored, Option<OnDemand>), VmError> {
     let started = Instant::now();
-    let (crc, bytes) = snapshot::memory::restore(mem, &snapshot.memory)?;
+    let registered = match backing {
+        // UFFDIO_COPY into hugetlb memory goes by whole 2 MiB pages: copying is as good.
+        Backing::Hugetlb => Err("guest memory is on hugetlb pages".to_owned()),
+        Backing::ShmemThp | Backing::SmallPages => {
+            on_demand::Registered::new(mem).map_err(|e| e.to_string())
+        }
+    };
+    let fill = match registered {
+        Ok(_) => snapshot::memory::Fill::OnDemand,
+        Err(_) => snapshot::memory::Fill::Now,
+    };
+    let (crc, bytes) = snapshot::memory::restore(mem, &snapshot.memory, fill)?;
     if crc != snapshot.state.memory_crc {
-        return Err(SnapshotError::Corrupt("the memory file's checksum"));
+        return Err(SnapshotError::Corrupt("the memory file's checksum").into());
     }
-    Ok(Restored {
+    let (fill, on_demand) = match registered {
+        Ok(registered) => (
+            Fill::OnDemand,
+            Some(registered.serve(&snapshot.memory, exit)?),
+        ),
+        Err(why) => (Fill::Copied(why), None),
+    };
+    let restored = Restored {
         bytes,
         took: started.elapsed(),
-    })
+        fill,
+    };
+    Ok((restored, on_demand))
 }
 
 /// Restores the VM's own state, then creates each vCPU and restores its state.
