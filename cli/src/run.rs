@@ -256,8 +256,8 @@ pub(crate) fn run_vm(args: RunArgs, names: &OptionNames) -> Result<RunReport, Ex
                 if let Some(restored) = &report.restored {
                     eprintln!("kvmbuild: {restored}");
                 }
-                if let Some(served) = report.served_on_demand {
-                    eprintln!("kvmbuild: {}", served_line(served));
+                if let Some(served) = &report.served_on_demand {
+                    eprintln!("kvmbuild: {}", served_line(served.bytes));
                 }
             }
             crate::keep_finished_vm(report.remains.take());

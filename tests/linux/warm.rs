@@ -58,8 +58,9 @@ fn now() -> u64 {
 
 /// A restored run's memory was served as the guest touched it (the test host runs kvmbuild as
 /// root, which userfaultfd needs for KVM's faults), and the guest touched less than the
-/// snapshot holds: what it did not touch was never copied.
-fn check_served_on_demand(run: &Run) {
+/// snapshot holds: what it did not touch was never copied. From the second restored run on,
+/// the blocks the first one touched (its hot list) are placed ahead of the guest.
+fn check_served_on_demand(run: &Run, with_hot_list: bool) {
     let line = |prefix: &str| {
         run.stderr
             .lines()
@@ -68,8 +69,12 @@ fn check_served_on_demand(run: &Run) {
     };
     let restored = line("kvmbuild: restored ").unwrap_or_default();
     run.check(
-        restored.ends_with("(checked; pages served as the guest touches them)"),
+        restored.contains("(checked; pages served as the guest touches them"),
         "the snapshot's memory is served on demand",
+    );
+    run.check(
+        restored.contains("hot blocks ahead of it") == with_hot_list,
+        &format!("a hot list is used: {with_hot_list}"),
     );
     let mib = |text: &str| -> u64 {
         let number = text.split(' ').next().unwrap_or("");
@@ -122,7 +127,7 @@ pub fn exec_warm_restores_one_snapshot_for_many_runs() {
             );
         }
         if index > 0 {
-            check_served_on_demand(&run);
+            check_served_on_demand(&run, index > 1);
         }
         seen_ids.push(lines[1].to_string());
         seen_random.push(lines[2].to_string());

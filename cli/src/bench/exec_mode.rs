@@ -371,7 +371,7 @@ mod tests {
         let restored = vmm::vm::Restored {
             bytes: 66 << 20,
             took: Duration::from_millis(48),
-            fill: vmm::vm::Fill::OnDemand,
+            fill: vmm::vm::Fill::OnDemand { ahead: 0 },
         };
         let stderr = format!("kvmbuild: kernel x\nkvmbuild: {restored}\nkvmbuild: done\n");
         assert_eq!(

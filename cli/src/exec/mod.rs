@@ -152,6 +152,12 @@ fn run_vm(
             let config = vm_config(plan, initrd, daemons, console, Some((&warm, None, run_dir)))?;
             Ok(vm::run(config, stop, plan.timeout))
         }
+        Ok(report) => {
+            if let Some(served) = &report.served_on_demand {
+                warm.keep_hot_list(&served.faulted);
+            }
+            Ok(Ok(report))
+        }
         result => Ok(result),
     }
 }
@@ -432,8 +438,8 @@ fn outcome(report: &RunReport, plan: &Plan, console: &ConsoleTail, log: &Log) ->
     if let Some(restored) = &report.restored {
         log.say(format_args!("{restored}"));
     }
-    if let Some(served) = report.served_on_demand {
-        log.say(format_args!("{}", crate::run::served_line(served)));
+    if let Some(served) = &report.served_on_demand {
+        log.say(format_args!("{}", crate::run::served_line(served.bytes)));
     }
     log.say(format_args!(
         "VM set up in {} ms",

@@ -84,6 +84,16 @@ impl Warm {
         }
     }
 
+    /// Gives the snapshot the blocks a run restored from it faulted in, as its hot list, when
+    /// it has none yet: later restores place them ahead of the guest. A hint only (a failure
+    /// to write it changes nothing but speed), so nothing is said about it.
+    pub fn keep_hot_list(&self, faulted: &[u64]) {
+        if faulted.is_empty() || Snapshot::has_hot_list(&self.dir) {
+            return;
+        }
+        let _ = vmm::snapshot::write_hot_list(&self.dir, faulted);
+    }
+
     /// Removes the snapshot after `why` made it unusable, saying so.
     pub fn discard(&self, why: &SnapshotError) {
         eprintln!(

@@ -13,10 +13,14 @@
 //! |----------|---------|
 //! | `state`  | `KVMBSNAP`, the format version (u32 LE), the SHA-256 of the payload, then the payload: [`SavedState`] encoded with postcard |
 //! | `memory` | guest RAM as a sparse file: the non-zero pages at their offsets in the guest memory file |
+//! | `hot`    | optional, added later: `KVMBHOT1`, then the memory file offsets (u64 LE) of the blocks the first restored run touched, in the order it touched them ([`on_demand`]) |
 //!
 //! It is written to a temporary directory and renamed into place, so readers see a whole
 //! snapshot or none. A snapshot whose magic, version, hash, memory checksum, memory size or
 //! vCPU count does not match is refused with [`SnapshotError`]; the caller then boots cold.
+//! The hot list is a hint for what to copy ahead of the guest: it selects which checked pages
+//! are placed early, never what they hold, so it carries no checksum, and one that does not
+//! parse is ignored.
 //!
 //! [`Vm::save_snapshot`]: crate::vm::Vm::save_snapshot
 
@@ -43,6 +47,10 @@ const STATE_FILE: &str = "state";
 const MEMORY_FILE: &str = "memory";
 /// A bound on the state file: a few KiB per vCPU, far below this for any supported count.
 const MAX_STATE_BYTES: u64 = 64 << 20;
+/// The hot list's name in a snapshot directory.
+const HOT_FILE: &str = "hot";
+/// The first bytes of a hot list.
+const HOT_MAGIC: &[u8; 8] = b"KVMBHOT1";
 
 /// Errors from saving or restoring a snapshot.
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +148,9 @@ pub struct Snapshot {
     pub state: SavedState,
     /// The memory file.
     pub memory: File,
+    /// The hot list: memory file offsets to copy ahead of the guest, first first (empty when
+    /// the snapshot has none yet).
+    pub hot: Vec<u64>,
 }
 
 impl Snapshot {
@@ -152,7 +163,13 @@ impl Snapshot {
         }
         let memory = File::open(dir.join(MEMORY_FILE))
             .map_err(|e| SnapshotError::Io("open the memory file", e))?;
-        Ok(Snapshot { state, memory })
+        let hot = read_hot_list(&dir.join(HOT_FILE), state.mem_size);
+        Ok(Snapshot { state, memory, hot })
+    }
+
+    /// Whether the snapshot in `dir` has a hot list yet.
+    pub fn has_hot_list(dir: &Path) -> bool {
+        dir.join(HOT_FILE).exists()
     }
 
     /// Refuses a snapshot of a guest with another memory size or vCPU count.
@@ -247,6 +264,53 @@ pub fn write(
     result
 }
 
+/// Gives the snapshot in `dir` a hot list: `blocks` (memory file offsets, in the order a
+/// restored run touched them; repeats after the first are dropped). Written to a temporary
+/// file and renamed into place, so a reader sees all of it or nothing.
+pub fn write_hot_list(dir: &Path, blocks: &[u64]) -> Result<(), SnapshotError> {
+    let mut seen = std::collections::HashSet::new();
+    let mut bytes = HOT_MAGIC.to_vec();
+    for block in blocks.iter().filter(|b| seen.insert(**b)) {
+        bytes.extend_from_slice(&block.to_le_bytes());
+    }
+    let tmp = temporary_sibling(&dir.join(HOT_FILE));
+    let result = std::fs::write(&tmp, &bytes)
+        .and_then(|()| std::fs::rename(&tmp, dir.join(HOT_FILE)))
+        .map_err(|e| SnapshotError::Io("write the hot list", e));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// The hot list at `path`, for guest memory of `mem_size` bytes: empty when there is none or
+/// it does not parse, and never longer than one entry per 4 KiB of guest memory.
+fn read_hot_list(path: &Path, mem_size: u64) -> Vec<u64> {
+    let bound = HOT_MAGIC.len() as u64 + mem_size / 4096 * 8;
+    let Ok(file) = File::open(path) else {
+        return Vec::new();
+    };
+    let mut bytes = Vec::new();
+    if std::io::Read::read_to_end(&mut std::io::Read::take(file, bound + 1), &mut bytes).is_err() {
+        return Vec::new();
+    }
+    parse_hot_list(&bytes, bound, mem_size)
+}
+
+fn parse_hot_list(bytes: &[u8], bound: u64, mem_size: u64) -> Vec<u64> {
+    let Some(entries) = bytes.strip_prefix(HOT_MAGIC.as_slice()) else {
+        return Vec::new();
+    };
+    if bytes.len() as u64 > bound || entries.len() % 8 != 0 {
+        return Vec::new();
+    }
+    entries
+        .chunks_exact(8)
+        .map(|e| u64::from_le_bytes(e.try_into().unwrap_or_default()))
+        .filter(|&offset| offset < mem_size)
+        .collect()
+}
+
 fn temporary_sibling(dir: &Path) -> PathBuf {
     let name = dir
         .file_name()
@@ -298,6 +362,25 @@ mod tests {
             decode_state(b"short"),
             Err(SnapshotError::Corrupt(_))
         ));
+    }
+
+    #[test]
+    fn a_hot_list_round_trips_and_a_bad_one_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        write_hot_list(dir.path(), &[0x20000, 0x10000, 0x20000, 0x30000]).unwrap();
+        let path = dir.path().join(HOT_FILE);
+        assert_eq!(
+            read_hot_list(&path, 1 << 20),
+            vec![0x20000, 0x10000, 0x30000]
+        );
+        // Offsets past guest memory are dropped; a list longer than guest memory has pages,
+        // cut short, or of another format is ignored.
+        assert_eq!(read_hot_list(&path, 0x20000), vec![0x10000]);
+        assert!(read_hot_list(&path, 8192).is_empty());
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(parse_hot_list(&bytes[..bytes.len() - 1], 1 << 20, 1 << 20).is_empty());
+        assert!(parse_hot_list(b"KVMBHOT2", 1 << 20, 1 << 20).is_empty());
+        assert!(read_hot_list(&dir.path().join("none"), 1 << 20).is_empty());
     }
 
     #[test]

@@ -31,7 +31,6 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -161,7 +160,17 @@ impl Region {
 pub struct OnDemand {
     stop: EventFd,
     served: Arc<AtomicU64>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Vec<u64>>>,
+}
+
+/// What a server did, once stopped.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Served {
+    /// Bytes placed in guest memory, ahead of the guest or for its faults.
+    pub bytes: u64,
+    /// The memory file offsets of the blocks placed for faults, in the order of the faults:
+    /// the hot list for the snapshot's later restores.
+    pub faulted: Vec<u64>,
 }
 
 /// Guest memory registered for on-demand filling, before its server starts.
@@ -183,17 +192,25 @@ impl Registered {
     }
 
     /// Starts the thread that fills the memory from `snapshot` (the checked memory file, laid
-    /// out as the memory file). A failure of that thread later ends the VM through `exit`.
-    pub fn serve(self, snapshot: &File, exit: &Arc<VmExit>) -> Result<OnDemand, OnDemandError> {
-        let snapshot = snapshot.try_clone().map_err(OnDemandError::Setup)?;
+    /// out as the memory file): the blocks at the file offsets in `ahead`, in order, between
+    /// the guest's faults, and then only what the guest touches. A failure of that thread
+    /// ends the VM through `exit`.
+    pub fn serve(
+        self,
+        snapshot: &File,
+        ahead: Vec<u64>,
+        exit: &Arc<VmExit>,
+    ) -> Result<OnDemand, OnDemandError> {
+        let source = Source::map(snapshot).map_err(OnDemandError::Setup)?;
         let stop = EventFd::new(EFD_NONBLOCK).map_err(OnDemandError::Setup)?;
         let server = Server {
             uffd: self.uffd,
-            snapshot,
+            source,
             regions: self.regions,
             stop: stop.try_clone().map_err(OnDemandError::Setup)?,
             served: Arc::new(AtomicU64::new(0)),
-            buffer: vec![0; BLOCK_BYTES],
+            ahead,
+            faulted: Vec::new(),
         };
         let served = server.served.clone();
         let exit = exit.clone();
@@ -201,11 +218,13 @@ impl Registered {
             .name("kvmbuild-pages".into())
             .spawn(move || {
                 exit.thread_started(ThreadKind::PageServer);
-                if let Err(e) = server.serve() {
+                let (faulted, result) = server.serve();
+                if let Err(e) = result {
                     exit.request(ExitReason::Internal(format!(
                         "serving guest memory from the snapshot failed: {e}"
                     )));
                 }
+                faulted
             })
             .map_err(OnDemandError::Setup)?;
         Ok(OnDemand {
@@ -221,14 +240,77 @@ impl OnDemand {
     pub fn served(&self) -> u64 {
         self.served.load(Ordering::Relaxed)
     }
+
+    /// Stops the server and says what it did.
+    pub fn finish(mut self) -> Served {
+        let faulted = self.stop_thread();
+        Served {
+            bytes: self.served(),
+            faulted,
+        }
+    }
+
+    fn stop_thread(&mut self) -> Vec<u64> {
+        let _ = self.stop.write(1);
+        self.thread
+            .take()
+            .and_then(|thread| thread.join().ok())
+            .unwrap_or_default()
+    }
 }
 
 impl Drop for OnDemand {
     fn drop(&mut self) {
-        let _ = self.stop.write(1);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        self.stop_thread();
+    }
+}
+
+/// The snapshot's memory file, mapped read-only as the source of `UFFDIO_COPY`: the kernel
+/// copies from the file's page cache straight into guest memory. Were the file cut short while
+/// mapped, the copy would fail with EFAULT (the kernel reads the mapping, not this process,
+/// so there is no SIGBUS) and the run would end with that error.
+struct Source {
+    addr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and owned by its one Source; sending the Source to the
+// server thread moves that ownership.
+unsafe impl Send for Source {}
+
+impl Source {
+    fn map(file: &File) -> std::io::Result<Source> {
+        let len = usize::try_from(file.metadata()?.len())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        // SAFETY: a new read-only private mapping of `len` bytes of an open file; nothing else
+        // refers to the address range it returns.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
         }
+        Ok(Source { addr, len })
+    }
+
+    /// The address of `len` bytes at file offset `offset`, if the file holds them.
+    fn at(&self, offset: u64, len: u64) -> Option<u64> {
+        let end = offset.checked_add(len)?;
+        (end <= self.len as u64).then(|| self.addr as u64 + offset)
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        // SAFETY: the range was mapped by Source::map and is unmapped once, here.
+        unsafe { libc::munmap(self.addr, self.len) };
     }
 }
 
@@ -290,42 +372,89 @@ fn register(uffd: &OwnedFd, region: &Region) -> Result<(), OnDemandError> {
 /// The page server's thread state.
 struct Server {
     uffd: OwnedFd,
-    snapshot: File,
+    source: Source,
     regions: Vec<Region>,
     stop: EventFd,
     served: Arc<AtomicU64>,
-    buffer: Vec<u8>,
+    /// Blocks (memory file offsets) still to place ahead of the guest, next last.
+    ahead: Vec<u64>,
+    /// Blocks placed for faults, in order.
+    faulted: Vec<u64>,
 }
 
 /// How many fault messages are read at once.
 const MESSAGES_PER_READ: usize = 16;
 
+/// What woke the server.
+enum Wake {
+    Faults,
+    Idle,
+    Stop,
+}
+
 impl Server {
-    /// Serves faults until stopped. Returns an error only for one that leaves a guest thread
-    /// waiting for ever (a page that can be neither read nor placed).
-    fn serve(mut self) -> std::io::Result<()> {
+    /// Serves faults, and between them places the blocks asked for ahead, until stopped.
+    /// Returns the blocks it placed for faults, and an error only for one that would leave a
+    /// guest thread waiting for ever (a page that can be neither read nor placed).
+    fn serve(mut self) -> (Vec<u64>, std::io::Result<()>) {
+        self.ahead.reverse();
+        let result = self.serve_until_stopped();
+        (std::mem::take(&mut self.faulted), result)
+    }
+
+    fn serve_until_stopped(&mut self) -> std::io::Result<()> {
         let mut messages = [0u8; MSG_SIZE * MESSAGES_PER_READ];
         loop {
-            if !self.wait_for_faults()? {
-                return Ok(());
-            }
-            let n = match read_messages(&self.uffd, &mut messages) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            for msg in messages[..n - n % MSG_SIZE].chunks_exact(MSG_SIZE) {
-                if msg[0] == UFFD_EVENT_PAGEFAULT {
-                    let addr = u64::from_ne_bytes(msg[16..24].try_into().unwrap_or_default());
-                    self.serve_fault(addr)?;
-                }
+            match self.wait(!self.ahead.is_empty())? {
+                Wake::Stop => return Ok(()),
+                Wake::Faults => self.serve_queued_faults(&mut messages)?,
+                Wake::Idle => self.place_next_ahead()?,
             }
         }
     }
 
-    /// Waits until faults are queued (true) or the server is stopped (false).
-    fn wait_for_faults(&self) -> std::io::Result<bool> {
+    fn serve_queued_faults(&mut self, messages: &mut [u8]) -> std::io::Result<()> {
+        let n = match read_messages(&self.uffd, messages) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                return Ok(())
+            }
+            Err(e) => return Err(e),
+        };
+        for msg in messages[..n - n % MSG_SIZE].chunks_exact(MSG_SIZE) {
+            if msg[0] == UFFD_EVENT_PAGEFAULT {
+                let addr = u64::from_ne_bytes(msg[16..24].try_into().unwrap_or_default());
+                self.serve_fault(addr)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Places the next block asked for ahead; one already (partly) there is left as it is.
+    fn place_next_ahead(&mut self) -> std::io::Result<()> {
+        let Some(offset) = self.ahead.pop() else {
+            return Ok(());
+        };
+        let Some(region) = self
+            .regions
+            .iter()
+            .copied()
+            .find(|r| offset >= r.file_offset && offset - r.file_offset < r.len)
+        else {
+            return Ok(());
+        };
+        let (start, len) = region.block_around(region.host + (offset - region.file_offset));
+        self.place(&region, start, len).map(|_| ())
+    }
+
+    /// Waits until faults are queued or the server is stopped; with `busy` (work ahead),
+    /// only looks.
+    fn wait(&self, busy: bool) -> std::io::Result<Wake> {
         let mut fds = [
             libc::pollfd {
                 fd: self.uffd.as_raw_fd(),
@@ -338,9 +467,10 @@ impl Server {
                 revents: 0,
             },
         ];
+        let timeout = if busy { 0 } else { -1 };
         loop {
             // SAFETY: poll reads and writes the two pollfds, which live for the call.
-            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
             if rc >= 0 {
                 break;
             }
@@ -349,10 +479,13 @@ impl Server {
                 return Err(e);
             }
         }
-        if fds[1].revents != 0 {
-            return Ok(false);
-        }
-        Ok(fds[0].revents & libc::POLLIN != 0)
+        Ok(if fds[1].revents != 0 {
+            Wake::Stop
+        } else if fds[0].revents & libc::POLLIN != 0 {
+            Wake::Faults
+        } else {
+            Wake::Idle
+        })
     }
 
     /// Places the block around `addr` (or, when part of it is already there, the one page)
@@ -363,6 +496,7 @@ impl Server {
             return Ok(());
         };
         let (start, len) = region.block_around(addr);
+        self.faulted.push(region.file_offset_of(start));
         if self.place(&region, start, len)? {
             return Ok(());
         }
@@ -370,60 +504,49 @@ impl Server {
         if self.place(&region, page, PAGE)? {
             return Ok(());
         }
-        // The page is there already (placed for an earlier fault, or written by a vhost-user
-        // back end through the memory file): wake whoever waits.
+        // The page is there already (placed ahead or for an earlier fault, or written by a
+        // vhost-user back end through the memory file): wake whoever waits.
         wake(&self.uffd, page)
     }
 
-    /// Copies `len` bytes of the snapshot into guest memory at `start`. False when some page
-    /// of the range was already present (nothing after it was placed).
+    /// Copies `len` bytes of the snapshot into guest memory at `start`. False when a page of
+    /// the range was already present (the pages before it are placed, the rest are not).
     fn place(&mut self, region: &Region, start: u64, len: u64) -> std::io::Result<bool> {
-        let buffer = usize::try_from(len)
-            .ok()
-            .and_then(|len| self.buffer.get_mut(..len))
-            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-        read_or_zero(&self.snapshot, buffer, region.file_offset_of(start))?;
+        let mut src = self
+            .source
+            .at(region.file_offset_of(start), len)
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
+        let (mut dst, mut left) = (start, len);
         loop {
             let mut copy = UffdioCopy {
-                dst: start,
-                src: buffer.as_ptr() as u64,
-                len,
+                dst,
+                src,
+                len: left,
                 mode: 0,
                 copy: 0,
             };
-            // SAFETY: UFFDIO_COPY reads `len` bytes from `buffer` (that long, alive for the
-            // call) and places them in the registered guest range at `start` (inside a region).
+            // SAFETY: UFFDIO_COPY reads `left` bytes at `src` (inside the read-only mapping of
+            // the snapshot, which lives as long as this server) and places them in the
+            // registered guest range at `dst` (inside a region).
             let rc = unsafe { ioctl_with_mut_ref(&self.uffd, UFFDIO_COPY(), &mut copy) };
             if rc == 0 {
-                self.served.fetch_add(len, Ordering::Relaxed);
+                self.served.fetch_add(left, Ordering::Relaxed);
                 return Ok(true);
             }
             let e = std::io::Error::last_os_error();
+            // A partial copy reports how far it got (and wakes that much); an error, -errno.
+            let copied = u64::try_from(copy.copy).unwrap_or(0).min(left);
+            self.served.fetch_add(copied, Ordering::Relaxed);
+            (dst, src, left) = (dst + copied, src + copied, left - copied);
             match e.raw_os_error() {
                 Some(libc::EEXIST) => return Ok(false),
-                // The address space is changing (an mremap or fork elsewhere): try again.
+                // Stopped short (at a page that is there: the next try says EEXIST), or the
+                // address space is changing (an mremap or fork elsewhere): go on.
                 Some(libc::EAGAIN) => continue,
                 _ => return Err(e),
             }
         }
     }
-}
-
-/// Reads `buffer.len()` bytes of `file` at `offset`; what lies past the end reads as zeros (a
-/// file cut short after its check fails no guest access; it cannot be restored right either,
-/// but the checksum already vouched for it, so this is a race with the user's own hand).
-fn read_or_zero(file: &File, buffer: &mut [u8], offset: u64) -> std::io::Result<()> {
-    let mut done = 0;
-    while done < buffer.len() {
-        match file.read_at(&mut buffer[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    buffer[done..].fill(0);
-    Ok(())
 }
 
 fn wake(uffd: &OwnedFd, page: u64) -> std::io::Result<()> {
@@ -451,6 +574,7 @@ mod tests {
     use super::*;
     use crate::memory::{create_on, Backing};
     use crate::snapshot::memory::{restore, save, Fill};
+    use std::os::unix::fs::FileExt;
     use vm_memory::{Bytes, GuestAddress};
 
     const MIB: u64 = 1 << 20;
@@ -496,7 +620,7 @@ mod tests {
         let (_, bytes) = restore(&fresh, &file, Fill::OnDemand).unwrap();
         assert!(bytes > 0);
         let exit = Arc::new(VmExit::new().unwrap());
-        let server = registered.serve(&file, &exit).unwrap();
+        let server = registered.serve(&file, Vec::new(), &exit).unwrap();
         for (at, expected) in &content {
             let mut back = vec![0u8; expected.len()];
             fresh.read_slice(&mut back, GuestAddress(*at)).unwrap();
@@ -516,6 +640,39 @@ mod tests {
     }
 
     #[test]
+    fn blocks_asked_for_ahead_are_placed_without_faults_and_faults_are_recorded() {
+        let size = 8 * MIB;
+        let (file, content) = saved_memory(size);
+        let fresh = create_on(size, Backing::SmallPages).unwrap();
+        let Some(registered) = registered(&fresh) else {
+            return;
+        };
+        let exit = Arc::new(VmExit::new().unwrap());
+        // Two blocks ahead, one of them twice, and one offset past the memory (ignored).
+        let ahead = vec![2 * MIB, 2 * MIB + BLOCK, 2 * MIB, size + BLOCK];
+        let server = registered.serve(&file, ahead, &exit).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while server.served() < 2 * BLOCK && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(server.served(), 2 * BLOCK, "the blocks ahead are placed");
+        let mut ahead_bytes = vec![0u8; 2 * BLOCK_BYTES];
+        fresh
+            .read_slice(&mut ahead_bytes, GuestAddress(2 * MIB))
+            .unwrap();
+        assert!(ahead_bytes.iter().all(|&b| b == 7));
+        // Reading them faulted nothing; reading the low page does.
+        let (at, expected) = &content[0];
+        let mut back = vec![0u8; expected.len()];
+        fresh.read_slice(&mut back, GuestAddress(*at)).unwrap();
+        assert_eq!(&back, expected);
+        let served = server.finish();
+        assert_eq!(served.faulted, vec![0]);
+        assert_eq!(served.bytes, 3 * BLOCK);
+        assert!(!exit.is_requested());
+    }
+
+    #[test]
     fn a_page_written_through_the_memory_file_first_is_left_as_written() {
         let size = 4 * MIB;
         let (file, _) = saved_memory(size);
@@ -524,7 +681,7 @@ mod tests {
             return;
         };
         let exit = Arc::new(VmExit::new().unwrap());
-        let server = registered.serve(&file, &exit).unwrap();
+        let server = registered.serve(&file, Vec::new(), &exit).unwrap();
         // As a vhost-user back end writes a reply: through the file, not this mapping.
         let region = fresh.iter().next().unwrap();
         let memfd = region.file_offset().unwrap();

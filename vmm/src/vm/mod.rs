@@ -34,7 +34,7 @@ use crate::memory::{self, BackingReport};
 use crate::pvh::{self, PvhInfo};
 use crate::release::Remains;
 use crate::seccomp;
-use crate::snapshot::on_demand::{self, OnDemand};
+use crate::snapshot::on_demand::{self, OnDemand, Served};
 use crate::snapshot::{self, SavedState, Snapshot, SnapshotError, VcpuState};
 use crate::vcpu::{self, BootEntry, VcpuContext, VcpuPosition};
 
@@ -114,8 +114,8 @@ pub struct RunReport {
     pub snapshot: Option<Result<(), SnapshotError>>,
     /// What restoring the snapshot took, when the VM started from one.
     pub restored: Option<Restored>,
-    /// Bytes of snapshot memory served as the guest touched them, when they were.
-    pub served_on_demand: Option<u64>,
+    /// What the server of a restored VM's memory did, when it had one.
+    pub served_on_demand: Option<Served>,
     /// Where each vCPU was when the run timed out (empty otherwise).
     pub timed_out_at: Vec<VcpuPosition>,
     /// The VM fd and guest RAM, still to be released (see [`crate::release`]); `None` when a
@@ -147,8 +147,9 @@ pub struct Restored {
 /// How a restored VM's memory is filled from its snapshot.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fill {
-    /// Each page as the guest first touches it ([`snapshot::on_demand`]).
-    OnDemand,
+    /// Each page as the guest first touches it ([`snapshot::on_demand`]), after this many
+    /// blocks of the snapshot's hot list placed ahead of it.
+    OnDemand { ahead: usize },
     /// All at once before the guest resumed, for the reason given.
     Copied(String),
 }
@@ -162,7 +163,13 @@ impl std::fmt::Display for Restored {
             self.took.as_millis()
         )?;
         match &self.fill {
-            Fill::OnDemand => write!(f, " (checked; pages served as the guest touches them)"),
+            Fill::OnDemand { ahead: 0 } => {
+                write!(f, " (checked; pages served as the guest touches them)")
+            }
+            Fill::OnDemand { ahead } => write!(
+                f,
+                " (checked; pages served as the guest touches them, {ahead} hot blocks ahead of it)"
+            ),
             Fill::Copied(why) => write!(f, " (copied: {why})"),
         }
     }
@@ -228,6 +235,8 @@ pub struct Teardown {
     pub console_error: Option<String>,
     /// The VM fd and guest RAM to release, unless a stuck vCPU may still use them.
     pub remains: Option<Remains>,
+    /// What the server of a restored VM's memory did, when it had one.
+    pub served_on_demand: Option<Served>,
 }
 
 impl Vm {
@@ -431,16 +440,20 @@ impl Vm {
             return Teardown {
                 console_error: None,
                 remains: None,
+                served_on_demand: None,
             };
         }
         let console_error = self
             .devices
             .take()
             .and_then(|devices| devices.stop(Instant::now() + CONSOLE_FLUSH_GRACE));
+        // Nothing touches guest memory any more: its server can stop.
+        let served_on_demand = self.on_demand.take().map(OnDemand::finish);
         let Vm { fd, mem, .. } = self;
         Teardown {
             console_error,
             remains: Some(Remains { fd, mem }),
+            served_on_demand,
         }
     }
 
@@ -457,11 +470,6 @@ impl Vm {
     /// What restoring the snapshot's memory took, when the VM started from one.
     pub fn restored(&self) -> Option<Restored> {
         self.restored.clone()
-    }
-
-    /// Bytes of snapshot memory served so far as the guest touched them, when they are.
-    pub fn served_on_demand(&self) -> Option<u64> {
-        self.on_demand.as_ref().map(OnDemand::served)
     }
 
     fn devices(&self) -> &DeviceManager {
@@ -482,10 +490,10 @@ pub fn run(
     let memory_backing = vm.memory_backing().clone();
     let restored = vm.restored();
     let outcome = vm.run(stop, timeout)?;
-    let served_on_demand = vm.served_on_demand();
     let Teardown {
         console_error,
         remains,
+        served_on_demand,
     } = vm.teardown();
     Ok(RunReport {
         reason: outcome.reason,
@@ -606,8 +614,10 @@ fn restore_memory(
     }
     let (fill, on_demand) = match registered {
         Ok(registered) => (
-            Fill::OnDemand,
-            Some(registered.serve(&snapshot.memory, exit)?),
+            Fill::OnDemand {
+                ahead: snapshot.hot.len(),
+            },
+            Some(registered.serve(&snapshot.memory, snapshot.hot.clone(), exit)?),
         ),
         Err(why) => (Fill::Copied(why), None),
     };
