@@ -183,14 +183,23 @@ pub enum Fill {
     OnDemand,
 }
 
+/// What [`restore`] read.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Checked {
+    /// The checksum of the pages read, to compare with the saved one.
+    pub crc: u32,
+    /// How many bytes of the memory file were read.
+    pub bytes: u64,
+    /// With [`Fill::OnDemand`]: the memory file's non-zero pages, as sorted, disjoint
+    /// `start..end` offset ranges. Everything else is zeros, which the page server places
+    /// without reading the file: a read of a hole through a mapping would allocate it in a
+    /// tmpfs-backed cache, growing the snapshot on every restore.
+    pub content: Vec<(u64, u64)>,
+}
+
 /// Reads a memory file written by [`save`], writes it into `mem` (fresh, all zero) when
-/// `fill` says so, and returns the checksum of what it read and how many bytes that was. No
-/// vCPU may run.
-pub fn restore(
-    mem: &GuestMemoryMmap,
-    input: &File,
-    fill: Fill,
-) -> Result<(u32, u64), SnapshotError> {
+/// `fill` says so, and returns what it read. No vCPU may run.
+pub fn restore(mem: &GuestMemoryMmap, input: &File, fill: Fill) -> Result<Checked, SnapshotError> {
     let regions = regions(mem)?;
     let size = input
         .metadata()
@@ -206,6 +215,7 @@ pub fn restore(
     }
     let mut crc = crc32fast::Hasher::new();
     let mut read = 0;
+    let mut content = Vec::new();
     let mut buffer = vec![0u8; RESTORE_CHUNK];
     for region in &regions {
         let region_end = region.file_offset + region.len as u64;
@@ -224,6 +234,9 @@ pub fn restore(
                 let runs = nonzero_runs(at, bytes);
                 checksum(&mut crc, &runs);
                 if fill == Fill::OnDemand {
+                    for (page_at, run) in runs {
+                        add_range(&mut content, page_at, page_at + run.len() as u64);
+                    }
                     read += len as u64;
                     continue;
                 }
@@ -237,7 +250,20 @@ pub fn restore(
             }
         }
     }
-    Ok((crc.finalize(), read))
+    Ok(Checked {
+        crc: crc.finalize(),
+        bytes: read,
+        content,
+    })
+}
+
+/// Appends `start..end` to sorted, disjoint `ranges`, merging it with the last one when they
+/// touch (ranges come in file order).
+fn add_range(ranges: &mut Vec<(u64, u64)>, start: u64, end: u64) {
+    match ranges.last_mut() {
+        Some((_, last_end)) if *last_end == start => *last_end = end,
+        _ => ranges.push((start, end)),
+    }
 }
 
 #[cfg(test)]
@@ -279,7 +305,7 @@ mod tests {
         let saved = save(&mem, &file).unwrap();
 
         let fresh = crate::memory::create(8 << 20).unwrap();
-        assert_eq!(restore(&fresh, &file, Fill::Now).unwrap().0, saved);
+        assert_eq!(restore(&fresh, &file, Fill::Now).unwrap().crc, saved);
         let mut buf = [0u8; 6];
         fresh.read_slice(&mut buf, GuestAddress(0x10_0000)).unwrap();
         assert_eq!(&buf, b"kernel");
@@ -297,7 +323,17 @@ mod tests {
         // A flipped byte is caught.
         file.write_all_at(b"X", 0x10_0001).unwrap();
         let other = crate::memory::create(8 << 20).unwrap();
-        assert_ne!(restore(&other, &file, Fill::Now).unwrap().0, saved);
+        assert_ne!(restore(&other, &file, Fill::Now).unwrap().crc, saved);
+        // Checking only lists where the content is, merged across read chunks.
+        let listed = restore(&other, &file, Fill::OnDemand).unwrap().content;
+        assert_eq!(
+            listed,
+            vec![
+                (0x10_0000, 0x10_1000),
+                (0x30_0000, 0x30_0000 + long.len() as u64),
+                ((8 << 20) - 4096, 8 << 20)
+            ]
+        );
         // A memory file of another size is refused.
         let small = crate::memory::create(4 << 20).unwrap();
         assert!(restore(&small, &file, Fill::Now).is_err());

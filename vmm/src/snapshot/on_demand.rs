@@ -68,8 +68,9 @@ pub enum OnDemandError {
 const UFFDIO: u32 = 0xAA;
 const UFFD_API: u64 = 0xAA;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
-/// `_UFFDIO_COPY`: the bit in a registration's `ioctls` that says UFFDIO_COPY works there.
+/// The bits in a registration's `ioctls` that say UFFDIO_COPY and UFFDIO_ZEROPAGE work there.
 const UFFDIO_COPY_BIT: u64 = 1 << 0x03;
+const UFFDIO_ZEROPAGE_BIT: u64 = 1 << 0x04;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 /// The size of a `struct uffd_msg`.
 const MSG_SIZE: usize = 32;
@@ -111,10 +112,20 @@ struct UffdioCopy {
     copy: i64,
 }
 
+/// `struct uffdio_zeropage`.
+#[repr(C)]
+#[derive(Default)]
+struct UffdioZeropage {
+    range: UffdioRange,
+    mode: u64,
+    zeropage: i64,
+}
+
 ioctl_iowr_nr!(UFFDIO_API, UFFDIO, 0x3F, UffdioApi);
 ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, 0x00, UffdioRegister);
 ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, UffdioRange);
 ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, UffdioCopy);
+ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, UffdioZeropage);
 
 /// The page size guest RAM is served in.
 const PAGE: u64 = 4096;
@@ -192,12 +203,13 @@ impl Registered {
     }
 
     /// Starts the thread that fills the memory from `snapshot` (the checked memory file, laid
-    /// out as the memory file): the blocks at the file offsets in `ahead`, in order, between
-    /// the guest's faults, and then only what the guest touches. A failure of that thread
-    /// ends the VM through `exit`.
+    /// out as the memory file, whose non-zero pages are the sorted `content` ranges): the
+    /// blocks at the file offsets in `ahead`, in order, between the guest's faults, and then
+    /// only what the guest touches. A failure of that thread ends the VM through `exit`.
     pub fn serve(
         self,
         snapshot: &File,
+        content: Vec<(u64, u64)>,
         ahead: Vec<u64>,
         exit: &Arc<VmExit>,
     ) -> Result<OnDemand, OnDemandError> {
@@ -206,6 +218,7 @@ impl Registered {
         let server = Server {
             uffd: self.uffd,
             source,
+            content,
             regions: self.regions,
             stop: stop.try_clone().map_err(OnDemandError::Setup)?,
             served: Arc::new(AtomicU64::new(0)),
@@ -363,7 +376,8 @@ fn register(uffd: &OwnedFd, region: &Region) -> Result<(), OnDemandError> {
     if rc < 0 {
         return Err(OnDemandError::Register(std::io::Error::last_os_error()));
     }
-    if reg.ioctls & UFFDIO_COPY_BIT == 0 {
+    if reg.ioctls & (UFFDIO_COPY_BIT | UFFDIO_ZEROPAGE_BIT) != UFFDIO_COPY_BIT | UFFDIO_ZEROPAGE_BIT
+    {
         return Err(OnDemandError::NoCopy);
     }
     Ok(())
@@ -373,6 +387,8 @@ fn register(uffd: &OwnedFd, region: &Region) -> Result<(), OnDemandError> {
 struct Server {
     uffd: OwnedFd,
     source: Source,
+    /// Where the memory file has non-zero pages (sorted, disjoint); the rest reads as zeros.
+    content: Vec<(u64, u64)>,
     regions: Vec<Region>,
     stop: EventFd,
     served: Arc<AtomicU64>,
@@ -509,35 +525,88 @@ impl Server {
         wake(&self.uffd, page)
     }
 
-    /// Copies `len` bytes of the snapshot into guest memory at `start`. False when a page of
-    /// the range was already present (the pages before it are placed, the rest are not).
+    /// Fills `len` bytes of guest memory at `start` (in `region`) as the snapshot has them:
+    /// its content ranges copied from the file, the rest zeros. False when a page of the range
+    /// was already present (the pages before it are placed, the rest are not).
     fn place(&mut self, region: &Region, start: u64, len: u64) -> std::io::Result<bool> {
-        let mut src = self
-            .source
-            .at(region.file_offset_of(start), len)
-            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?;
-        let (mut dst, mut left) = (start, len);
-        loop {
-            let mut copy = UffdioCopy {
-                dst,
-                src,
-                len: left,
-                mode: 0,
-                copy: 0,
+        let end = region.file_offset_of(start + len);
+        let mut at = region.file_offset_of(start);
+        while at < end {
+            let (has_content, stop) = self.segment(at, end);
+            let dst = region.host + (at - region.file_offset);
+            let src = match has_content {
+                true => Some(
+                    self.source
+                        .at(at, stop - at)
+                        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?,
+                ),
+                false => None,
             };
-            // SAFETY: UFFDIO_COPY reads `left` bytes at `src` (inside the read-only mapping of
-            // the snapshot, which lives as long as this server) and places them in the
-            // registered guest range at `dst` (inside a region).
-            let rc = unsafe { ioctl_with_mut_ref(&self.uffd, UFFDIO_COPY(), &mut copy) };
+            if !self.fill(dst, src, stop - at)? {
+                return Ok(false);
+            }
+            at = stop;
+        }
+        Ok(true)
+    }
+
+    /// Whether the memory file has content at offset `at`, and where that stretch (of content
+    /// or of zeros) ends, at `end` at the latest.
+    fn segment(&self, at: u64, end: u64) -> (bool, u64) {
+        let next = self.content.partition_point(|&(_, stop)| stop <= at);
+        match self.content.get(next) {
+            Some(&(start, stop)) if start <= at => (true, stop.min(end)),
+            Some(&(start, _)) => (false, start.min(end)),
+            None => (false, end),
+        }
+    }
+
+    /// Places `len` bytes at guest address `dst`: copied from `src` in the snapshot's mapping,
+    /// or zeros. False when a page was already present (the pages before it are placed).
+    fn fill(&mut self, mut dst: u64, mut src: Option<u64>, mut left: u64) -> std::io::Result<bool> {
+        loop {
+            let (rc, done) = match src {
+                Some(from) => {
+                    let mut copy = UffdioCopy {
+                        dst,
+                        src: from,
+                        len: left,
+                        mode: 0,
+                        copy: 0,
+                    };
+                    // SAFETY: UFFDIO_COPY reads `left` bytes at `from` (inside the read-only
+                    // mapping of the snapshot, which lives as long as this server) and places
+                    // them in the registered guest range at `dst` (inside a region).
+                    let rc = unsafe { ioctl_with_mut_ref(&self.uffd, UFFDIO_COPY(), &mut copy) };
+                    (rc, copy.copy)
+                }
+                None => {
+                    let mut zero = UffdioZeropage {
+                        range: UffdioRange {
+                            start: dst,
+                            len: left,
+                        },
+                        mode: 0,
+                        zeropage: 0,
+                    };
+                    // SAFETY: UFFDIO_ZEROPAGE reads and writes one uffdio_zeropage and places
+                    // zeros in the registered guest range at `dst` (inside a region).
+                    let rc =
+                        unsafe { ioctl_with_mut_ref(&self.uffd, UFFDIO_ZEROPAGE(), &mut zero) };
+                    (rc, zero.zeropage)
+                }
+            };
             if rc == 0 {
                 self.served.fetch_add(left, Ordering::Relaxed);
                 return Ok(true);
             }
             let e = std::io::Error::last_os_error();
-            // A partial copy reports how far it got (and wakes that much); an error, -errno.
-            let copied = u64::try_from(copy.copy).unwrap_or(0).min(left);
-            self.served.fetch_add(copied, Ordering::Relaxed);
-            (dst, src, left) = (dst + copied, src + copied, left - copied);
+            // A partial fill reports how far it got (and wakes that much); an error, -errno.
+            let placed = u64::try_from(done).unwrap_or(0).min(left);
+            self.served.fetch_add(placed, Ordering::Relaxed);
+            dst += placed;
+            src = src.map(|from| from + placed);
+            left -= placed;
             match e.raw_os_error() {
                 Some(libc::EEXIST) => return Ok(false),
                 // Stopped short (at a page that is there: the next try says EEXIST), or the
@@ -581,6 +650,10 @@ mod tests {
 
     /// Guest memory with content in a few places, saved to a snapshot memory file.
     fn saved_memory(size: u64) -> (File, Vec<(u64, Vec<u8>)>) {
+        saved_memory_in(size, tempfile::tempfile().unwrap())
+    }
+
+    fn saved_memory_in(size: u64, file: File) -> (File, Vec<(u64, Vec<u8>)>) {
         let mem = create_on(size, Backing::SmallPages).unwrap();
         let content = vec![
             (0x1000, b"low page".to_vec()),
@@ -591,7 +664,6 @@ mod tests {
         for (at, bytes) in &content {
             mem.write_slice(bytes, GuestAddress(*at)).unwrap();
         }
-        let file = tempfile::tempfile().unwrap();
         save(&mem, &file).unwrap();
         (file, content)
     }
@@ -617,10 +689,12 @@ mod tests {
         let Some(registered) = registered(&fresh) else {
             return;
         };
-        let (_, bytes) = restore(&fresh, &file, Fill::OnDemand).unwrap();
-        assert!(bytes > 0);
+        let checked = restore(&fresh, &file, Fill::OnDemand).unwrap();
+        assert!(checked.bytes > 0);
         let exit = Arc::new(VmExit::new().unwrap());
-        let server = registered.serve(&file, Vec::new(), &exit).unwrap();
+        let server = registered
+            .serve(&file, checked.content, Vec::new(), &exit)
+            .unwrap();
         for (at, expected) in &content {
             let mut back = vec![0u8; expected.len()];
             fresh.read_slice(&mut back, GuestAddress(*at)).unwrap();
@@ -650,7 +724,8 @@ mod tests {
         let exit = Arc::new(VmExit::new().unwrap());
         // Two blocks ahead, one of them twice, and one offset past the memory (ignored).
         let ahead = vec![2 * MIB, 2 * MIB + BLOCK, 2 * MIB, size + BLOCK];
-        let server = registered.serve(&file, ahead, &exit).unwrap();
+        let listed = restore(&fresh, &file, Fill::OnDemand).unwrap().content;
+        let server = registered.serve(&file, listed, ahead, &exit).unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while server.served() < 2 * BLOCK && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(1));
@@ -672,6 +747,37 @@ mod tests {
         assert!(!exit.is_requested());
     }
 
+    /// On tmpfs, reading a hole through a mapping allocates it: the server must place zeros
+    /// itself, or every restore would grow a snapshot kept on tmpfs towards guest RAM's size.
+    #[test]
+    fn serving_does_not_fill_the_snapshots_holes() {
+        let Ok(file) = tempfile::tempfile_in("/dev/shm") else {
+            eprintln!("no /dev/shm; not tested");
+            return;
+        };
+        let size = 8 * MIB;
+        let (file, _) = saved_memory_in(size, file);
+        let blocks = |f: &File| std::os::unix::fs::MetadataExt::blocks(&f.metadata().unwrap());
+        let before = blocks(&file);
+        let fresh = create_on(size, Backing::SmallPages).unwrap();
+        let Some(registered) = registered(&fresh) else {
+            return;
+        };
+        let content = restore(&fresh, &file, Fill::OnDemand).unwrap().content;
+        let exit = Arc::new(VmExit::new().unwrap());
+        let server = registered
+            .serve(&file, content, vec![4 * MIB], &exit)
+            .unwrap();
+        let mut all = vec![0u8; size as usize];
+        fresh.read_slice(&mut all, GuestAddress(0)).unwrap();
+        assert_eq!(&all[0x1000..0x1008], b"low page");
+        assert!(all[4 * MIB as usize..5 * MIB as usize]
+            .iter()
+            .all(|&b| b == 0));
+        assert_eq!(server.finish().bytes, size);
+        assert_eq!(blocks(&file), before, "the snapshot's holes were filled");
+    }
+
     #[test]
     fn a_page_written_through_the_memory_file_first_is_left_as_written() {
         let size = 4 * MIB;
@@ -681,7 +787,8 @@ mod tests {
             return;
         };
         let exit = Arc::new(VmExit::new().unwrap());
-        let server = registered.serve(&file, Vec::new(), &exit).unwrap();
+        let content = restore(&fresh, &file, Fill::OnDemand).unwrap().content;
+        let server = registered.serve(&file, content, Vec::new(), &exit).unwrap();
         // As a vhost-user back end writes a reply: through the file, not this mapping.
         let region = fresh.iter().next().unwrap();
         let memfd = region.file_offset().unwrap();

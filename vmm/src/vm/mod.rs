@@ -608,16 +608,22 @@ fn restore_memory(
         Ok(_) => snapshot::memory::Fill::OnDemand,
         Err(_) => snapshot::memory::Fill::Now,
     };
-    let (crc, bytes) = snapshot::memory::restore(mem, &snapshot.memory, fill)?;
-    if crc != snapshot.state.memory_crc {
+    let checked = snapshot::memory::restore(mem, &snapshot.memory, fill)?;
+    if checked.crc != snapshot.state.memory_crc {
         return Err(SnapshotError::Corrupt("the memory file's checksum").into());
     }
+    let bytes = checked.bytes;
     let (fill, on_demand) = match registered {
         Ok(registered) => (
             Fill::OnDemand {
                 ahead: snapshot.hot.len(),
             },
-            Some(registered.serve(&snapshot.memory, snapshot.hot.clone(), exit)?),
+            Some(registered.serve(
+                &snapshot.memory,
+                checked.content,
+                snapshot.hot.clone(),
+                exit,
+            )?),
         ),
         Err(why) => (Fill::Copied(why), None),
     };
