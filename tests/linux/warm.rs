@@ -59,8 +59,9 @@ fn now() -> u64 {
 /// A restored run's memory was served as the guest touched it (the test host runs kvmbuild as
 /// root, which userfaultfd needs for KVM's faults), and the guest touched less than the
 /// snapshot holds: what it did not touch was never copied. From the second restored run on,
-/// the blocks the first one touched (its hot list) are placed ahead of the guest.
-fn check_served_on_demand(run: &Run, with_hot_list: bool) {
+/// the blocks the first one touched (its hot list) are placed ahead of the guest. Returns the
+/// KiB the restore read: the same for every run, as serving must not change the snapshot.
+fn check_served_on_demand(run: &Run, with_hot_list: bool) -> u64 {
     let line = |prefix: &str| {
         run.stderr
             .lines()
@@ -87,6 +88,7 @@ fn check_served_on_demand(run: &Run, with_hot_list: bool) {
         served_kib > 0 && served_kib < saved_kib,
         "some but not all of the snapshot's memory was served",
     );
+    saved_kib
 }
 
 /// The cold run saves a snapshot; [`warm_runs`] runs restore it, each with its own share,
@@ -97,6 +99,7 @@ pub fn exec_warm_restores_one_snapshot_for_many_runs() {
     let cache = dir.join("cache");
     let mut seen_ids = Vec::new();
     let mut seen_random = Vec::new();
+    let mut read_kib = Vec::new();
     for index in 0..=warm_runs() {
         let share = dir.join(format!("share{index}"));
         std::fs::create_dir_all(&share).unwrap();
@@ -127,7 +130,7 @@ pub fn exec_warm_restores_one_snapshot_for_many_runs() {
             );
         }
         if index > 0 {
-            check_served_on_demand(&run, index > 1);
+            read_kib.push(check_served_on_demand(&run, index > 1));
         }
         seen_ids.push(lines[1].to_string());
         seen_random.push(lines[2].to_string());
@@ -152,6 +155,11 @@ pub fn exec_warm_restores_one_snapshot_for_many_runs() {
         sorted.len() == v.len()
     };
     assert!(distinct(&seen_ids), "boot ids repeat: {seen_ids:?}");
+    // A restore that filled the snapshot's holes would make the next one read more.
+    assert!(
+        read_kib.windows(2).all(|w| w[0] == w[1]),
+        "the snapshot grew between restores (KiB read: {read_kib:?})"
+    );
     assert!(
         distinct(&seen_random),
         "random bytes repeat: {seen_random:?}"
