@@ -5,10 +5,16 @@
 //! run never reads again. Instead, guest RAM is registered with a userfaultfd in "missing"
 //! mode: the first access to a page that is not yet in the memory file (by a vCPU through
 //! KVM, or by one of kvmbuild's own device threads) stops the accessing thread and queues an
-//! event here, and a thread of this module copies that page (and the block around it) from
-//! the snapshot's memory file with `UFFDIO_COPY`, which also wakes the thread. The same
-//! technique lets Firecracker hand page faults to an outside handler; here the handler is a
-//! thread of the VMM, reading the snapshot the restore has already checked.
+//! event here, and a thread of this module fills the 64 KiB block around that page as the
+//! snapshot has it (its non-zero pages with `UFFDIO_COPY` from the memory file, the rest with
+//! `UFFDIO_ZEROPAGE`), which also wakes the thread. The same technique lets Firecracker hand
+//! page faults to an outside handler; here the handler is a thread of the VMM, reading the
+//! snapshot the restore has already checked.
+//!
+//! A restore also takes a list of blocks to place ahead of the guest, between its faults: the
+//! snapshot's hot list, the blocks the first run restored from it faulted in, in that order
+//! ([`Served::faulted`]). Later runs of the same init and kernel touch much the same memory,
+//! so most of their faults never happen.
 //!
 //! What this cannot see: a vhost-user back end (virtiofsd) maps the memory file itself, not
 //! this process's registered mapping, so its first access to a page fills that page with
@@ -42,24 +48,25 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::ioctl::ioctl_with_mut_ref;
 use vmm_sys_util::{ioctl_ior_nr, ioctl_iowr_nr};
 
-/// Errors from setting up on-demand memory; any of them means the restore copies instead.
+/// Errors from setting up on-demand memory: one from [`Registered::new`] means the restore
+/// copies instead; one from [`Registered::serve`] fails the run.
 #[derive(Debug, thiserror::Error)]
 pub enum OnDemandError {
     /// userfaultfd(2) failed (commonly EPERM: no privilege for kernel-mode faults).
     #[error("userfaultfd is not available: {0}")]
-    Unavailable(#[source] std::io::Error),
+    Unavailable(std::io::Error),
     /// The API handshake failed.
     #[error("the userfaultfd API handshake failed: {0}")]
-    Api(#[source] std::io::Error),
+    Api(std::io::Error),
     /// A region could not be registered.
     #[error("guest memory cannot be registered with userfaultfd: {0}")]
-    Register(#[source] std::io::Error),
+    Register(std::io::Error),
     /// The kernel does not offer UFFDIO_COPY on guest memory.
     #[error("userfaultfd cannot fill this guest memory")]
     NoCopy,
     /// The snapshot file or the stop event could not be duplicated or made.
     #[error("cannot prepare the page server: {0}")]
-    Setup(#[source] std::io::Error),
+    Setup(std::io::Error),
     /// Guest memory is not backed by a file.
     #[error("guest memory is not backed by a file")]
     MemoryNotAFile,
@@ -132,7 +139,10 @@ const PAGE: u64 = 4096;
 /// How much is served per fault: the faulting page's aligned 64 KiB block. A fault costs a
 /// round trip through this thread; guests touch memory in clusters (kernel text, page tables,
 /// slabs), so a block saves most of the trips a page-at-a-time server would make while copying
-/// little the guest does not use.
+/// little the guest does not use. Against 512 KiB and 2 MiB blocks (test host, release
+/// build, a warm `exec` starting a few processes, 5 alternating rounds) 64 KiB had the lowest
+/// median wall time: 6.6 s, against 11.6 s and 7.2 s (and 11.5 s copying every page first);
+/// a warm `true` touched 27 MiB of 66 with it.
 const BLOCK: u64 = BLOCK_BYTES as u64;
 const BLOCK_BYTES: usize = 16 * 4096;
 
