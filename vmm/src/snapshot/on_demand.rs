@@ -542,7 +542,7 @@ impl Server {
         let end = region.file_offset_of(start + len);
         let mut at = region.file_offset_of(start);
         while at < end {
-            let (has_content, stop) = self.segment(at, end);
+            let (has_content, stop) = segment(&self.content, at, end);
             let dst = region.host + (at - region.file_offset);
             let src = match has_content {
                 true => Some(
@@ -558,17 +558,6 @@ impl Server {
             at = stop;
         }
         Ok(true)
-    }
-
-    /// Whether the memory file has content at offset `at`, and where that stretch (of content
-    /// or of zeros) ends, at `end` at the latest.
-    fn segment(&self, at: u64, end: u64) -> (bool, u64) {
-        let next = self.content.partition_point(|&(_, stop)| stop <= at);
-        match self.content.get(next) {
-            Some(&(start, stop)) if start <= at => (true, stop.min(end)),
-            Some(&(start, _)) => (false, start.min(end)),
-            None => (false, end),
-        }
     }
 
     /// Places `len` bytes at guest address `dst`: copied from `src` in the snapshot's mapping,
@@ -625,6 +614,17 @@ impl Server {
                 _ => return Err(e),
             }
         }
+    }
+}
+
+/// Whether the memory file has content at offset `at` (per `content`, sorted and disjoint
+/// ranges), and where that stretch of content or of zeros ends, at `end` at the latest.
+fn segment(content: &[(u64, u64)], at: u64, end: u64) -> (bool, u64) {
+    let next = content.partition_point(|&(_, stop)| stop <= at);
+    match content.get(next) {
+        Some(&(start, stop)) if start <= at => (true, stop.min(end)),
+        Some(&(start, _)) => (false, start.min(end)),
+        None => (false, end),
     }
 }
 
@@ -818,6 +818,18 @@ mod tests {
         assert_eq!(&reply, b"from the back end");
         drop(server);
         assert!(!exit.is_requested());
+    }
+
+    #[test]
+    fn a_block_splits_into_stretches_of_content_and_of_zeros() {
+        let content = [(0x1000, 0x3000), (0x5000, 0x6000)];
+        assert_eq!(segment(&content, 0, 0x8000), (false, 0x1000));
+        assert_eq!(segment(&content, 0x1000, 0x8000), (true, 0x3000));
+        assert_eq!(segment(&content, 0x2000, 0x2800), (true, 0x2800));
+        assert_eq!(segment(&content, 0x3000, 0x8000), (false, 0x5000));
+        assert_eq!(segment(&content, 0x3000, 0x4000), (false, 0x4000));
+        assert_eq!(segment(&content, 0x6000, 0x8000), (false, 0x8000));
+        assert_eq!(segment(&[], 0, 0x1000), (false, 0x1000));
     }
 
     #[test]
