@@ -32,8 +32,9 @@
 //! Nix package) for these few definitions.
 //!
 //! userfaultfd(2) needs privilege to handle faults that arise in the kernel, as KVM's do
-//! (root, CAP_SYS_PTRACE, or `vm.unprivileged_userfaultfd = 1`): where it is refused, the
-//! restore copies every page first, as it does for hugetlb-backed memory.
+//! (root, CAP_SYS_PTRACE, or `vm.unprivileged_userfaultfd = 1`); where it is refused,
+//! `/dev/userfaultfd` (Linux 6.1+, governed by its file permissions) is tried, and where that
+//! fails too the restore copies every page first, as it does for hugetlb-backed memory.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -45,8 +46,8 @@ use devices::exit::{ExitReason, VmExit};
 use devices::thread_kind::ThreadKind;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-use vmm_sys_util::ioctl::ioctl_with_mut_ref;
-use vmm_sys_util::{ioctl_ior_nr, ioctl_iowr_nr};
+use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_val};
+use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iowr_nr};
 
 /// Errors from setting up on-demand memory: one from [`Registered::new`] means the restore
 /// copies instead; one from [`Registered::serve`] fails the run.
@@ -128,6 +129,7 @@ struct UffdioZeropage {
     zeropage: i64,
 }
 
+ioctl_io_nr!(USERFAULTFD_IOC_NEW, UFFDIO, 0x00);
 ioctl_iowr_nr!(UFFDIO_API, UFFDIO, 0x3F, UffdioApi);
 ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, 0x00, UffdioRegister);
 ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, UffdioRange);
@@ -350,15 +352,60 @@ fn regions(mem: &GuestMemoryMmap) -> Result<Vec<Region>, OnDemandError> {
         .collect()
 }
 
+/// The flags of every userfaultfd made here.
+const UFFD_FLAGS: i32 = libc::O_CLOEXEC | libc::O_NONBLOCK;
+/// Where Linux 6.1 and later offer userfaultfds to whoever may open the file, unrestricted by
+/// `vm.unprivileged_userfaultfd`: an administrator can grant a build user's group access.
+const USERFAULTFD_DEVICE: &str = "/dev/userfaultfd";
+
+/// A new userfaultfd that can handle kernel-mode faults, after the API handshake: from the
+/// system call, or, where that is refused, from [`USERFAULTFD_DEVICE`].
 fn open_userfaultfd() -> Result<OwnedFd, OnDemandError> {
+    let uffd = match userfaultfd_syscall() {
+        Ok(uffd) => uffd,
+        Err(refused) => userfaultfd_device().map_err(|device| {
+            OnDemandError::Unavailable(std::io::Error::new(
+                refused.kind(),
+                format!("{refused}; {USERFAULTFD_DEVICE}: {device}"),
+            ))
+        })?,
+    };
+    handshake(uffd)
+}
+
+fn userfaultfd_syscall() -> std::io::Result<OwnedFd> {
     // SAFETY: userfaultfd takes flags only and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-    let fd = i32::try_from(fd).unwrap_or(-1);
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, UFFD_FLAGS) };
+    owned_fd(i32::try_from(fd).unwrap_or(-1))
+}
+
+fn userfaultfd_device() -> std::io::Result<OwnedFd> {
+    let device = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(USERFAULTFD_DEVICE)?;
+    // SAFETY: USERFAULTFD_IOC_NEW takes the new descriptor's flags by value and returns it
+    // or -1; it touches no memory of this process.
+    let fd = unsafe {
+        ioctl_with_val(
+            &device,
+            USERFAULTFD_IOC_NEW(),
+            libc::c_ulong::try_from(UFFD_FLAGS).unwrap_or(0),
+        )
+    };
+    owned_fd(fd)
+}
+
+/// Takes ownership of `fd`, just returned by the kernel, or the error for -1.
+fn owned_fd(fd: i32) -> std::io::Result<OwnedFd> {
     if fd < 0 {
-        return Err(OnDemandError::Unavailable(std::io::Error::last_os_error()));
+        return Err(std::io::Error::last_os_error());
     }
     // SAFETY: the descriptor was just created and nothing else owns it.
-    let uffd = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn handshake(uffd: OwnedFd) -> Result<OwnedFd, OnDemandError> {
     let mut api = UffdioApi {
         api: UFFD_API,
         ..Default::default()
@@ -818,6 +865,21 @@ mod tests {
         assert_eq!(&reply, b"from the back end");
         drop(server);
         assert!(!exit.is_requested());
+    }
+
+    /// The device is the way in for a build user the system call refuses; where this process
+    /// may open it, what it gives must work as the system call's does.
+    #[test]
+    fn the_userfaultfd_device_gives_a_working_userfaultfd() {
+        let Ok(uffd) = userfaultfd_device() else {
+            eprintln!("{USERFAULTFD_DEVICE} cannot be opened here; not tested");
+            return;
+        };
+        let uffd = handshake(uffd).unwrap();
+        let mem = create_on(MIB, Backing::SmallPages).unwrap();
+        for region in regions(&mem).unwrap() {
+            register(&uffd, &region).unwrap();
+        }
     }
 
     #[test]
