@@ -323,7 +323,8 @@ fn padding(len: usize) -> &'static [u8] {
     &[0u8; 3][..(4 - len % 4) % 4]
 }
 
-/// Turns `/a/./b/` into `a/b`; rejects empty paths, `..`, NUL bytes and the trailer's name.
+/// Turns `/a/./b/` into `a/b`; rejects empty paths, `..`, NUL bytes and the trailer's name,
+/// also as the first component of a longer path (whose parent directory it would name).
 fn normalise(path: &Path) -> Result<Vec<u8>, Error> {
     if path.as_os_str().as_bytes().contains(&0) {
         return Err(Error::InvalidPath(path.display().to_string()));
@@ -343,7 +344,10 @@ fn normalise(path: &Path) -> Result<Vec<u8>, Error> {
             }
         }
     }
-    if key.is_empty() || key == TRAILER {
+    let names_the_trailer = key
+        .strip_prefix(TRAILER)
+        .is_some_and(|rest| rest.is_empty() || rest[0] == b'/');
+    if key.is_empty() || names_the_trailer {
         return Err(Error::InvalidPath(path.display().to_string()));
     }
     Ok(key)
@@ -500,8 +504,19 @@ mod tests {
             a.add_symlink("l", nul(b"x\0y")),
             Err(Error::NulInTarget(_))
         ));
+        // Found by fuzzing: its parent would be a directory entry named `TRAILER!!!`, where
+        // the kernel stops unpacking.
+        assert!(matches!(
+            a.add_file("TRAILER!!!/x", vec![], 0o644),
+            Err(Error::InvalidPath(_))
+        ));
+        assert!(matches!(
+            a.add_dir("/TRAILER!!!/a/b", 0o755),
+            Err(Error::InvalidPath(_))
+        ));
         assert!(a.is_empty());
         a.add_file("d/TRAILER!!!", vec![], 0o644).unwrap();
+        a.add_file("TRAILER!!!x/y", vec![], 0o644).unwrap();
     }
 
     #[test]
