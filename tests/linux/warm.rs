@@ -77,12 +77,12 @@ fn check_served_on_demand(run: &Run, with_hot_list: bool) -> u64 {
         restored.contains("hot blocks ahead of it") == with_hot_list,
         &format!("a hot list is used: {with_hot_list}"),
     );
-    let mib = |text: &str| -> u64 {
+    let first_number = |text: &str| -> u64 {
         let number = text.split(' ').next().unwrap_or("");
         number.parse().unwrap_or(0)
     };
-    let served_kib = line("kvmbuild: served ").map_or(0, |l| mib(&l));
-    let saved_kib = mib(&restored) << 10;
+    let served_kib = line("kvmbuild: served ").map_or(0, |l| first_number(&l));
+    let saved_kib = first_number(&restored) << 10;
     println!("warm: served {served_kib} KiB of {saved_kib} KiB on demand");
     run.check(
         served_kib > 0 && served_kib < saved_kib,

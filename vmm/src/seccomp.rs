@@ -207,8 +207,9 @@ fn extra_calls(kind: ThreadKind) -> &'static [i64] {
         ThreadKind::ConsoleWriter => &[],
         // Cutting a back end's connection.
         ThreadKind::VhostUser => &[libc::SYS_shutdown],
-        // Reading the snapshot's pages (its ioctls are limited to userfaultfd's, below).
-        ThreadKind::PageServer => &[libc::SYS_pread64],
+        // Polls and reads its userfaultfd (common calls); its ioctls are limited to
+        // userfaultfd's, below. The snapshot is mapped before the thread starts.
+        ThreadKind::PageServer => &[],
     }
 }
 

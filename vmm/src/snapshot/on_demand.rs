@@ -569,12 +569,28 @@ impl Server {
             return Ok(());
         };
         let (start, len) = region.block_around(addr);
-        self.faulted.push(region.file_offset_of(start));
-        if self.place(&region, start, len)? {
+        let served_before = self.served.load(Ordering::Relaxed);
+        let result = self.place_block_or_page(&region, start, len, addr);
+        // Only a fault that placed something is recorded, so the record is bounded by guest
+        // memory's pages however often the guest faults.
+        if self.served.load(Ordering::Relaxed) > served_before {
+            self.faulted.push(region.file_offset_of(start));
+        }
+        result
+    }
+
+    fn place_block_or_page(
+        &mut self,
+        region: &Region,
+        start: u64,
+        len: u64,
+        addr: u64,
+    ) -> std::io::Result<()> {
+        if self.place(region, start, len)? {
             return Ok(());
         }
         let page = region.page_of(addr);
-        if self.place(&region, page, PAGE)? {
+        if self.place(region, page, PAGE)? {
             return Ok(());
         }
         // The page is there already (placed ahead or for an earlier fault, or written by a
