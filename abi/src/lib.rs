@@ -42,15 +42,33 @@ pub enum BootPhase {
     CommandStarted = 2,
     /// The user's command has finished.
     CommandFinished = 3,
+    /// The init has passed the snapshot point (a warm run only). In a VM restored from a
+    /// snapshot this is the first thing the guest does after it resumes.
+    Resumed = 4,
+    /// Every kernel module is loaded, so the virtio devices are probed and ready.
+    DevicesReady = 5,
 }
 
 impl BootPhase {
-    /// Every phase, in order.
-    pub const ALL: [BootPhase; 3] = [
+    /// Every phase, in byte order (not the order a boot reaches them).
+    pub const ALL: [BootPhase; 5] = [
         Self::InitStarted,
         Self::CommandStarted,
         Self::CommandFinished,
+        Self::Resumed,
+        Self::DevicesReady,
     ];
+
+    /// A short lower-case name, for reports.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::InitStarted => "init started",
+            Self::CommandStarted => "command started",
+            Self::CommandFinished => "command finished",
+            Self::Resumed => "resumed",
+            Self::DevicesReady => "devices ready",
+        }
+    }
 
     /// The byte a guest writes to mark this phase.
     pub const fn byte(self) -> u8 {
@@ -108,7 +126,7 @@ mod tests {
             assert_eq!(BootPhase::from_byte(phase.byte()), Some(phase));
         }
         assert_eq!(BootPhase::from_byte(0), None);
-        assert_eq!(BootPhase::from_byte(4), None);
+        assert_eq!(BootPhase::from_byte(6), None);
     }
 
     #[test]

@@ -218,9 +218,9 @@ impl VmExit {
 #[derive(Default)]
 struct Markers {
     /// When each phase (indexed by its byte minus 1) was first marked.
-    first: [Option<Instant>; 3],
+    first: [Option<Instant>; BootPhase::ALL.len()],
     /// How many times each phase was marked.
-    count: [u64; 3],
+    count: [u64; BootPhase::ALL.len()],
 }
 
 impl Markers {
@@ -290,7 +290,8 @@ mod tests {
         // The record is a fixed-size value, whatever the guest writes.
         assert_eq!(
             std::mem::size_of::<Markers>(),
-            std::mem::size_of::<[Option<Instant>; 3]>() + 24
+            std::mem::size_of::<[Option<Instant>; BootPhase::ALL.len()]>()
+                + 8 * BootPhase::ALL.len()
         );
     }
 }

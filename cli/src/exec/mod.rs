@@ -432,6 +432,23 @@ impl ConsoleTail {
     }
 }
 
+/// The phases the guest marked, in the order it reached them, each in milliseconds after
+/// kvmbuild started: where a run's time went.
+fn guest_phases_line(report: &RunReport) -> String {
+    let phases: Vec<String> = report
+        .markers
+        .iter()
+        .map(|(phase, at)| {
+            format!(
+                "{} {}",
+                phase.name(),
+                at.saturating_duration_since(report.started).as_millis()
+            )
+        })
+        .collect();
+    format!("guest phases (ms after kvmbuild started): {}", phases.join(", "))
+}
+
 /// The exit status, with the console's tail when the guest failed before the command ran.
 fn outcome(report: &RunReport, plan: &Plan, console: &ConsoleTail, log: &Log) -> ExitCode {
     log.say(format_args!("{}", report.memory_backing));
@@ -448,6 +465,9 @@ fn outcome(report: &RunReport, plan: &Plan, console: &ConsoleTail, log: &Log) ->
             .duration_since(report.started)
             .as_millis()
     ));
+    if !report.markers.is_empty() {
+        log.say(format_args!("{}", guest_phases_line(report)));
+    }
     let command_started = report.marked(BootPhase::CommandStarted);
     if let Some(at) = command_started {
         log.say(format_args!(

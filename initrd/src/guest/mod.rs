@@ -240,11 +240,14 @@ fn run(ports: sys::Ports) -> Result<u8, Error> {
     if config.warm {
         load_modules(&log, |entry| !warm::is_transport(entry))?;
         ports.snapshot_point();
+        ports.mark(BootPhase::Resumed);
         load_modules(&log, warm::is_transport)?;
+        ports.mark(BootPhase::DevicesReady);
         warm::read_run_settings(&mut config, &log)?;
         log.verbose = config.verbose;
     } else {
         load_modules(&log, |_| true)?;
+        ports.mark(BootPhase::DevicesReady);
     }
     let streams = match config.stdio_ports {
         true => Some(open_stdio_ports(&log)?),
