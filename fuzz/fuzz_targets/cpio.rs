@@ -170,9 +170,12 @@ fn read_newc(bytes: &[u8], mtime: u32) -> Vec<(Vec<u8>, Expected)> {
         }
         assert!(!name.is_empty() && !name.starts_with(b"/") && !name.ends_with(b"/"));
         for (i, _) in name.iter().enumerate().filter(|&(_, &b)| b == b'/') {
-            let parent = out.iter().find(|(n, _)| n == &name[..i]);
+            // `out` is sorted (checked above), so the parent is found by binary search.
+            let parent = out
+                .binary_search_by(|(n, _)| n.as_slice().cmp(&name[..i]))
+                .map(|at| &out[at].1);
             assert!(
-                parent.is_some_and(|(_, e)| e.mode & 0o170000 == 0o040000),
+                parent.is_ok_and(|e| e.mode & 0o170000 == 0o040000),
                 "no parent directory for {name:?}"
             );
         }
