@@ -59,7 +59,7 @@ fn now() -> u64 {
 /// A restored run's memory was served as the guest touched it (the test host runs kvmbuild as
 /// root, which userfaultfd needs for KVM's faults), and the guest touched less than the
 /// snapshot holds: what it did not touch was never copied. From the second restored run on,
-/// the blocks the first one touched (its hot list) are placed ahead of the guest. Returns the
+/// the pages the first one touched (its hot list) are placed ahead of the guest. Returns the
 /// KiB the restore read: the same for every run, as serving must not change the snapshot.
 fn check_served_on_demand(run: &Run, with_hot_list: bool) -> u64 {
     let line = |prefix: &str| {
@@ -74,7 +74,7 @@ fn check_served_on_demand(run: &Run, with_hot_list: bool) -> u64 {
         "the snapshot's memory is served on demand",
     );
     run.check(
-        restored.contains("hot blocks ahead of it") == with_hot_list,
+        restored.contains("hot pages ahead of it") == with_hot_list,
         &format!("a hot list is used: {with_hot_list}"),
     );
     let first_number = |text: &str| -> u64 {

@@ -5,16 +5,24 @@
 //! run never reads again. Instead, guest RAM is registered with a userfaultfd in "missing"
 //! mode: the first access to a page that is not yet in the memory file (by a vCPU through
 //! KVM, or by one of kvmbuild's own device threads) stops the accessing thread and queues an
-//! event here, and a thread of this module fills the 64 KiB block around that page as the
-//! snapshot has it (its non-zero pages with `UFFDIO_COPY` from the memory file, the rest with
-//! `UFFDIO_ZEROPAGE`), which also wakes the thread. The same technique lets Firecracker hand
+//! event here, and a thread of this module fills that page as the snapshot has it (with
+//! `UFFDIO_COPY` from the memory file), which also wakes the thread. Only the snapshot's
+//! content is registered: guest memory is a fresh memory file, so a page the snapshot has as
+//! zeros is left to the kernel's own zero-fill ([`release_holes`]). The same technique lets Firecracker hand
 //! page faults to an outside handler; here the handler is a thread of the VMM, reading the
 //! snapshot the restore has already checked.
 //!
-//! A restore also takes a list of blocks to place ahead of the guest, between its faults: the
-//! snapshot's hot list, the blocks the first run restored from it faulted in, in that order
+//! A restore also takes a list of pages to place ahead of the guest, between its faults: the
+//! snapshot's hot list, the pages the first run restored from it faulted in, in that order
 //! ([`Served::faulted`]). Later runs of the same init and kernel touch much the same memory,
 //! so most of their faults never happen.
+//!
+//! Why pages and not larger blocks: copying is what a warm run pays for, more than the round
+//! trips. Serving the 64 KiB block around each fault (which earlier beat 512 KiB and 2 MiB
+//! blocks) placed 25 MiB for a warm `exec -- true`, against 10 MiB page by page; with a hot
+//! list the page server started the command sooner (test host, release builds, 5 alternating
+//! rounds: a median 3.9 s against 7.1 s). Only the first restore, which has no hot list yet,
+//! is slower page by page: it makes a round trip per page.
 //!
 //! What this cannot see: a vhost-user back end (virtiofsd) maps the memory file itself, not
 //! this process's registered mapping, so its first access to a page fills that page with
@@ -132,21 +140,18 @@ struct UffdioZeropage {
 ioctl_io_nr!(USERFAULTFD_IOC_NEW, UFFDIO, 0x00);
 ioctl_iowr_nr!(UFFDIO_API, UFFDIO, 0x3F, UffdioApi);
 ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, 0x00, UffdioRegister);
+ioctl_ior_nr!(UFFDIO_UNREGISTER, UFFDIO, 0x01, UffdioRange);
 ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, UffdioRange);
 ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, UffdioCopy);
 ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, UffdioZeropage);
 
 /// The page size guest RAM is served in.
 const PAGE: u64 = 4096;
-/// How much is served per fault: the faulting page's aligned 64 KiB block. A fault costs a
-/// round trip through this thread; guests touch memory in clusters (kernel text, page tables,
-/// slabs), so a block saves most of the trips a page-at-a-time server would make while copying
-/// little the guest does not use. Against 512 KiB and 2 MiB blocks (test host, release
-/// build, a warm `exec` starting a few processes, 5 alternating rounds) 64 KiB had the lowest
-/// median wall time: 6.6 s, against 11.6 s and 7.2 s (and 11.5 s copying every page first);
-/// a warm `true` touched 27 MiB of 66 with it.
-const BLOCK: u64 = BLOCK_BYTES as u64;
-const BLOCK_BYTES: usize = 16 * 4096;
+
+/// The most holes [`Registered::serve`] gives back to the kernel: each splits the mapping of
+/// guest memory (two more entries in the process's memory map, whose default limit is 65,530),
+/// so where the snapshot's content is more scattered than this only the largest holes go.
+const MAX_HOLES: usize = 4096;
 
 /// One registered region: its address range here and where it starts in the memory file.
 #[derive(Clone, Copy)]
@@ -159,13 +164,6 @@ struct Region {
 impl Region {
     fn contains(&self, addr: u64) -> bool {
         addr >= self.host && addr - self.host < self.len
-    }
-
-    /// The block to serve for a fault at `addr` (in this region): host address and length.
-    fn block_around(&self, addr: u64) -> (u64, u64) {
-        let start = (addr - (addr - self.host) % BLOCK).max(self.host);
-        let end = (start + BLOCK).min(self.host + self.len);
-        (start, end - start)
     }
 
     /// The page holding `addr`.
@@ -191,7 +189,7 @@ pub struct OnDemand {
 pub struct Served {
     /// Bytes placed in guest memory, ahead of the guest or for its faults.
     pub bytes: u64,
-    /// The memory file offsets of the blocks placed for faults, in the order of the faults:
+    /// The memory file offsets of the pages placed for faults, in the order of the faults:
     /// the hot list for the snapshot's later restores.
     pub faulted: Vec<u64>,
 }
@@ -216,7 +214,7 @@ impl Registered {
 
     /// Starts the thread that fills the memory from `snapshot` (the checked memory file, laid
     /// out as the memory file, whose non-zero pages are the sorted `content` ranges): the
-    /// blocks at the file offsets in `ahead`, in order, between the guest's faults, and then
+    /// pages at the file offsets in `ahead`, in order, between the guest's faults, and then
     /// only what the guest touches. A failure of that thread ends the VM through `exit`.
     pub fn serve(
         self,
@@ -227,6 +225,7 @@ impl Registered {
     ) -> Result<OnDemand, OnDemandError> {
         let source = Source::map(snapshot).map_err(OnDemandError::Setup)?;
         let stop = EventFd::new(EFD_NONBLOCK).map_err(OnDemandError::Setup)?;
+        let holes = release_holes(&self.uffd, &self.regions, &content);
         let server = Server {
             uffd: self.uffd,
             source,
@@ -235,6 +234,7 @@ impl Registered {
             stop: stop.try_clone().map_err(OnDemandError::Setup)?,
             served: Arc::new(AtomicU64::new(0)),
             ahead,
+            holes,
             faulted: Vec::new(),
         };
         let served = server.served.clone();
@@ -449,9 +449,11 @@ struct Server {
     regions: Vec<Region>,
     stop: EventFd,
     served: Arc<AtomicU64>,
-    /// Blocks (memory file offsets) still to place ahead of the guest, next last.
+    /// Pages (memory file offsets) still to place ahead of the guest, next last.
     ahead: Vec<u64>,
-    /// Blocks placed for faults, in order.
+    /// The memory file ranges (sorted) left to the kernel: see [`release_holes`].
+    holes: Vec<(u64, u64)>,
+    /// Pages placed for faults, in order.
     faulted: Vec<u64>,
 }
 
@@ -466,8 +468,8 @@ enum Wake {
 }
 
 impl Server {
-    /// Serves faults, and between them places the blocks asked for ahead, until stopped.
-    /// Returns the blocks it placed for faults, and an error only for one that would leave a
+    /// Serves faults, and between them places the pages asked for ahead, until stopped.
+    /// Returns the pages it placed for faults, and an error only for one that would leave a
     /// guest thread waiting for ever (a page that can be neither read nor placed).
     fn serve(mut self) -> (Vec<u64>, std::io::Result<()>) {
         self.ahead.reverse();
@@ -508,7 +510,7 @@ impl Server {
         Ok(())
     }
 
-    /// Places the next block asked for ahead; one already (partly) there is left as it is.
+    /// Places the next page asked for ahead; one already there is left as it is.
     fn place_next_ahead(&mut self) -> std::io::Result<()> {
         let Some(offset) = self.ahead.pop() else {
             return Ok(());
@@ -521,8 +523,12 @@ impl Server {
         else {
             return Ok(());
         };
-        let (start, len) = region.block_around(region.host + (offset - region.file_offset));
-        self.place(&region, start, len).map(|_| ())
+        let page = region.page_of(region.host + (offset - region.file_offset));
+        if in_ranges(&self.holes, region.file_offset_of(page)) {
+            // A hole, not registered (a hint from an older snapshot): the kernel fills it.
+            return Ok(());
+        }
+        self.place(&region, page).map(|_| ())
     }
 
     /// Waits until faults are queued or the server is stopped; with `busy` (work ahead),
@@ -561,36 +567,17 @@ impl Server {
         })
     }
 
-    /// Places the block around `addr` (or, when part of it is already there, the one page)
-    /// and wakes whoever waits for it.
+    /// Places the page holding `addr` and wakes whoever waits for it.
     fn serve_fault(&mut self, addr: u64) -> std::io::Result<()> {
         let Some(region) = self.regions.iter().copied().find(|r| r.contains(addr)) else {
             // Not guest memory: nothing registered it, so no thread waits on it.
             return Ok(());
         };
-        let (start, len) = region.block_around(addr);
-        let served_before = self.served.load(Ordering::Relaxed);
-        let result = self.place_block_or_page(&region, start, len, addr);
-        // Only a fault that placed something is recorded, so the record is bounded by guest
-        // memory's pages however often the guest faults.
-        if self.served.load(Ordering::Relaxed) > served_before {
-            self.faulted.push(region.file_offset_of(start));
-        }
-        result
-    }
-
-    fn place_block_or_page(
-        &mut self,
-        region: &Region,
-        start: u64,
-        len: u64,
-        addr: u64,
-    ) -> std::io::Result<()> {
-        if self.place(region, start, len)? {
-            return Ok(());
-        }
         let page = region.page_of(addr);
-        if self.place(region, page, PAGE)? {
+        if self.place(&region, page)? {
+            // Only a fault that placed something is recorded, so the record is bounded by
+            // guest memory's pages however often the guest faults.
+            self.faulted.push(region.file_offset_of(page));
             return Ok(());
         }
         // The page is there already (placed ahead or for an earlier fault, or written by a
@@ -598,29 +585,19 @@ impl Server {
         wake(&self.uffd, page)
     }
 
-    /// Fills `len` bytes of guest memory at `start` (in `region`) as the snapshot has them:
-    /// its content ranges copied from the file, the rest zeros. False when a page of the range
-    /// was already present (the pages before it are placed, the rest are not).
-    fn place(&mut self, region: &Region, start: u64, len: u64) -> std::io::Result<bool> {
-        let end = region.file_offset_of(start + len);
-        let mut at = region.file_offset_of(start);
-        while at < end {
-            let (has_content, stop) = segment(&self.content, at, end);
-            let dst = region.host + (at - region.file_offset);
-            let src = match has_content {
-                true => Some(
-                    self.source
-                        .at(at, stop - at)
-                        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?,
-                ),
-                false => None,
-            };
-            if !self.fill(dst, src, stop - at)? {
-                return Ok(false);
-            }
-            at = stop;
-        }
-        Ok(true)
+    /// Fills the page at `page` (in `region`) as the snapshot has it: copied from the file,
+    /// or zeros (a hole that stayed registered). False when the page was already present.
+    fn place(&mut self, region: &Region, page: u64) -> std::io::Result<bool> {
+        let at = region.file_offset_of(page);
+        let src = match in_ranges(&self.content, at) {
+            true => Some(
+                self.source
+                    .at(at, PAGE)
+                    .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::UnexpectedEof))?,
+            ),
+            false => None,
+        };
+        self.fill(page, src, PAGE)
     }
 
     /// Places `len` bytes at guest address `dst`: copied from `src` in the snapshot's mapping,
@@ -680,15 +657,72 @@ impl Server {
     }
 }
 
-/// Whether the memory file has content at offset `at` (per `content`, sorted and disjoint
-/// ranges), and where that stretch of content or of zeros ends, at `end` at the latest.
-fn segment(content: &[(u64, u64)], at: u64, end: u64) -> (bool, u64) {
-    let next = content.partition_point(|&(_, stop)| stop <= at);
-    match content.get(next) {
-        Some(&(start, stop)) if start <= at => (true, stop.min(end)),
-        Some(&(start, _)) => (false, start.min(end)),
-        None => (false, end),
+/// Unregisters the guest memory that the snapshot has as zeros (up to [`MAX_HOLES`] stretches
+/// of it, the largest), and returns it as memory file ranges.
+///
+/// Guest memory is a fresh memory file, all zeros, so a hole needs nothing from the snapshot:
+/// unregistered, the guest's first touch of it is an ordinary fault that the kernel answers
+/// with a zeroed page, instead of a round trip through the server. Most such touches are the
+/// guest allocating memory it had free when it was saved. It also lets a vhost-user back end,
+/// which maps the memory file directly, see a hole as the zeros it is. A hole that cannot be
+/// unregistered stays registered, which is only slower: the server places its zeros.
+fn release_holes(uffd: &OwnedFd, regions: &[Region], content: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut holes: Vec<(u64, u64)> = regions
+        .iter()
+        .flat_map(|region| holes_in(region, content))
+        .collect();
+    if holes.len() > MAX_HOLES {
+        holes.sort_by_key(|&(start, end)| std::cmp::Reverse(end - start));
+        holes.truncate(MAX_HOLES);
     }
+    holes.sort_unstable();
+    holes.retain(|&(start, end)| {
+        regions
+            .iter()
+            .find(|r| start >= r.file_offset && start - r.file_offset < r.len)
+            .is_some_and(|r| unregister(uffd, r.host + (start - r.file_offset), end - start).is_ok())
+    });
+    holes
+}
+
+/// The whole pages of `region` that hold none of `content` (sorted, disjoint memory file
+/// ranges), as sorted, disjoint memory file ranges.
+fn holes_in(region: &Region, content: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let first = region.file_offset;
+    let end = region.file_offset + region.len;
+    let page_up = |at: u64| (first + (at - first).next_multiple_of(PAGE)).min(end);
+    let page_down = |at: u64| at - (at - first) % PAGE;
+    let inside = content
+        .iter()
+        .map(|&(start, stop)| (start.max(first), stop.min(end)))
+        .filter(|&(start, stop)| start < stop);
+    let mut holes = Vec::new();
+    let mut from = first;
+    for (start, stop) in inside.chain([(end, end)]) {
+        let (hole_start, hole_end) = (page_up(from), page_down(start));
+        if hole_start < hole_end {
+            holes.push((hole_start, hole_end));
+        }
+        from = from.max(stop);
+    }
+    holes
+}
+
+/// Whether `at` lies in one of the sorted, disjoint `ranges`.
+fn in_ranges(ranges: &[(u64, u64)], at: u64) -> bool {
+    let next = ranges.partition_point(|&(_, stop)| stop <= at);
+    ranges.get(next).is_some_and(|&(start, _)| start <= at)
+}
+
+fn unregister(uffd: &OwnedFd, start: u64, len: u64) -> std::io::Result<()> {
+    let mut range = UffdioRange { start, len };
+    // SAFETY: UFFDIO_UNREGISTER reads one uffdio_range, which lives for the call; the range
+    // lies in a registered mapping of guest memory.
+    let rc = unsafe { ioctl_with_mut_ref(uffd, UFFDIO_UNREGISTER(), &mut range) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn wake(uffd: &OwnedFd, page: u64) -> std::io::Result<()> {
@@ -720,6 +754,11 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     const MIB: u64 = 1 << 20;
+    /// The long run of content [`saved_memory`] writes at 2 MiB: 80 pages and a bit.
+    const RUN: usize = 80 * 4096 + 123;
+    /// The pages with content in [`saved_memory`]: one each for the three short writes, and
+    /// the run's.
+    const CONTENT_PAGES: u64 = 3 + 81;
 
     /// Guest memory with content in a few places, saved to a snapshot memory file.
     fn saved_memory(size: u64) -> (File, Vec<(u64, Vec<u8>)>) {
@@ -732,7 +771,7 @@ mod tests {
             (0x1000, b"low page".to_vec()),
             (0x10_0000 + 5, b"kernel".to_vec()),
             (size - 3, b"end".to_vec()),
-            (2 * MIB, vec![7u8; 5 * BLOCK_BYTES + 123]),
+            (2 * MIB, vec![7u8; RUN]),
         ];
         for (at, bytes) in &content {
             mem.write_slice(bytes, GuestAddress(*at)).unwrap();
@@ -755,7 +794,7 @@ mod tests {
     }
 
     #[test]
-    fn memory_reads_as_the_snapshot_and_only_touched_blocks_are_served() {
+    fn memory_reads_as_the_snapshot_and_only_touched_content_is_served() {
         let size = 8 * MIB;
         let (file, content) = saved_memory(size);
         let fresh = create_on(size, Backing::SmallPages).unwrap();
@@ -773,21 +812,18 @@ mod tests {
             fresh.read_slice(&mut back, GuestAddress(*at)).unwrap();
             assert!(&back == expected, "content at {at:#x}");
         }
-        // A page the snapshot has as zeros reads as zeros.
+        // A page the snapshot has as zeros reads as zeros, without the server.
         let mut zeros = [1u8; 64];
         fresh.read_slice(&mut zeros, GuestAddress(6 * MIB)).unwrap();
         assert_eq!(zeros, [0u8; 64]);
-        let served = server.served();
-        assert!(served >= 5 * BLOCK, "served {served}");
-        assert!(
-            served <= 12 * BLOCK,
-            "served {served}: more than the blocks read"
-        );
+        let served = server.finish();
+        assert_eq!(served.bytes, CONTENT_PAGES * PAGE, "each page read, once");
+        assert_eq!(served.faulted.len() as u64, CONTENT_PAGES);
         assert!(!exit.is_requested());
     }
 
     #[test]
-    fn blocks_asked_for_ahead_are_placed_without_faults_and_faults_are_recorded() {
+    fn pages_asked_for_ahead_are_placed_without_faults_and_faults_are_recorded() {
         let size = 8 * MIB;
         let (file, content) = saved_memory(size);
         let fresh = create_on(size, Backing::SmallPages).unwrap();
@@ -795,16 +831,17 @@ mod tests {
             return;
         };
         let exit = Arc::new(VmExit::new().unwrap());
-        // Two blocks ahead, one of them twice, and one offset past the memory (ignored).
-        let ahead = vec![2 * MIB, 2 * MIB + BLOCK, 2 * MIB, size + BLOCK];
+        // Two pages ahead, one of them twice, a hole, and an offset past the memory (the last
+        // two are ignored).
+        let ahead = vec![2 * MIB, 2 * MIB + PAGE, 2 * MIB, 6 * MIB, size + PAGE];
         let listed = restore(&fresh, &file, Fill::OnDemand).unwrap().content;
         let server = registered.serve(&file, listed, ahead, &exit).unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while server.served() < 2 * BLOCK && std::time::Instant::now() < deadline {
+        while server.served() < 2 * PAGE && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        assert_eq!(server.served(), 2 * BLOCK, "the blocks ahead are placed");
-        let mut ahead_bytes = vec![0u8; 2 * BLOCK_BYTES];
+        assert_eq!(server.served(), 2 * PAGE, "the pages ahead are placed");
+        let mut ahead_bytes = vec![0u8; 2 * PAGE as usize];
         fresh
             .read_slice(&mut ahead_bytes, GuestAddress(2 * MIB))
             .unwrap();
@@ -815,8 +852,8 @@ mod tests {
         fresh.read_slice(&mut back, GuestAddress(*at)).unwrap();
         assert_eq!(&back, expected);
         let served = server.finish();
-        assert_eq!(served.faulted, vec![0]);
-        assert_eq!(served.bytes, 3 * BLOCK);
+        assert_eq!(served.faulted, vec![0x1000]);
+        assert_eq!(served.bytes, 3 * PAGE);
         assert!(!exit.is_requested());
     }
 
@@ -847,7 +884,7 @@ mod tests {
         assert!(all[4 * MIB as usize..5 * MIB as usize]
             .iter()
             .all(|&b| b == 0));
-        assert_eq!(server.finish().bytes, size);
+        assert_eq!(server.finish().bytes, CONTENT_PAGES * PAGE);
         assert_eq!(blocks(&file), before, "the snapshot's holes were filled");
     }
 
@@ -862,20 +899,21 @@ mod tests {
         let exit = Arc::new(VmExit::new().unwrap());
         let content = restore(&fresh, &file, Fill::OnDemand).unwrap().content;
         let server = registered.serve(&file, content, Vec::new(), &exit).unwrap();
-        // As a vhost-user back end writes a reply: through the file, not this mapping.
+        // As a vhost-user back end writes a reply: through the file, not this mapping, into a
+        // page that the snapshot has content in and the guest has not touched yet.
         let region = fresh.iter().next().unwrap();
         let memfd = region.file_offset().unwrap();
-        let page = 0x10_0000 + PAGE;
+        let page = 2 * MIB + PAGE;
         memfd
             .file()
             .write_all_at(b"from the back end", memfd.start() + page)
             .unwrap();
-        // The block around it is served except that page, which is not overwritten.
-        let mut kernel = [0u8; 6];
+        // The pages around it are served; that page is not overwritten.
+        let mut run = vec![0u8; 2 * PAGE as usize];
         fresh
-            .read_slice(&mut kernel, GuestAddress(0x10_0000 + 5))
+            .read_slice(&mut run, GuestAddress(2 * MIB + 2 * PAGE))
             .unwrap();
-        assert_eq!(&kernel, b"kernel");
+        assert!(run.iter().all(|&b| b == 7));
         let mut reply = [0u8; 17];
         fresh.read_slice(&mut reply, GuestAddress(page)).unwrap();
         assert_eq!(&reply, b"from the back end");
@@ -899,32 +937,40 @@ mod tests {
     }
 
     #[test]
-    fn a_block_splits_into_stretches_of_content_and_of_zeros() {
-        let content = [(0x1000, 0x3000), (0x5000, 0x6000)];
-        assert_eq!(segment(&content, 0, 0x8000), (false, 0x1000));
-        assert_eq!(segment(&content, 0x1000, 0x8000), (true, 0x3000));
-        assert_eq!(segment(&content, 0x2000, 0x2800), (true, 0x2800));
-        assert_eq!(segment(&content, 0x3000, 0x8000), (false, 0x5000));
-        assert_eq!(segment(&content, 0x3000, 0x4000), (false, 0x4000));
-        assert_eq!(segment(&content, 0x6000, 0x8000), (false, 0x8000));
-        assert_eq!(segment(&[], 0, 0x1000), (false, 0x1000));
+    fn the_holes_are_the_pages_between_the_content() {
+        let region = Region {
+            host: 0x7f00_0000_0000,
+            len: 16 * PAGE,
+            file_offset: 0x1000_0000,
+        };
+        let base = region.file_offset;
+        let at = |page: u64| base + page * PAGE;
+        // Content before and after the region, and ranges inside it.
+        let content = [
+            (0, at(1)),
+            (at(3), at(5)),
+            (at(5), at(6)),
+            (at(9), at(10)),
+            (at(15), at(20)),
+        ];
+        assert_eq!(
+            holes_in(&region, &content),
+            vec![(at(1), at(3)), (at(6), at(9)), (at(10), at(15))]
+        );
+        assert_eq!(holes_in(&region, &[]), vec![(at(0), at(16))]);
+        assert_eq!(holes_in(&region, &[(0, u64::MAX)]), vec![]);
+        assert!(in_ranges(&content, at(4)));
+        assert!(!in_ranges(&content, at(6)));
+        assert!(!in_ranges(&[], 0));
     }
 
     #[test]
-    fn a_block_is_aligned_and_stays_in_its_region() {
+    fn a_region_maps_addresses_to_pages_and_file_offsets() {
         let region = Region {
             host: 0x7f00_0000_0000,
             len: 20 * PAGE,
             file_offset: 0x1000_0000,
         };
-        assert_eq!(
-            region.block_around(region.host + 3 * PAGE + 5),
-            (region.host, BLOCK)
-        );
-        assert_eq!(
-            region.block_around(region.host + 17 * PAGE),
-            (region.host + BLOCK, 4 * PAGE)
-        );
         assert_eq!(
             region.page_of(region.host + 17 * PAGE + 9),
             region.host + 17 * PAGE

@@ -147,7 +147,7 @@ pub struct Restored {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fill {
     /// Each page as the guest first touches it ([`snapshot::on_demand`]), after this many
-    /// blocks of the snapshot's hot list placed ahead of it.
+    /// pages of the snapshot's hot list placed ahead of it.
     OnDemand { ahead: usize },
     /// All at once before the guest resumed, for the reason given.
     Copied(String),
@@ -167,7 +167,7 @@ impl std::fmt::Display for Restored {
             }
             Fill::OnDemand { ahead } => write!(
                 f,
-                " (checked; pages served as the guest touches them, {ahead} hot blocks ahead of it)"
+                " (checked; pages served as the guest touches them, {ahead} hot pages ahead of it)"
             ),
             Fill::Copied(why) => write!(f, " (copied: {why})"),
         }
