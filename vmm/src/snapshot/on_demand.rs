@@ -936,6 +936,39 @@ mod tests {
         }
     }
 
+    /// Content on every other page makes more holes than may be released: the largest go,
+    /// the rest stay registered and are still served as zeros.
+    #[test]
+    fn only_the_largest_holes_are_released() {
+        let pages = 2 * MAX_HOLES as u64 + 8;
+        let size = (pages * PAGE).next_multiple_of(2 * MIB) + 2 * MIB;
+        let mem = create_on(size, Backing::SmallPages).unwrap();
+        for page in (0..pages).step_by(2) {
+            mem.write_obj(1u8, GuestAddress(page * PAGE)).unwrap();
+        }
+        let file = tempfile::tempfile().unwrap();
+        save(&mem, &file).unwrap();
+        let fresh = create_on(size, Backing::SmallPages).unwrap();
+        let Some(registered) = registered(&fresh) else {
+            return;
+        };
+        let content = restore(&fresh, &file, Fill::OnDemand).unwrap().content;
+        let holes = release_holes(&registered.uffd, &registered.regions, &content);
+        assert_eq!(holes.len(), MAX_HOLES);
+        assert!(holes.windows(2).all(|w| w[0].1 <= w[1].0), "sorted");
+        let tail = ((pages - 1) * PAGE, size);
+        assert!(holes.contains(&tail), "the largest hole is released");
+        // A one-page hole that stayed registered reads as zeros through the server.
+        let exit = Arc::new(VmExit::new().unwrap());
+        let server = registered.serve(&file, content, Vec::new(), &exit).unwrap();
+        let last_small = (pages - 3) * PAGE;
+        assert!(!in_ranges(&holes, last_small));
+        assert_eq!(fresh.read_obj::<u8>(GuestAddress(last_small)).unwrap(), 0);
+        assert_eq!(fresh.read_obj::<u8>(GuestAddress(last_small + PAGE)).unwrap(), 1);
+        drop(server);
+        assert!(!exit.is_requested());
+    }
+
     #[test]
     fn the_holes_are_the_pages_between_the_content() {
         let region = Region {
