@@ -98,12 +98,12 @@ pub fn exec(args: ExecArgs) -> ExitCode {
         Err(e) => return fail(exit_code::INTERNAL, format!("{e:#}")),
     };
     // The binary and the directories were checked with the plan; what fails here is the host.
-    let daemons = match start_virtiofsd(&plan, run_dir.path(), &log) {
+    let mut daemons = match start_virtiofsd(&plan, run_dir.path(), &log) {
         Ok(daemons) => daemons,
         Err(e) => return fail(exit_code::INTERNAL, format!("{e:#}")),
     };
     let console = ConsoleTail::default();
-    let result = match run_vm(&plan, &initrd, &daemons, &console, run_dir.path(), stop) {
+    let result = match run_vm(&plan, &initrd, &mut daemons, &console, run_dir.path(), stop, &log) {
         Ok(result) => result,
         Err(code) => return code,
     };
@@ -120,15 +120,18 @@ pub fn exec(args: ExecArgs) -> ExitCode {
 }
 
 /// Runs the VM: cold, or with `--warm` from the saved snapshot (saving one when there is
-/// none). A snapshot that fails to restore (damaged memory, a host that refuses its state) is
-/// discarded and the run boots cold instead, saving a new one.
+/// none). A snapshot that fails to restore (damaged memory, another host CPU, a host that
+/// refuses its state) is discarded and the run boots cold instead, with fresh virtiofsd
+/// daemons (the failed restore may have connected the first ones, and each serves one
+/// connection), saving a new snapshot.
 fn run_vm(
     plan: &Plan,
     initrd: &Path,
-    daemons: &[Virtiofsd],
+    daemons: &mut Vec<Virtiofsd>,
     console: &ConsoleTail,
     run_dir: &Path,
     stop: &vmm_sys_util::eventfd::EventFd,
+    log: &Log,
 ) -> Result<Result<RunReport, vm::VmError>, ExitCode> {
     let Some(warm) = plan
         .warm
@@ -149,6 +152,9 @@ fn run_vm(
     match vm::run(config, stop, plan.timeout) {
         Err(vm::VmError::Snapshot(e)) if restoring => {
             warm.discard(&e);
+            daemons.clear();
+            *daemons = start_virtiofsd(plan, run_dir, log)
+                .map_err(|e| fail(exit_code::INTERNAL, format!("{e:#}")))?;
             let config = vm_config(plan, initrd, daemons, console, Some((&warm, None, run_dir)))?;
             Ok(vm::run(config, stop, plan.timeout))
         }
@@ -237,6 +243,8 @@ fn start_virtiofsd(plan: &Plan, run_dir: &Path, log: &Log) -> anyhow::Result<Vec
     let mut daemons = Vec::new();
     for (index, (spec, _)) in plan.served().enumerate() {
         let socket = run_dir.join(format!("fs{index}.sock"));
+        // A socket of the daemons a failed restore used (the run directory is this run's).
+        let _ = std::fs::remove_file(&socket);
         let daemon = Virtiofsd::start(&plan.virtiofsd, &spec, &socket)?;
         log.say(format_args!(
             "virtiofsd {} serving {}{}",
