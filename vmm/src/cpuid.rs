@@ -36,6 +36,54 @@ pub struct Extras {
     pub tsc_deadline: bool,
 }
 
+/// The registers of `KVM_GET_SUPPORTED_CPUID` that say what the processor and KVM offer a
+/// guest, as (leaf, subleaf, mask of EAX, EBX, ECX, EDX). Only these are compared: the rest
+/// describe the physical CPU that ran the ioctl (KVM executes CPUID there: leaf 1 EBX holds
+/// its APIC ID, leaves 0xb and 0x1f its x2APIC ID, 0x8000_001e its core and node), or caches
+/// and topology that the guest's own CPUID replaces.
+const FEATURE_REGISTERS: [(u32, u32, [u32; 4]); 13] = [
+    // Vendor and highest leaf; family, model and stepping; the feature flags.
+    (0x0, 0, [!0, !0, !0, !0]),
+    (0x1, 0, [!0, 0, !0, !0]),
+    // Structured extended features.
+    (0x7, 0, [!0, !0, !0, !0]),
+    (0x7, 1, [!0, !0, !0, !0]),
+    // XSAVE: the state components offered, and the XSAVE variants.
+    (0xd, 0, [!0, 0, 0, !0]),
+    (0xd, 1, [!0, 0, 0, 0]),
+    // KVM's paravirtual features (kvmclock and the rest).
+    (0x4000_0001, 0, [!0, 0, 0, !0]),
+    // Extended leaves: highest leaf, features, power management (invariant TSC), address
+    // sizes and AMD's extra features, SVM.
+    (0x8000_0000, 0, [!0, !0, !0, !0]),
+    (0x8000_0001, 0, [0, 0, !0, !0]),
+    (0x8000_0007, 0, [0, 0, 0, !0]),
+    (0x8000_0008, 0, [!0, !0, 0, 0]),
+    (0x8000_000a, 0, [!0, 0, 0, !0]),
+    (0x8000_0021, 0, [!0, 0, 0, 0]),
+];
+
+/// Whether two lists from `KVM_GET_SUPPORTED_CPUID` offer a guest the same processor
+/// ([`FEATURE_REGISTERS`]), whatever CPU each was read on.
+pub fn same_features(a: &[kvm_cpuid_entry2], b: &[kvm_cpuid_entry2]) -> bool {
+    features(a) == features(b)
+}
+
+fn features(entries: &[kvm_cpuid_entry2]) -> Vec<Option<[u32; 4]>> {
+    FEATURE_REGISTERS
+        .iter()
+        .map(|&(function, index, mask)| {
+            entries
+                .iter()
+                .find(|e| e.function == function && e.index == index)
+                .map(|e| {
+                    let regs = [e.eax, e.ebx, e.ecx, e.edx];
+                    std::array::from_fn(|i| regs[i] & mask[i])
+                })
+        })
+        .collect()
+}
+
 /// The number of APIC ID bits needed to number `count` cores (ceil(log2(count))).
 fn id_bits(count: u32) -> u32 {
     count.next_power_of_two().trailing_zeros()
@@ -143,6 +191,44 @@ mod tests {
 
     fn shaped(index: u8, count: u8) -> Vec<kvm_cpuid_entry2> {
         shaped_with(index, count, Extras::default())
+    }
+
+    #[test]
+    fn features_differ_in_a_flag_but_not_in_the_cpu_that_read_them() {
+        let with = |function, index, eax, ebx, ecx, edx| kvm_cpuid_entry2 {
+            eax,
+            ebx,
+            ecx,
+            edx,
+            ..entry(function, index)
+        };
+        let a = vec![
+            with(0x1, 0, 0xa20f10, 1 << 24 | 0x800, 0x7ed8_320b, 0x178b_fbff),
+            with(0x7, 0, 0, 0x219c_91a9, 0x0040_069c, 0x10),
+            with(0xb, 0, 1, 2, 0x100, 1),
+            with(0x8000_0001, 0, 0, 0, 0x75c2_37ff, 0x2fd3_fbff),
+        ];
+        let mut reordered = a.clone();
+        reordered.reverse();
+        assert!(same_features(&a, &reordered));
+        // Read on another physical CPU: another APIC ID in leaf 1 and in 0xb.
+        let mut elsewhere = a.clone();
+        for e in elsewhere.iter_mut() {
+            match e.function {
+                0x1 => e.ebx |= 3 << 24,
+                0xb => e.edx = 3,
+                _ => {}
+            }
+        }
+        assert!(same_features(&a, &elsewhere));
+        let mut fewer = a.clone();
+        for e in fewer.iter_mut().filter(|e| e.function == 0x7 && e.index == 0) {
+            e.ebx &= !(1 << 5);
+        }
+        assert!(!same_features(&a, &fewer), "AVX2 gone");
+        let mut no_leaf = a.clone();
+        no_leaf.retain(|e| e.function != 0x8000_0001);
+        assert!(!same_features(&a, &no_leaf));
     }
 
     fn shaped_with(index: u8, count: u8, extras: Extras) -> Vec<kvm_cpuid_entry2> {

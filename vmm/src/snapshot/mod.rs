@@ -40,7 +40,7 @@ pub use cpu::{VcpuState, VmState};
 /// The first bytes of a state file.
 const MAGIC: &[u8; 8] = b"KVMBSNAP";
 /// The layout of [`SavedState`]; a snapshot of another version is never restored.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The state file's name in a snapshot directory.
 const STATE_FILE: &str = "state";
 /// The memory file's name in a snapshot directory.
@@ -105,6 +105,10 @@ pub enum SnapshotError {
     /// A CPUID list could not be built.
     #[error("too many CPUID entries")]
     Cpuid,
+    /// This host's KVM would give the vCPUs another CPUID than the saved guest saw (another
+    /// processor, or another host kernel): the guest may use what this host does not offer.
+    #[error("it was made on a host whose processor (as KVM offers it) differs from this one's")]
+    OtherHostCpu,
 }
 
 /// How a snapshot encodes vm-superio's `SerialState` (a type of another crate, without serde):
@@ -140,6 +144,10 @@ pub struct SavedState {
     pub serial: devices::serial::SerialState,
     /// The checksum of the memory file's pages (see [`memory`]).
     pub memory_crc: u32,
+    /// What the saving host's KVM offered (`KVM_GET_SUPPORTED_CPUID`). The vCPUs' CPUID is
+    /// restored as saved, so a host that offers anything else (another processor, another
+    /// host kernel) must not restore it.
+    pub host_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>,
 }
 
 /// A snapshot read from disk, its state checked; its memory is checked as it is restored.
@@ -335,6 +343,7 @@ mod tests {
             },
             serial: devices::serial::SerialState::default(),
             memory_crc: 7,
+            host_cpuid: Vec::new(),
         }
     }
 

@@ -249,6 +249,7 @@ impl Vm {
         let restore = config.restore.take();
         if let Some(snapshot) = &restore {
             snapshot.check_machine(mem_size, config.vcpus)?;
+            check_host_cpu(&kvm, &snapshot.state)?;
         }
         let (fd, mem, memory_backing) = create_vm(&kvm, mem_size, config.pit)?;
         let exit = Arc::new(VmExit::new().map_err(|e| VmError::Setup("exit channel", e))?);
@@ -340,6 +341,7 @@ impl Vm {
             vm: snapshot::VmState::save(&self.fd, self.pit)?,
             serial: self.devices().serial_state(),
             memory_crc: 0,
+            host_cpuid: supported_cpuid(&self.kvm)?.as_slice().to_vec(),
         };
         snapshot::write(dir, state, |file| snapshot::memory::save(&self.mem, file))
     }
@@ -646,6 +648,26 @@ fn restore_vcpus(vm: &VmFd, state: &SavedState) -> Result<Vec<VcpuFd>, VmError> 
     Ok(fds)
 }
 
+/// The saved CPUID is restored as it was, so that the guest goes on seeing the processor it
+/// booted on; that is only safe on a host that offers the same. A snapshot kept in a cache
+/// outlives host kernel updates and may be copied to another machine: what this host's KVM
+/// offers must be what the saving host's did.
+fn check_host_cpu(kvm: &Kvm, state: &SavedState) -> Result<(), SnapshotError> {
+    if cpuid::same_features(supported_cpuid(kvm)?.as_slice(), &state.host_cpuid) {
+        Ok(())
+    } else {
+        Err(SnapshotError::OtherHostCpu)
+    }
+}
+
+fn supported_cpuid(kvm: &Kvm) -> Result<kvm_bindings::CpuId, SnapshotError> {
+    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(|source| SnapshotError::Kvm {
+            what: "read the supported CPUID",
+            source,
+        })
+}
+
 /// Creates and configures every vCPU, so a failure leaves nothing running.
 fn create_vcpus(kvm: &Kvm, vm: &VmFd, count: u8, entry: BootEntry) -> Result<Vec<VcpuFd>, VmError> {
     let cpuid = kvm
@@ -663,4 +685,45 @@ fn create_vcpus(kvm: &Kvm, vm: &VmFd, count: u8, entry: BootEntry) -> Result<Vec
         fds.push(fd);
     }
     Ok(fds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn saved_on(host_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>) -> SavedState {
+        SavedState {
+            key: "k".into(),
+            mem_size: 64 << 20,
+            vcpus: Vec::new(),
+            vm: snapshot::VmState {
+                irqchips: Vec::new(),
+                clock: Default::default(),
+                pit: None,
+            },
+            serial: devices::serial::SerialState::default(),
+            memory_crc: 0,
+            host_cpuid,
+        }
+    }
+
+    #[test]
+    fn a_snapshot_from_a_host_that_offers_another_cpu_is_refused() {
+        let Ok(kvm) = Kvm::new() else {
+            eprintln!("no /dev/kvm; not tested");
+            return;
+        };
+        let offered = supported_cpuid(&kvm).unwrap().as_slice().to_vec();
+        assert!(check_host_cpu(&kvm, &saved_on(offered.clone())).is_ok());
+        let mut other = offered;
+        other[0].ecx ^= 1 << 5;
+        assert!(matches!(
+            check_host_cpu(&kvm, &saved_on(other)),
+            Err(SnapshotError::OtherHostCpu)
+        ));
+        assert!(matches!(
+            check_host_cpu(&kvm, &saved_on(Vec::new())),
+            Err(SnapshotError::OtherHostCpu)
+        ));
+    }
 }
