@@ -3,7 +3,8 @@
 //!
 //! The key is a SHA-256 over what the image is made of: the init's bytes (its hash is computed
 //! once per kvmbuild build, or from the file given by `$KVMBUILD_INIT`), the module directory's
-//! canonical path and the identity (device, inode, size, modification time) of its
+//! canonical path and the identity (device, inode, size, modification time; the path alone in
+//! the Nix store) of its
 //! `modules.dep`, `modules.alias`, `modules.softdep` and `modules.builtin`, which `depmod`
 //! rewrites whenever the tree changes, and the list of modules. Images live in
 //! `$XDG_CACHE_HOME/kvmbuild/initrd/KEY.cpio`, written to a temporary file and renamed into
@@ -102,8 +103,20 @@ fn init_digest(init: &InitBinary) -> Vec<u8> {
 }
 
 /// A file's identity: device, inode, size and modification time (zeros when it is missing).
+///
+/// A file in the Nix store has none beyond its path (zeros here; callers hash the path): a
+/// store path's content never changes once it exists, while Nix resets modification times
+/// when it registers a build's output. So an initrd and a snapshot made inside a derivation
+/// (nix/lib's warm image) key the same when later builds use them from the store.
 pub fn identity(path: &Path) -> [u8; 32] {
+    identity_with_store(path, &nix_store())
+}
+
+fn identity_with_store(path: &Path, store: &Path) -> [u8; 32] {
     let mut out = [0u8; 32];
+    if inside(path, store) {
+        return out;
+    }
     if let Ok(m) = std::fs::metadata(path) {
         let fields = [
             m.dev(),
@@ -116,6 +129,19 @@ pub fn identity(path: &Path) -> [u8; 32] {
         }
     }
     out
+}
+
+/// The Nix store: `$NIX_STORE` (which Nix sets for builders), else `/nix/store`.
+fn nix_store() -> PathBuf {
+    std::env::var_os("NIX_STORE")
+        .filter(|s| !s.is_empty())
+        .map_or_else(|| PathBuf::from("/nix/store"), PathBuf::from)
+}
+
+/// Whether `path`, resolved, lies inside the directory `dir`.
+fn inside(path: &Path, dir: &Path) -> bool {
+    let resolved = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    resolved.starts_with(dir) && resolved != dir
 }
 
 pub fn hex(bytes: &[u8]) -> String {
@@ -183,6 +209,20 @@ mod tests {
         std::fs::write(tree.join("kernel/a.ko"), b"\x7fELF module a").unwrap();
         std::fs::write(tree.join("modules.dep"), "kernel/a.ko:\n").unwrap();
         dir
+    }
+
+    #[test]
+    fn a_store_path_is_identified_by_its_path_alone() {
+        let store = tempfile::tempdir().unwrap();
+        let file = store.path().join("abc-kernel");
+        std::fs::write(&file, b"kernel").unwrap();
+        assert_eq!(identity_with_store(&file, store.path()), [0; 32]);
+        let elsewhere = tempfile::tempdir().unwrap();
+        assert_ne!(identity_with_store(&file, elsewhere.path()), [0; 32]);
+        // Through a link from outside the store, too (a `result` link).
+        let link = elsewhere.path().join("result");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert_eq!(identity_with_store(&link, store.path()), [0; 32]);
     }
 
     #[test]
