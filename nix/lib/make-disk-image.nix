@@ -122,6 +122,8 @@ let
 in
 runInLinuxVM (derivation (vmAttrs // {
   inherit name memSize;
+  # Always with a disk, which the warm image does not have.
+  kvmbuildWarm = false;
   system = builtins.currentSystem;
   builder = shell;
   args = [

@@ -20,6 +20,15 @@
 # `kvmbuildVerbose = true` adds `kvmbuild exec -v`'s account (kernel, initrd, virtiofsd, boot
 # and command timings) to the build log.
 #
+# Warm start: a build with the default memory size, one vCPU and no disk starts from a
+# snapshot of the builder VM (`kvmbuild exec --warm`) instead of booting the kernel. The
+# snapshot, with the initrd, is a derivation of its own (`kvmbuild-warm-image`), built once per
+# kernel, kvmbuild and machine: it boots the VM to kvmbuild's snapshot point and saves it, then
+# runs once from it to record the pages a run touches. It is only good for the host it was
+# made on (kvmbuild refuses a snapshot made where KVM offered another CPU, and boots cold), so
+# it is never substituted. `warm = false` here, or `kvmbuildWarm = false` on a derivation,
+# boots cold.
+#
 # The store is shared writable, as vmTools shares it: the builder writes its outputs at their
 # own store paths. Inside Nix's sandbox that store holds only the build's inputs and outputs.
 #
@@ -42,6 +51,8 @@
   coreutils,
   # Where the store is, on the host and in the guest.
   storeDir ? builtins.storeDir,
+  # Start builds that fit the warm image from it (see above).
+  warm ? true,
 }:
 
 drv:
@@ -49,6 +60,41 @@ drv:
 let
   attrs = if drv ? drvAttrs then drv.drvAttrs else drv;
   memSize = attrs.memSize or 512;
+
+  # The warm image's machine: vmTools' default memory size and one vCPU. A build that asks
+  # for more cannot use it, and does not depend on it.
+  warmMemSize = 512;
+  useWarm =
+    (attrs.kvmbuildWarm or warm)
+    && memSize == warmMemSize
+    && !(attrs.enableParallelBuilding or false)
+    && (attrs.QEMU_OPTS or "") == "";
+  # `kvmbuild exec` with the devices every build has: the store and the exchange directory.
+  execArgs = ''
+    --no-root --kernel ${kernel} --modules ${modules} --virtiofsd ${virtiofsd} \
+      --share ${storeDir}:${storeDir} --share "$NIX_BUILD_TOP/xchg:/tmp/xchg" --cwd /tmp'';
+  warmImage = derivation {
+    name = "kvmbuild-warm-image";
+    inherit (attrs) system;
+    builder = shell;
+    args = [
+      "-e"
+      "-c"
+      ''
+        ${bin "mkdir"} -p "$NIX_BUILD_TOP/xchg" "$out"
+        export XDG_CACHE_HOME="$out"
+        # The first run saves the snapshot; the second, restored from it, records its hot list.
+        for run in save hot-list; do
+          ${kvmbuild}/bin/kvmbuild exec --warm ${execArgs} \
+            --mem ${toString warmMemSize} --cpus 1 -- ${shell} -c true
+        done
+      ''
+    ];
+    requiredSystemFeatures = [ "kvm" ];
+    # Made for this host's CPU and KVM: never fetched from elsewhere.
+    preferLocalBuild = true;
+    allowSubstitutes = false;
+  };
   bin = name: "${coreutils}/bin/${name}";
   # The builder's arguments as one shell-quoted string, so that they reach it unchanged
   # (`origArgs`, kept for vmTools' users, is only their space-joined text).
@@ -145,17 +191,20 @@ let
       disk="--disk=$diskImage"
     fi
 
-    # kvmbuild caches its initrd per kernel and init; here the cache lives with the build.
-    export XDG_CACHE_HOME="$NIX_BUILD_TOP/.kvmbuild-cache"
+    # kvmbuild caches its initrd per kernel and init: in the warm image, whose snapshot this
+    # build starts from when it has the image's machine and no disk, or else with the build.
+    warm=
+    if [ -n "$kvmbuildWarmImage" ] && [ "$mem" = ${toString warmMemSize} ] && [ "$cpus" = 1 ] && [ -z "$disk" ]; then
+      export XDG_CACHE_HOME="$kvmbuildWarmImage"
+      warm=--warm
+    else
+      export XDG_CACHE_HOME="$NIX_BUILD_TOP/.kvmbuild-cache"
+    fi
     vmStatus=0
     verbose=
     [ -z "$kvmbuildVerbose" ] || verbose=-v
-    ${kvmbuild}/bin/kvmbuild exec $verbose --no-root \
-      --kernel ${kernel} --modules ${modules} --virtiofsd ${virtiofsd} \
-      --mem "$mem" --cpus "$cpus" \
-      --share ${storeDir}:${storeDir} \
-      --share "$NIX_BUILD_TOP/xchg:/tmp/xchg" \
-      $disk --cwd /tmp \
+    ${kvmbuild}/bin/kvmbuild exec $verbose $warm ${execArgs} \
+      --mem "$mem" --cpus "$cpus" $disk \
       -- ${shell} /tmp/xchg/stage2 || vmStatus=$?
 
     if [ ! -e xchg/in-vm-exit ]; then
@@ -177,6 +226,7 @@ else
       "builder"
       "args"
       "memSize"
+      "kvmbuildWarm"
     ]
     // {
       builder = shell;
@@ -196,6 +246,7 @@ else
       # true: kvmbuild exec -v (its kernel, initrd, virtiofsd and timings) in the build log.
       kvmbuildVerbose = attrs.kvmbuildVerbose or false;
       kvmbuildStage2 = stage2;
+      kvmbuildWarmImage = if useWarm then warmImage else "";
       kvmbuildArgs = quotedArgs;
       # Attributes passed as files would be paths on the build host, not in the guest.
       passAsFile = [ ];

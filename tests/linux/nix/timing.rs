@@ -1,8 +1,10 @@
 //! The same trivial VM derivation (the guest's `uname -r` into `$out`) built by Nix through
 //! the drop-in (a vmTools of nixpkgs' shape calling kvmbuild as `qemu-kvm`,
 //! tests/linux/nix/vmtools.nix) and through the native runInLinuxVM, alternating, each build
-//! a distinct derivation. Every build's `$out` is checked; the wall times of
-//! `nix-store --realise` are printed with their medians (measured, never asserted).
+//! a distinct derivation. The native builds start from the warm image, which is built first
+//! (and timed apart); each native build's log must show the restore. Every build's `$out` is
+//! checked; the wall times of `nix-store --realise` are printed with their medians (measured,
+//! never asserted).
 
 use std::path::{Path, PathBuf};
 
@@ -47,7 +49,8 @@ let add = path: name: builtins.path {{ inherit path name; }};
       moduleList = [ {list} ];
       virtiofsd = add {pkgs}/virtiofsd "virtiofsd";
     }};
-in builtins.concatLists (builtins.genList (i: [ (set.dropIn i) (set.native i) ]) {ROUNDS})
+in [ (set.native 0).kvmbuildWarmImage ]
+   ++ builtins.concatLists (builtins.genList (i: [ (set.dropIn i) (set.native i) ]) {ROUNDS})
 "#,
         fixture = repo_root().join("tests/linux/nix/vmtools.nix").display(),
         lib = repo_root().join("nix/lib").display(),
@@ -74,6 +77,7 @@ pub fn nix_trivial_build_drop_in_vs_native() {
            t0=$(date +%s%N)\n\
            out=$(nix-store --realise $drv) || {{ echo \"BUILD FAILED: $drv\" >&2; exit 1; }}\n\
            t1=$(date +%s%N)\n\
+           [ -d $out ] && echo \"WARM IMAGE $(( (t1 - t0) / 1000000 ))\" >&2 && continue\n\
            echo \"TIMED $drv $(( (t1 - t0) / 1000000 )) $(cat $out)\" >&2\n\
          done",
         expr = dir.join("test.nix").display()
@@ -99,6 +103,25 @@ pub fn nix_trivial_build_drop_in_vs_native() {
     run.check(
         drop_in.len() == ROUNDS && native.len() == ROUNDS,
         "every round should build both ways",
+    );
+    let restored = run
+        .stderr
+        .lines()
+        .filter(|l| l.contains("kvmbuild: restored "))
+        .count();
+    run.check(
+        restored == ROUNDS,
+        &format!("every native build should start from the warm image ({restored} did)"),
+    );
+    let image_ms = run
+        .stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("WARM IMAGE "))
+        .and_then(|ms| ms.trim().parse::<f64>().ok());
+    run.check(image_ms.is_some(), "the warm image is built first");
+    println!(
+        "    warm image (built once): {:.1} s",
+        image_ms.unwrap_or(0.0) / 1000.0
     );
     println!("    drop-in (vmTools shape, kvmbuild as qemu-kvm): {drop_in:.1?} s");
     println!("    native runInLinuxVM (kvmbuild exec):          {native:.1?} s");

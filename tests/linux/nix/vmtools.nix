@@ -186,5 +186,7 @@ let
 in
 {
   dropIn = seed: dropInRunInLinuxVM (trivial "drop-in" seed);
-  native = seed: nativeRunInLinuxVM (derivation (trivial "native" seed));
+  # kvmbuild -v in the log shows whether the build started from the warm image.
+  native =
+    seed: nativeRunInLinuxVM (derivation (trivial "native" seed // { kvmbuildVerbose = true; }));
 }
