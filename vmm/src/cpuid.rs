@@ -222,7 +222,10 @@ mod tests {
         }
         assert!(same_features(&a, &elsewhere));
         let mut fewer = a.clone();
-        for e in fewer.iter_mut().filter(|e| e.function == 0x7 && e.index == 0) {
+        for e in fewer
+            .iter_mut()
+            .filter(|e| e.function == 0x7 && e.index == 0)
+        {
             e.ebx &= !(1 << 5);
         }
         assert!(!same_features(&a, &fewer), "AVX2 gone");

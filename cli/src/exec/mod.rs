@@ -103,7 +103,15 @@ pub fn exec(args: ExecArgs) -> ExitCode {
         Err(e) => return fail(exit_code::INTERNAL, format!("{e:#}")),
     };
     let console = ConsoleTail::default();
-    let result = match run_vm(&plan, &initrd, &mut daemons, &console, run_dir.path(), stop, &log) {
+    let result = match run_vm(
+        &plan,
+        &initrd,
+        &mut daemons,
+        &console,
+        run_dir.path(),
+        stop,
+        &log,
+    ) {
         Ok(result) => result,
         Err(code) => return code,
     };
@@ -454,7 +462,10 @@ fn guest_phases_line(report: &RunReport) -> String {
             )
         })
         .collect();
-    format!("guest phases (ms after kvmbuild started): {}", phases.join(", "))
+    format!(
+        "guest phases (ms after kvmbuild started): {}",
+        phases.join(", ")
+    )
 }
 
 /// The exit status, with the console's tail when the guest failed before the command ran.

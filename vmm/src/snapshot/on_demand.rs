@@ -680,7 +680,9 @@ fn release_holes(uffd: &OwnedFd, regions: &[Region], content: &[(u64, u64)]) -> 
         regions
             .iter()
             .find(|r| start >= r.file_offset && start - r.file_offset < r.len)
-            .is_some_and(|r| unregister(uffd, r.host + (start - r.file_offset), end - start).is_ok())
+            .is_some_and(|r| {
+                unregister(uffd, r.host + (start - r.file_offset), end - start).is_ok()
+            })
     });
     holes
 }
@@ -964,7 +966,12 @@ mod tests {
         let last_small = (pages - 3) * PAGE;
         assert!(!in_ranges(&holes, last_small));
         assert_eq!(fresh.read_obj::<u8>(GuestAddress(last_small)).unwrap(), 0);
-        assert_eq!(fresh.read_obj::<u8>(GuestAddress(last_small + PAGE)).unwrap(), 1);
+        assert_eq!(
+            fresh
+                .read_obj::<u8>(GuestAddress(last_small + PAGE))
+                .unwrap(),
+            1
+        );
         drop(server);
         assert!(!exit.is_requested());
     }
