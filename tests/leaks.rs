@@ -58,6 +58,7 @@ fn config(kernel: &Path, disk: &Path) -> VmConfig {
         confine_runner: false,
         snapshot_to: None,
         restore: None,
+        held_input: None,
     }
 }
 

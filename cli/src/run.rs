@@ -196,6 +196,7 @@ fn vm_config(
     Ok(VmConfig {
         snapshot_to: args.snapshot.map(|dir| (dir, key)),
         restore,
+        held_input: None,
         kernel: args.kernel,
         initrd: args.initrd,
         initrd_prefix: Vec::new(),

@@ -19,6 +19,9 @@ pub enum ThreadKind {
     VhostUser,
     /// Fills guest memory from a snapshot as the guest touches it (userfaultfd).
     PageServer,
+    /// Checks a restored VM's memory file beside the running guest, then hands the guest
+    /// this run's settings.
+    MemoryCheck,
 }
 
 /// What each thread of a VM does first, given its kind.

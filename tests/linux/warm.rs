@@ -59,8 +59,9 @@ fn now() -> u64 {
 /// A restored run's memory was served as the guest touched it (the test host runs kvmbuild as
 /// root, which userfaultfd needs for KVM's faults), and the guest touched less than the
 /// snapshot holds: what it did not touch was never copied. From the second restored run on,
-/// the pages the first one touched (its hot list) are placed ahead of the guest. Returns the
-/// KiB the restore read: the same for every run, as serving must not change the snapshot.
+/// the pages the first one touched (its hot list) are placed ahead of the guest. The memory
+/// file is checked beside the guest. Returns the KiB the snapshot holds: the same for every
+/// run, as serving must not change the snapshot.
 fn check_served_on_demand(run: &Run, with_hot_list: bool) -> u64 {
     let line = |prefix: &str| {
         run.stderr
@@ -70,8 +71,12 @@ fn check_served_on_demand(run: &Run, with_hot_list: bool) -> u64 {
     };
     let restored = line("kvmbuild: restored ").unwrap_or_default();
     run.check(
-        restored.contains("(checked; pages served as the guest touches them"),
-        "the snapshot's memory is served on demand",
+        restored.contains("(checked beside the guest; pages served as the guest touches them"),
+        "the snapshot's memory is served on demand and checked beside the guest",
+    );
+    run.check(
+        line("kvmbuild: snapshot memory checked in ").is_some(),
+        "the check finished, and the run's settings waited for it",
     );
     run.check(
         restored.contains("hot pages ahead of it") == with_hot_list,
@@ -167,7 +172,7 @@ pub fn exec_warm_restores_one_snapshot_for_many_runs() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-/// A snapshot whose memory file was damaged is found out before the guest runs: the run boots
+/// A snapshot whose memory file was damaged is found out before the command runs: the run boots
 /// cold with a warning, succeeds, and saves a good snapshot that the next run restores.
 pub fn exec_warm_replaces_a_damaged_snapshot() {
     let dir = scratch("exec-warm-damaged");

@@ -57,16 +57,17 @@ pub enum SeccompError {
 /// The status a forbidden system call ends the process with (an internal error).
 pub const FORBIDDEN_CALL_STATUS: i32 = 70;
 
-const KINDS: [ThreadKind; 5] = [
+const KINDS: [ThreadKind; 6] = [
     ThreadKind::Vcpu,
     ThreadKind::DeviceLoop,
     ThreadKind::ConsoleWriter,
     ThreadKind::VhostUser,
     ThreadKind::PageServer,
+    ThreadKind::MemoryCheck,
 ];
 
 /// [`KIND`]'s value on the thread that runs the VM: the index after the last kind.
-const RUNNER: i8 = 5;
+const RUNNER: i8 = 6;
 const _: () = assert!(RUNNER as usize == KINDS.len());
 
 thread_local! {
@@ -210,6 +211,9 @@ fn extra_calls(kind: ThreadKind) -> &'static [i64] {
         // Polls and reads its userfaultfd (common calls); its ioctls are limited to
         // userfaultfd's, below. The snapshot is mapped before the thread starts.
         ThreadKind::PageServer => &[],
+        // Finds the memory file's data (lseek) and reads it; writes the settings into their
+        // pipe (common calls).
+        ThreadKind::MemoryCheck => &[libc::SYS_lseek, libc::SYS_pread64],
     }
 }
 
@@ -383,6 +387,7 @@ fn kind_name(index: i8) -> &'static str {
         Some(ThreadKind::ConsoleWriter) => "console writer",
         Some(ThreadKind::VhostUser) => "vhost-user",
         Some(ThreadKind::PageServer) => "page server",
+        Some(ThreadKind::MemoryCheck) => "memory check",
         None => "filtered",
     }
 }

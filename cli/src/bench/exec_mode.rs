@@ -374,7 +374,10 @@ mod tests {
         let restored = vmm::vm::Restored {
             bytes: 66 << 20,
             took: Duration::from_millis(48),
-            fill: vmm::vm::Fill::OnDemand { ahead: 0 },
+            fill: vmm::vm::Fill::OnDemand {
+                ahead: 0,
+                beside: true,
+            },
         };
         let stderr = format!("kvmbuild: kernel x\nkvmbuild: {restored}\nkvmbuild: done\n");
         assert_eq!(

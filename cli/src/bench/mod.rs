@@ -176,6 +176,7 @@ fn boot_once(args: &BenchArgs) -> anyhow::Result<Sample> {
         pit: false,
         snapshot_to: None,
         restore: None,
+        held_input: None,
         // Bench bounds a boot with its own limit below.
         setup_deadline: None,
         seccomp: crate::seccomp_filters(),

@@ -188,6 +188,7 @@ mod tests {
             snapshot: None,
             restored: None,
             served_on_demand: None,
+            memory_checked: None,
             timed_out_at: Vec::new(),
             memory_backing: vmm::memory::BackingReport {
                 backing: vmm::memory::Backing::SmallPages,

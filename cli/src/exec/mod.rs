@@ -326,19 +326,28 @@ fn vm_config(
     let mut settings = guest_settings(plan);
     // A warm run's settings travel on their own port, after the snapshot point; a cold run's
     // in front of the initrd.
-    let (initrd_prefix, settings_port, snapshot_to, restore) = match warm {
-        None => (settings.archive(), None, None, None),
-        Some((warm, restore, run_dir)) => {
+    let (initrd_prefix, settings_port, snapshot_to, restore, held_input) = match warm {
+        None => (settings.archive(), None, None, None, None),
+        // Restored: the settings wait for the snapshot's memory check.
+        Some((_, Some(restore), _)) => {
+            let (port, held) = warm::held_settings(settings).map_err(|e| {
+                fail(
+                    exit_code::INTERNAL,
+                    format!("cannot hold the run's settings: {e}"),
+                )
+            })?;
+            (Vec::new(), Some(port), None, Some(restore), Some(held))
+        }
+        // Booted cold and saved: the settings are there from the start.
+        Some((warm, None, run_dir)) => {
             let file = warm::settings_file(&mut settings, run_dir).map_err(|e| {
                 fail(
                     exit_code::INTERNAL,
                     format!("cannot write the run's settings: {e}"),
                 )
             })?;
-            let snapshot_to = restore
-                .is_none()
-                .then(|| (warm.dir.clone(), warm.key.clone()));
-            (Vec::new(), Some(file), snapshot_to, restore)
+            let snapshot_to = Some((warm.dir.clone(), warm.key.clone()));
+            (Vec::new(), Some(file), snapshot_to, None, None)
         }
     };
     Ok(VmConfig {
@@ -365,6 +374,7 @@ fn vm_config(
         confine_runner: true,
         snapshot_to,
         restore,
+        held_input,
     })
 }
 
@@ -476,6 +486,12 @@ fn outcome(report: &RunReport, plan: &Plan, console: &ConsoleTail, log: &Log) ->
     }
     if let Some(served) = &report.served_on_demand {
         log.say(format_args!("{}", crate::run::served_line(served.bytes)));
+    }
+    if let Some(took) = report.memory_checked {
+        log.say(format_args!(
+            "snapshot memory checked in {} ms, beside the guest (the run's settings waited for it)",
+            took.as_millis()
+        ));
     }
     log.say(format_args!(
         "VM set up in {} ms",

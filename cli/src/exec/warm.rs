@@ -105,6 +105,20 @@ impl Warm {
     }
 }
 
+/// The settings port's input for a run restored from a snapshot, and the settings held back
+/// until the snapshot's memory has passed its check, which runs beside the guest
+/// ([`vmm::snapshot::check`]): the guest settings plus a fresh seed and the host's clock, read
+/// as they are released.
+pub fn held_settings(
+    mut settings: initrd::config::Config,
+) -> std::io::Result<(File, vmm::snapshot::check::HeldInput)> {
+    settings.seed = seed()?;
+    vmm::snapshot::check::HeldInput::pipe(Box::new(move || {
+        settings.clock_ns = Some(wall_clock_ns());
+        settings.render().into_bytes()
+    }))
+}
+
 /// Writes this run's settings file into `run_dir` and opens it for the settings port: the
 /// guest settings plus the host's clock and a fresh seed.
 pub fn settings_file(

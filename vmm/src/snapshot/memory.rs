@@ -174,33 +174,17 @@ pub fn save(mem: &GuestMemoryMmap, out: &File) -> Result<u32, SnapshotError> {
     Ok(crc.finalize())
 }
 
-/// Whether [`restore`] writes the pages it checks into guest memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fill {
-    /// Copy every page into guest memory now.
-    Now,
-    /// Only check them: they will be served as the guest touches them ([`super::on_demand`]).
-    OnDemand,
-}
-
-/// What [`restore`] read.
+/// What reading a memory file found.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Checked {
     /// The checksum of the pages read, to compare with the saved one.
     pub crc: u32,
     /// How many bytes of the memory file were read.
     pub bytes: u64,
-    /// With [`Fill::OnDemand`]: the memory file's non-zero pages, as sorted, disjoint
-    /// `start..end` offset ranges. Everything else is zeros, which the page server places
-    /// without reading the file: a read of a hole through a mapping would allocate it in a
-    /// tmpfs-backed cache, growing the snapshot on every restore.
-    pub content: Vec<(u64, u64)>,
 }
 
-/// Reads a memory file written by [`save`], writes it into `mem` (fresh, all zero) when
-/// `fill` says so, and returns what it read. No vCPU may run.
-pub fn restore(mem: &GuestMemoryMmap, input: &File, fill: Fill) -> Result<Checked, SnapshotError> {
-    let regions = regions(mem)?;
+/// Refuses a memory file whose size is not that of `mem`'s memory file.
+fn check_size(regions: &[Region], input: &File) -> Result<(), SnapshotError> {
     let size = input
         .metadata()
         .map_err(|e| SnapshotError::Io("read the memory file", e))?
@@ -210,21 +194,30 @@ pub fn restore(mem: &GuestMemoryMmap, input: &File, fill: Fill) -> Result<Checke
         .map(|r| r.file_offset + r.len as u64)
         .max()
         .unwrap_or(0);
-    if size != expected {
-        return Err(SnapshotError::Corrupt("the memory file's size"));
+    match size == expected {
+        true => Ok(()),
+        false => Err(SnapshotError::Corrupt("the memory file's size")),
     }
+}
+
+/// Reads every data range of a memory file written by [`save`], a chunk at a time, and
+/// returns the checksum of its non-zero pages, handing each run of them to `each` on the way.
+/// Returns `None`, having stopped early, once `go_on` says no (asked before each chunk).
+fn scan(
+    regions: &[Region],
+    input: &File,
+    go_on: &dyn Fn() -> bool,
+    mut each: impl FnMut(&Region, u64, &[u8]) -> Result<(), SnapshotError>,
+) -> Result<Option<Checked>, SnapshotError> {
     let mut crc = crc32fast::Hasher::new();
     let mut read = 0;
-    let mut content = Vec::new();
     let mut buffer = vec![0u8; RESTORE_CHUNK];
-    for region in &regions {
-        let region_end = region.file_offset + region.len as u64;
-        for (start, stop) in data_ranges(input, region)? {
-            // Whole pages, as they were checksummed, whatever block size the file system
-            // reports data in (regions start on a page).
-            let start = start - (start - region.file_offset) % PAGE as u64;
-            let stop = stop.next_multiple_of(PAGE as u64).min(region_end);
+    for region in regions {
+        for (start, stop) in page_ranges(input, region)? {
             for at in (start..stop).step_by(RESTORE_CHUNK) {
+                if !go_on() {
+                    return Ok(None);
+                }
                 let len =
                     usize::try_from(stop - at).map_or(RESTORE_CHUNK, |n| n.min(RESTORE_CHUNK));
                 let bytes = &mut buffer[..len];
@@ -234,25 +227,72 @@ pub fn restore(mem: &GuestMemoryMmap, input: &File, fill: Fill) -> Result<Checke
                 let runs = nonzero_runs(at, bytes);
                 checksum(&mut crc, &runs);
                 for (page_at, run) in runs {
-                    match fill {
-                        Fill::Now => region
-                            .file
-                            .write_all_at(run, page_at)
-                            .map_err(|e| SnapshotError::Io("fill guest memory", e))?,
-                        Fill::OnDemand => {
-                            add_range(&mut content, page_at, page_at + run.len() as u64);
-                        }
-                    }
+                    each(region, page_at, run)?;
                 }
                 read += len as u64;
             }
         }
     }
-    Ok(Checked {
+    Ok(Some(Checked {
         crc: crc.finalize(),
         bytes: read,
-        content,
-    })
+    }))
+}
+
+/// The data ranges of `region`'s part of `input`, widened to whole pages, as they were
+/// checksummed, whatever block size the file system reports data in (regions start on a
+/// page).
+fn page_ranges(input: &File, region: &Region) -> Result<Vec<(u64, u64)>, SnapshotError> {
+    let region_end = region.file_offset + region.len as u64;
+    let mut ranges = Vec::new();
+    for (start, stop) in data_ranges(input, region)? {
+        let start = start - (start - region.file_offset) % PAGE as u64;
+        let stop = stop.next_multiple_of(PAGE as u64).min(region_end);
+        add_range(&mut ranges, start, stop);
+    }
+    Ok(ranges)
+}
+
+/// Reads a memory file written by [`save`], writes it into `mem` (fresh, all zero), and
+/// returns what it read. No vCPU may run.
+pub fn restore(mem: &GuestMemoryMmap, input: &File) -> Result<Checked, SnapshotError> {
+    let regions = regions(mem)?;
+    check_size(&regions, input)?;
+    let fill = |region: &Region, at: u64, run: &[u8]| {
+        region
+            .file
+            .write_all_at(run, at)
+            .map_err(|e| SnapshotError::Io("fill guest memory", e))
+    };
+    Ok(scan(&regions, input, &|| true, fill)?.unwrap_or_default())
+}
+
+/// Where a memory file written by [`save`] for `mem` has content: its data, as sorted,
+/// disjoint `start..end` ranges of whole pages. Everything else is zeros, which a page server
+/// places without reading the file (a read of a hole through a mapping would allocate it in a
+/// tmpfs-backed cache, growing the snapshot on every restore). Found from the file's holes
+/// alone, without reading it: [`check`] reads it.
+pub fn content(mem: &GuestMemoryMmap, input: &File) -> Result<Vec<(u64, u64)>, SnapshotError> {
+    let regions = regions(mem)?;
+    check_size(&regions, input)?;
+    let mut content = Vec::new();
+    for region in &regions {
+        for (start, stop) in page_ranges(input, region)? {
+            add_range(&mut content, start, stop);
+        }
+    }
+    Ok(content)
+}
+
+/// Reads a memory file written by [`save`] for `mem`'s layout (its size already checked by
+/// [`content`]) and returns what it read, or `None` when `go_on` stopped it early. Writes
+/// nothing: it may run beside the guest.
+pub fn check(
+    mem: &GuestMemoryMmap,
+    input: &File,
+    go_on: &dyn Fn() -> bool,
+) -> Result<Option<Checked>, SnapshotError> {
+    scan(&regions(mem)?, input, go_on, |_, _, _| Ok(()))
 }
 
 /// Appends `start..end` to sorted, disjoint `ranges`, merging it with the last one when they
@@ -303,7 +343,7 @@ mod tests {
         let saved = save(&mem, &file).unwrap();
 
         let fresh = crate::memory::create(8 << 20).unwrap();
-        assert_eq!(restore(&fresh, &file, Fill::Now).unwrap().crc, saved);
+        assert_eq!(restore(&fresh, &file).unwrap().crc, saved);
         let mut buf = [0u8; 6];
         fresh.read_slice(&mut buf, GuestAddress(0x10_0000)).unwrap();
         assert_eq!(&buf, b"kernel");
@@ -321,9 +361,12 @@ mod tests {
         // A flipped byte is caught.
         file.write_all_at(b"X", 0x10_0001).unwrap();
         let other = crate::memory::create(8 << 20).unwrap();
-        assert_ne!(restore(&other, &file, Fill::Now).unwrap().crc, saved);
-        // Checking only lists where the content is, merged across read chunks.
-        let listed = restore(&other, &file, Fill::OnDemand).unwrap().content;
+        assert_ne!(restore(&other, &file).unwrap().crc, saved);
+        let checked = check(&other, &file, &|| true).unwrap().unwrap();
+        assert_ne!(checked.crc, saved);
+        assert!(check(&other, &file, &|| false).unwrap().is_none());
+        // The content is where the file has data, merged across read chunks.
+        let listed = content(&other, &file).unwrap();
         assert_eq!(
             listed,
             vec![
@@ -334,6 +377,7 @@ mod tests {
         );
         // A memory file of another size is refused.
         let small = crate::memory::create(4 << 20).unwrap();
-        assert!(restore(&small, &file, Fill::Now).is_err());
+        assert!(restore(&small, &file).is_err());
+        assert!(content(&small, &file).is_err());
     }
 }

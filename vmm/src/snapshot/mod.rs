@@ -18,12 +18,16 @@
 //! It is written to a temporary directory and renamed into place, so readers see a whole
 //! snapshot or none. A snapshot whose magic, version, hash, memory checksum, memory size or
 //! vCPU count does not match is refused with [`SnapshotError`]; the caller then boots cold.
-//! The hot list is a hint for what to copy ahead of the guest: it selects which checked pages
+//! The memory checksum is compared before the guest resumes, or, when the owner holds the
+//! run's input back until it passed, beside the guest ([`check`]): either way no run's
+//! command starts from a damaged snapshot.
+//! The hot list is a hint for what to copy ahead of the guest: it selects which of the snapshot's pages
 //! are placed early, never what they hold, so it carries no checksum, and one that does not
 //! parse is ignored.
 //!
 //! [`Vm::save_snapshot`]: crate::vm::Vm::save_snapshot
 
+pub mod check;
 pub mod cpu;
 pub mod memory;
 pub mod on_demand;

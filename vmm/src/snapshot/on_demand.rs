@@ -10,7 +10,8 @@
 //! content is registered: guest memory is a fresh memory file, so a page the snapshot has as
 //! zeros is left to the kernel's own zero-fill ([`release_holes`]). The same technique lets Firecracker hand
 //! page faults to an outside handler; here the handler is a thread of the VMM, reading the
-//! snapshot the restore has already checked.
+//! snapshot's memory file: checked before the guest resumed, or being checked beside it while
+//! the run's input is held back ([`super::check`]).
 //!
 //! A restore also takes a list of pages to place ahead of the guest, between its faults: the
 //! snapshot's hot list, the pages the first run restored from it faulted in, in that order
@@ -212,8 +213,8 @@ impl Registered {
         Ok(Registered { uffd, regions })
     }
 
-    /// Starts the thread that fills the memory from `snapshot` (the checked memory file, laid
-    /// out as the memory file, whose non-zero pages are the sorted `content` ranges): the
+    /// Starts the thread that fills the memory from `snapshot` (the memory file, whose data
+    /// is in the sorted `content` ranges, [`super::memory::content`]): the
     /// pages at the file offsets in `ahead`, in order, between the guest's faults, and then
     /// only what the guest touches. A failure of that thread ends the VM through `exit`.
     pub fn serve(
@@ -751,7 +752,7 @@ fn read_messages(fd: &OwnedFd, buf: &mut [u8]) -> std::io::Result<usize> {
 mod tests {
     use super::*;
     use crate::memory::{create_on, Backing};
-    use crate::snapshot::memory::{restore, save, Fill};
+    use crate::snapshot::memory::{self, save};
     use std::os::unix::fs::FileExt;
     use vm_memory::{Bytes, GuestAddress};
 
@@ -803,12 +804,10 @@ mod tests {
         let Some(registered) = registered(&fresh) else {
             return;
         };
-        let checked = restore(&fresh, &file, Fill::OnDemand).unwrap();
-        assert!(checked.bytes > 0);
+        let listed = memory::content(&fresh, &file).unwrap();
+        assert!(!listed.is_empty());
         let exit = Arc::new(VmExit::new().unwrap());
-        let server = registered
-            .serve(&file, checked.content, Vec::new(), &exit)
-            .unwrap();
+        let server = registered.serve(&file, listed, Vec::new(), &exit).unwrap();
         for (at, expected) in &content {
             let mut back = vec![0u8; expected.len()];
             fresh.read_slice(&mut back, GuestAddress(*at)).unwrap();
@@ -836,7 +835,7 @@ mod tests {
         // Two pages ahead, one of them twice, a hole, and an offset past the memory (the last
         // two are ignored).
         let ahead = vec![2 * MIB, 2 * MIB + PAGE, 2 * MIB, 6 * MIB, size + PAGE];
-        let listed = restore(&fresh, &file, Fill::OnDemand).unwrap().content;
+        let listed = memory::content(&fresh, &file).unwrap();
         let server = registered.serve(&file, listed, ahead, &exit).unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while server.served() < 2 * PAGE && std::time::Instant::now() < deadline {
@@ -875,7 +874,7 @@ mod tests {
         let Some(registered) = registered(&fresh) else {
             return;
         };
-        let content = restore(&fresh, &file, Fill::OnDemand).unwrap().content;
+        let content = memory::content(&fresh, &file).unwrap();
         let exit = Arc::new(VmExit::new().unwrap());
         let server = registered
             .serve(&file, content, vec![4 * MIB], &exit)
@@ -899,7 +898,7 @@ mod tests {
             return;
         };
         let exit = Arc::new(VmExit::new().unwrap());
-        let content = restore(&fresh, &file, Fill::OnDemand).unwrap().content;
+        let content = memory::content(&fresh, &file).unwrap();
         let server = registered.serve(&file, content, Vec::new(), &exit).unwrap();
         // As a vhost-user back end writes a reply: through the file, not this mapping, into a
         // page that the snapshot has content in and the guest has not touched yet.
@@ -954,7 +953,7 @@ mod tests {
         let Some(registered) = registered(&fresh) else {
             return;
         };
-        let content = restore(&fresh, &file, Fill::OnDemand).unwrap().content;
+        let content = memory::content(&fresh, &file).unwrap();
         let holes = release_holes(&registered.uffd, &registered.regions, &content);
         assert_eq!(holes.len(), MAX_HOLES);
         assert!(holes.windows(2).all(|w| w[0].1 <= w[1].0), "sorted");

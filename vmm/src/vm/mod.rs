@@ -6,6 +6,7 @@
 //! The boot sequence reads top to bottom in [`Vm::build`].
 
 mod error;
+mod restore;
 mod wait;
 
 use std::io::Write;
@@ -20,6 +21,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 use vmm_sys_util::eventfd::EventFd;
 
 pub use error::{vcpu_count, ConfigField, VmError, MAX_VCPUS};
+pub use restore::{Fill, Restored};
 
 use crate::acpi;
 use crate::boot_params::{self, BootInfo};
@@ -29,11 +31,12 @@ use crate::firmware;
 use crate::kvm;
 use crate::layout;
 use crate::loader;
-use crate::memory::{self, Backing, BackingReport};
+use crate::memory::{self, BackingReport};
 use crate::pvh::{self, PvhInfo};
 use crate::release::Remains;
 use crate::seccomp;
-use crate::snapshot::on_demand::{self, OnDemand, Served};
+use crate::snapshot::check::{HeldInput, MemoryCheck};
+use crate::snapshot::on_demand::{OnDemand, Served};
 use crate::snapshot::{self, SavedState, Snapshot, SnapshotError, VcpuState};
 use crate::vcpu::{self, BootEntry, VcpuContext, VcpuPosition};
 
@@ -79,6 +82,11 @@ pub struct VmConfig {
     /// read): its memory, vCPUs, interrupt controllers, clock and COM1, with fresh virtio
     /// devices made from this configuration.
     pub restore: Option<Snapshot>,
+    /// Input a restored guest must not get before its memory passed the check: the run's
+    /// settings, which `exec` holds back so that the check runs beside the guest
+    /// ([`snapshot::check`]). Released at once when the VM was not restored or its memory
+    /// was copied (checked first).
+    pub held_input: Option<HeldInput>,
     /// The seccomp filters every thread of this VM confines itself with as it starts (see
     /// [`crate::seccomp`]); `None` leaves them unfiltered.
     pub seccomp: Option<Arc<seccomp::Filters>>,
@@ -115,6 +123,8 @@ pub struct RunReport {
     pub restored: Option<Restored>,
     /// What the server of a restored VM's memory did, when it had one.
     pub served_on_demand: Option<Served>,
+    /// How long checking a restored VM's memory beside the guest took, when it was.
+    pub memory_checked: Option<Duration>,
     /// Where each vCPU was when the run timed out (empty otherwise).
     pub timed_out_at: Vec<VcpuPosition>,
     /// The VM fd and guest RAM, still to be released (see [`crate::release`]); `None` when a
@@ -129,48 +139,6 @@ impl RunReport {
             .iter()
             .find(|(p, _)| *p == phase)
             .map(|(_, at)| *at)
-    }
-}
-
-/// What restoring guest memory from a snapshot took, for `-v` and benchmarks.
-#[derive(Clone, Debug)]
-pub struct Restored {
-    /// Bytes read from the snapshot's memory file (the pages the guest had touched).
-    pub bytes: u64,
-    /// Reading and checking them (and copying them, when they were copied).
-    pub took: Duration,
-    /// How the pages reach guest memory.
-    pub fill: Fill,
-}
-
-/// How a restored VM's memory is filled from its snapshot.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Fill {
-    /// Each page as the guest first touches it ([`snapshot::on_demand`]), after this many
-    /// pages of the snapshot's hot list placed ahead of it.
-    OnDemand { ahead: usize },
-    /// All at once before the guest resumed, for the reason given.
-    Copied(String),
-}
-
-impl std::fmt::Display for Restored {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "restored {} MiB of guest memory in {} ms",
-            self.bytes >> 20,
-            self.took.as_millis()
-        )?;
-        match &self.fill {
-            Fill::OnDemand { ahead: 0 } => {
-                write!(f, " (checked; pages served as the guest touches them)")
-            }
-            Fill::OnDemand { ahead } => write!(
-                f,
-                " (checked; pages served as the guest touches them, {ahead} hot pages ahead of it)"
-            ),
-            Fill::Copied(why) => write!(f, " (copied: {why})"),
-        }
     }
 }
 
@@ -199,6 +167,8 @@ pub struct Vm {
     /// Serves a restored VM's memory as it is touched; dropped (stopped) only once no vCPU or
     /// device thread can touch guest memory any more.
     on_demand: Option<OnDemand>,
+    /// Checks a restored VM's memory beside the guest and releases the held input.
+    memory_check: Option<MemoryCheck>,
     /// vCPUs that did not come back from their threads: they may still use memory and devices.
     stuck: Vec<usize>,
     /// The filters to confine [`Vm::run`]'s caller with, until it has been.
@@ -236,6 +206,10 @@ pub struct Teardown {
     pub remains: Option<Remains>,
     /// What the server of a restored VM's memory did, when it had one.
     pub served_on_demand: Option<Served>,
+    /// How the check of a restored VM's memory beside the guest went (see
+    /// [`RunReport::memory_checked`]), when there was one: a failure means the snapshot was
+    /// damaged, whatever the guest did.
+    pub memory_check: Option<Result<Option<Duration>, SnapshotError>>,
 }
 
 impl Vm {
@@ -249,7 +223,7 @@ impl Vm {
         let restore = config.restore.take();
         if let Some(snapshot) = &restore {
             snapshot.check_machine(mem_size, config.vcpus)?;
-            check_host_cpu(&kvm, &snapshot.state)?;
+            restore::check_host_cpu(&kvm, &snapshot.state)?;
         }
         let (fd, mem, memory_backing) = create_vm(&kvm, mem_size, config.pit)?;
         let exit = Arc::new(VmExit::new().map_err(|e| VmError::Setup("exit channel", e))?);
@@ -259,13 +233,22 @@ impl Vm {
         if let Some(filters) = &config.seccomp {
             exit.set_thread_start(filters.thread_start());
         }
-        let (restored, on_demand) = match &restore {
+        let held_input = config.held_input.take();
+        let (restored, on_demand, memory_check) = match &restore {
             Some(snapshot) => {
-                let (restored, on_demand) =
-                    restore_memory(&mem, snapshot, &memory_backing.backing, &exit)?;
-                (Some(restored), on_demand)
+                let memory = restore::restore_memory(
+                    &mem,
+                    snapshot,
+                    &memory_backing.backing,
+                    held_input,
+                    &exit,
+                )?;
+                (Some(memory.restored), memory.on_demand, memory.check)
             }
-            None => (None, None),
+            None => {
+                let release = held_input.map(|held| MemoryCheck::start(None, held, &exit));
+                (None, None, release.transpose()?)
+            }
         };
         if config.snapshot_to.is_some() {
             exit.pause_at_snapshot_point();
@@ -284,7 +267,7 @@ impl Vm {
             &exit,
         )?;
         let vcpus = match &restore {
-            Some(snapshot) => restore_vcpus(&fd, &snapshot.state)?,
+            Some(snapshot) => restore::restore_vcpus(&fd, &snapshot.state)?,
             None => {
                 let entry = load_guest(&mem, &devices, &config, mem_size)?;
                 create_vcpus(&kvm, &fd, config.vcpus, entry)?
@@ -305,6 +288,7 @@ impl Vm {
             started,
             restored,
             on_demand,
+            memory_check,
             stuck: Vec::new(),
             confine_runner: config.seccomp.clone().filter(|_| config.confine_runner),
             fd,
@@ -341,7 +325,7 @@ impl Vm {
             vm: snapshot::VmState::save(&self.fd, self.pit)?,
             serial: self.devices().serial_state(),
             memory_crc: 0,
-            host_cpuid: supported_cpuid(&self.kvm)?.as_slice().to_vec(),
+            host_cpuid: restore::supported_cpuid(&self.kvm)?.as_slice().to_vec(),
         };
         snapshot::write(dir, state, |file| snapshot::memory::save(&self.mem, file))
     }
@@ -442,6 +426,7 @@ impl Vm {
                 console_error: None,
                 remains: None,
                 served_on_demand: None,
+                memory_check: None,
             };
         }
         let console_error = self
@@ -450,11 +435,13 @@ impl Vm {
             .and_then(|devices| devices.stop(Instant::now() + CONSOLE_FLUSH_GRACE));
         // Nothing touches guest memory any more: its server can stop.
         let served_on_demand = self.on_demand.take().map(OnDemand::finish);
+        let memory_check = self.memory_check.take().map(MemoryCheck::finish);
         let Vm { fd, mem, .. } = self;
         Teardown {
             console_error,
             remains: Some(Remains { fd, mem }),
             served_on_demand,
+            memory_check,
         }
     }
 
@@ -495,7 +482,13 @@ pub fn run(
         console_error,
         remains,
         served_on_demand,
+        memory_check,
     } = vm.teardown();
+    let memory_checked = match memory_check {
+        Some(Err(damaged)) => return Err(damaged.into()),
+        Some(Ok(took)) => took,
+        None => None,
+    };
     Ok(RunReport {
         reason: outcome.reason,
         started,
@@ -507,6 +500,7 @@ pub fn run(
         snapshot: outcome.snapshot,
         restored,
         served_on_demand,
+        memory_checked,
         timed_out_at: outcome.timed_out_at,
         memory_backing,
         remains,
@@ -589,85 +583,6 @@ fn load_guest(
     Ok(BootEntry::Linux64(kernel.entry))
 }
 
-/// Checks a snapshot's memory and arranges for fresh guest memory to hold it: served as the
-/// guest touches it where userfaultfd allows (the returned server), else copied now.
-fn restore_memory(
-    mem: &GuestMemoryMmap,
-    snapshot: &Snapshot,
-    backing: &Backing,
-    exit: &Arc<VmExit>,
-) -> Result<(Restored, Option<OnDemand>), VmError> {
-    let started = Instant::now();
-    let registered = match backing {
-        // UFFDIO_COPY into hugetlb memory goes by whole 2 MiB pages: copying is as good.
-        Backing::Hugetlb => Err("guest memory is on hugetlb pages".to_owned()),
-        Backing::ShmemThp | Backing::SmallPages => {
-            on_demand::Registered::new(mem).map_err(|e| e.to_string())
-        }
-    };
-    let fill = match registered {
-        Ok(_) => snapshot::memory::Fill::OnDemand,
-        Err(_) => snapshot::memory::Fill::Now,
-    };
-    let checked = snapshot::memory::restore(mem, &snapshot.memory, fill)?;
-    if checked.crc != snapshot.state.memory_crc {
-        return Err(SnapshotError::Corrupt("the memory file's checksum").into());
-    }
-    let bytes = checked.bytes;
-    let (fill, on_demand) = match registered {
-        Ok(registered) => (
-            Fill::OnDemand {
-                ahead: snapshot.hot.len(),
-            },
-            Some(registered.serve(
-                &snapshot.memory,
-                checked.content,
-                snapshot.hot.clone(),
-                exit,
-            )?),
-        ),
-        Err(why) => (Fill::Copied(why), None),
-    };
-    let restored = Restored {
-        bytes,
-        took: started.elapsed(),
-        fill,
-    };
-    Ok((restored, on_demand))
-}
-
-/// Restores the VM's own state, then creates each vCPU and restores its state.
-fn restore_vcpus(vm: &VmFd, state: &SavedState) -> Result<Vec<VcpuFd>, VmError> {
-    state.vm.restore(vm)?;
-    let mut fds = Vec::with_capacity(state.vcpus.len());
-    for (index, saved) in (0u64..).zip(&state.vcpus) {
-        let fd = vm.create_vcpu(index).map_err(kvm_err("create a vCPU"))?;
-        saved.restore(&fd)?;
-        fds.push(fd);
-    }
-    Ok(fds)
-}
-
-/// The saved CPUID is restored as it was, so that the guest goes on seeing the processor it
-/// booted on; that is only safe on a host that offers the same. A snapshot kept in a cache
-/// outlives host kernel updates and may be copied to another machine: what this host's KVM
-/// offers must be what the saving host's did.
-fn check_host_cpu(kvm: &Kvm, state: &SavedState) -> Result<(), SnapshotError> {
-    if cpuid::same_features(supported_cpuid(kvm)?.as_slice(), &state.host_cpuid) {
-        Ok(())
-    } else {
-        Err(SnapshotError::OtherHostCpu)
-    }
-}
-
-fn supported_cpuid(kvm: &Kvm) -> Result<kvm_bindings::CpuId, SnapshotError> {
-    kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(|source| SnapshotError::Kvm {
-            what: "read the supported CPUID",
-            source,
-        })
-}
-
 /// Creates and configures every vCPU, so a failure leaves nothing running.
 fn create_vcpus(kvm: &Kvm, vm: &VmFd, count: u8, entry: BootEntry) -> Result<Vec<VcpuFd>, VmError> {
     let cpuid = kvm
@@ -685,45 +600,4 @@ fn create_vcpus(kvm: &Kvm, vm: &VmFd, count: u8, entry: BootEntry) -> Result<Vec
         fds.push(fd);
     }
     Ok(fds)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn saved_on(host_cpuid: Vec<kvm_bindings::kvm_cpuid_entry2>) -> SavedState {
-        SavedState {
-            key: "k".into(),
-            mem_size: 64 << 20,
-            vcpus: Vec::new(),
-            vm: snapshot::VmState {
-                irqchips: Vec::new(),
-                clock: Default::default(),
-                pit: None,
-            },
-            serial: devices::serial::SerialState::default(),
-            memory_crc: 0,
-            host_cpuid,
-        }
-    }
-
-    #[test]
-    fn a_snapshot_from_a_host_that_offers_another_cpu_is_refused() {
-        let Ok(kvm) = Kvm::new() else {
-            eprintln!("no /dev/kvm; not tested");
-            return;
-        };
-        let offered = supported_cpuid(&kvm).unwrap().as_slice().to_vec();
-        assert!(check_host_cpu(&kvm, &saved_on(offered.clone())).is_ok());
-        let mut other = offered;
-        other[0].ecx ^= 1 << 5;
-        assert!(matches!(
-            check_host_cpu(&kvm, &saved_on(other)),
-            Err(SnapshotError::OtherHostCpu)
-        ));
-        assert!(matches!(
-            check_host_cpu(&kvm, &saved_on(Vec::new())),
-            Err(SnapshotError::OtherHostCpu)
-        ));
-    }
 }
