@@ -157,7 +157,11 @@ fn run_vm(
         console,
         Some((&warm, restore, run_dir)),
     )?;
-    match vm::run(config, stop, plan.timeout) {
+    let result = match restoring {
+        true => run_on_own_thread(config, stop, plan.timeout),
+        false => vm::run(config, stop, plan.timeout),
+    };
+    match result {
         Err(vm::VmError::Snapshot(e)) if restoring => {
             warm.discard(&e);
             daemons.clear();
@@ -174,6 +178,25 @@ fn run_vm(
         }
         result => Ok(result),
     }
+}
+
+/// Runs a restored VM on a thread of its own. The thread that runs a VM confines itself
+/// before the guest starts (no new program or socket: [`VmConfig::confine_runner`]), and a
+/// restored VM's memory is checked beside the guest: should the check fail, this (main)
+/// thread must still be free to start new virtiofsd daemons and boot cold.
+fn run_on_own_thread(
+    config: VmConfig,
+    stop: &vmm_sys_util::eventfd::EventFd,
+    timeout: Option<std::time::Duration>,
+) -> Result<RunReport, vm::VmError> {
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("kvmbuild-restored".into())
+            .spawn_scoped(scope, || vm::run(config, stop, timeout))
+            .map_err(|e| vm::VmError::Setup("the thread that runs the restored VM", e))?
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
 
 /// The kernel command line: the same for every run of a plan's kernel and verbosity.
