@@ -24,7 +24,8 @@ use devices::exit::{ExitReason, VmExit};
 use devices::thread_kind::ThreadKind;
 use vm_memory::GuestMemoryMmap;
 
-use super::{memory, SnapshotError};
+use super::memory::{self, MappedFile};
+use super::SnapshotError;
 
 /// How long a blocked write of the held input sleeps before it looks again whether the VM
 /// has ended (a guest that stopped reading must not keep the thread).
@@ -130,12 +131,20 @@ impl MemoryCheck {
         exit: &Arc<VmExit>,
     ) -> Result<MemoryCheck, SnapshotError> {
         let exit = exit.clone();
+        // Mapped here: the check thread's filter has no fstat or mmap.
+        let to_check = to_check
+            .map(|c| {
+                MappedFile::map(&c.file)
+                    .map(|source| (c, source))
+                    .map_err(|e| SnapshotError::Io("map the memory file", e))
+            })
+            .transpose()?;
         let thread = std::thread::Builder::new()
             .name("kvmbuild-check".into())
             .spawn(move || {
                 exit.thread_started(ThreadKind::MemoryCheck);
                 let checked = match to_check {
-                    Some(to_check) => check(to_check, &exit),
+                    Some((to_check, source)) => check(to_check, &source, &exit),
                     None => Ok(None),
                 };
                 match &checked {
@@ -180,9 +189,14 @@ fn stopping(exit: &VmExit) -> bool {
         )
 }
 
-fn check(to_check: ToCheck, exit: &VmExit) -> Result<Option<Duration>, SnapshotError> {
+fn check(
+    to_check: ToCheck,
+    source: &MappedFile,
+    exit: &VmExit,
+) -> Result<Option<Duration>, SnapshotError> {
     let started = Instant::now();
-    match memory::check(&to_check.mem, &to_check.file, &|| !stopping(exit))? {
+    let go_on = || !stopping(exit);
+    match memory::check(&to_check.mem, &to_check.file, source, &go_on)? {
         None => Ok(None),
         Some(checked) if checked.crc == to_check.crc => Ok(Some(started.elapsed())),
         Some(_) => Err(SnapshotError::Corrupt("the memory file's checksum")),

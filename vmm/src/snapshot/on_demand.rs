@@ -58,6 +58,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_val};
 use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iowr_nr};
 
+use super::memory::MappedFile;
+
 /// Errors from setting up on-demand memory: one from [`Registered::new`] means the restore
 /// copies instead; one from [`Registered::serve`] fails the run.
 #[derive(Debug, thiserror::Error)]
@@ -224,7 +226,7 @@ impl Registered {
         ahead: Vec<u64>,
         exit: &Arc<VmExit>,
     ) -> Result<OnDemand, OnDemandError> {
-        let source = Source::map(snapshot).map_err(OnDemandError::Setup)?;
+        let source = MappedFile::map(snapshot).map_err(OnDemandError::Setup)?;
         let stop = EventFd::new(EFD_NONBLOCK).map_err(OnDemandError::Setup)?;
         let holes = release_holes(&self.uffd, &self.regions, &content);
         let server = Server {
@@ -288,55 +290,6 @@ impl OnDemand {
 impl Drop for OnDemand {
     fn drop(&mut self) {
         self.stop_thread();
-    }
-}
-
-/// The snapshot's memory file, mapped read-only as the source of `UFFDIO_COPY`: the kernel
-/// copies from the file's page cache straight into guest memory. Were the file cut short while
-/// mapped, the copy would fail with EFAULT (the kernel reads the mapping, not this process,
-/// so there is no SIGBUS) and the run would end with that error.
-struct Source {
-    addr: *mut libc::c_void,
-    len: usize,
-}
-
-// SAFETY: the mapping is read-only and owned by its one Source; sending the Source to the
-// server thread moves that ownership.
-unsafe impl Send for Source {}
-
-impl Source {
-    fn map(file: &File) -> std::io::Result<Source> {
-        let len = usize::try_from(file.metadata()?.len())
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-        // SAFETY: a new read-only private mapping of `len` bytes of an open file; nothing else
-        // refers to the address range it returns.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE | libc::MAP_NORESERVE,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Source { addr, len })
-    }
-
-    /// The address of `len` bytes at file offset `offset`, if the file holds them.
-    fn at(&self, offset: u64, len: u64) -> Option<u64> {
-        let end = offset.checked_add(len)?;
-        (end <= self.len as u64).then(|| self.addr as u64 + offset)
-    }
-}
-
-impl Drop for Source {
-    fn drop(&mut self) {
-        // SAFETY: the range was mapped by Source::map and is unmapped once, here.
-        unsafe { libc::munmap(self.addr, self.len) };
     }
 }
 
@@ -444,7 +397,7 @@ fn register(uffd: &OwnedFd, region: &Region) -> Result<(), OnDemandError> {
 /// The page server's thread state.
 struct Server {
     uffd: OwnedFd,
-    source: Source,
+    source: MappedFile,
     /// Where the memory file has non-zero pages (sorted, disjoint); the rest reads as zeros.
     content: Vec<(u64, u64)>,
     regions: Vec<Region>,

@@ -104,7 +104,9 @@ pub fn restore_memory(
     let content = memory::content(mem, &snapshot.memory)?;
     let beside = held.is_some();
     if !beside {
-        let checked = memory::check(mem, &snapshot.memory, &|| true)?.unwrap_or_default();
+        let source = memory::MappedFile::map(&snapshot.memory)
+            .map_err(|e| SnapshotError::Io("map the memory file", e))?;
+        let checked = memory::check(mem, &snapshot.memory, &source, &|| true)?.unwrap_or_default();
         matches_saved(checked.crc, snapshot)?;
     }
     let bytes = content.iter().map(|(start, end)| end - start).sum();
