@@ -211,9 +211,9 @@ fn extra_calls(kind: ThreadKind) -> &'static [i64] {
         // Polls and reads its userfaultfd (common calls); its ioctls are limited to
         // userfaultfd's, below. The snapshot is mapped before the thread starts.
         ThreadKind::PageServer => &[],
-        // Finds the memory file's data (lseek) and reads it through a mapping made before
+        // Reads the memory file through a mapping made, and where its data is found, before
         // the thread starts; writes the settings into their pipe (common calls).
-        ThreadKind::MemoryCheck => &[libc::SYS_lseek],
+        ThreadKind::MemoryCheck => &[],
     }
 }
 

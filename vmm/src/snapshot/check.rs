@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 
 use devices::exit::{ExitReason, VmExit};
 use devices::thread_kind::ThreadKind;
-use vm_memory::GuestMemoryMmap;
 
 use super::memory::{self, MappedFile};
 use super::SnapshotError;
@@ -108,17 +107,17 @@ fn wait_writable(file: &File, at_most: Duration) {
 
 /// A memory file to check beside the guest, and the checksum it must have.
 pub struct ToCheck {
-    /// The restored VM's memory, for its layout (the check only reads the file).
-    pub mem: GuestMemoryMmap,
-    /// The snapshot's memory file, its size already checked ([`memory::content`]).
+    /// The snapshot's memory file.
     pub file: File,
+    /// Where it has data, as [`memory::content`] found it (which also checked its size).
+    pub content: Vec<(u64, u64)>,
     /// The checksum saved with it.
     pub crc: u32,
 }
 
 /// The thread that checks a restored VM's memory file and then releases the held input.
 pub struct MemoryCheck {
-    thread: Option<JoinHandle<Result<Option<Duration>, SnapshotError>>>,
+    thread: JoinHandle<Result<Option<Duration>, SnapshotError>>,
 }
 
 impl MemoryCheck {
@@ -157,9 +156,7 @@ impl MemoryCheck {
                 checked
             })
             .map_err(|e| SnapshotError::Io("start the memory check", e))?;
-        Ok(MemoryCheck {
-            thread: Some(thread),
-        })
+        Ok(MemoryCheck { thread })
     }
 
     /// Waits for the check and says how it went: how long it took (`None` when there was
@@ -168,14 +165,12 @@ impl MemoryCheck {
     /// (Dropped instead, the thread is left to end by itself: its read is bounded by the
     /// file, and its writer by the VM's end or the pipe's other end closing.)
     pub fn finish(self) -> Result<Option<Duration>, SnapshotError> {
-        match self.thread.map(JoinHandle::join) {
-            Some(Ok(result)) => result,
-            Some(Err(_)) => Err(SnapshotError::Io(
+        self.thread.join().unwrap_or_else(|_| {
+            Err(SnapshotError::Io(
                 "check the memory file",
                 std::io::Error::other("the check panicked"),
-            )),
-            None => Ok(None),
-        }
+            ))
+        })
     }
 }
 
@@ -196,7 +191,7 @@ fn check(
 ) -> Result<Option<Duration>, SnapshotError> {
     let started = Instant::now();
     let go_on = || !stopping(exit);
-    match memory::check(&to_check.mem, &to_check.file, source, &go_on)? {
+    match memory::check(&to_check.content, source, &go_on)? {
         None => Ok(None),
         Some(checked) if checked.crc == to_check.crc => Ok(Some(started.elapsed())),
         Some(_) => Err(SnapshotError::Corrupt("the memory file's checksum")),
@@ -209,12 +204,15 @@ mod tests {
     use std::io::Read;
     use vm_memory::{Bytes, GuestAddress};
 
-    fn saved(mem_size: u64) -> (GuestMemoryMmap, File, u32) {
+    /// A saved memory file, ready to check.
+    fn saved(mem_size: u64) -> ToCheck {
         let mem = crate::memory::create(mem_size).unwrap();
         mem.write_slice(b"saved", GuestAddress(0x1000)).unwrap();
         let file = tempfile::tempfile().unwrap();
         let crc = memory::save(&mem, &file).unwrap();
-        (crate::memory::create(mem_size).unwrap(), file, crc)
+        let fresh = crate::memory::create(mem_size).unwrap();
+        let content = memory::content(&fresh, &file).unwrap();
+        ToCheck { file, content, crc }
     }
 
     fn held(text: &'static str) -> (File, HeldInput) {
@@ -236,9 +234,8 @@ mod tests {
 
     #[test]
     fn the_input_is_released_once_the_memory_passed() {
-        let (mem, file, crc) = saved(4 << 20);
         let exit = Arc::new(VmExit::new().unwrap());
-        let (got, checked) = check_and_read(ToCheck { mem, file, crc }, &exit);
+        let (got, checked) = check_and_read(saved(4 << 20), &exit);
         assert_eq!(got, "cmd=true\n");
         assert!(checked.unwrap().is_some());
         assert_eq!(exit.reason(), None);
@@ -246,10 +243,10 @@ mod tests {
 
     #[test]
     fn a_damaged_memory_file_ends_the_vm_and_keeps_the_input() {
-        let (mem, file, crc) = saved(4 << 20);
-        std::os::unix::fs::FileExt::write_all_at(&file, b"X", 0x1001).unwrap();
+        let to_check = saved(4 << 20);
+        std::os::unix::fs::FileExt::write_all_at(&to_check.file, b"X", 0x1001).unwrap();
         let exit = Arc::new(VmExit::new().unwrap());
-        let (got, checked) = check_and_read(ToCheck { mem, file, crc }, &exit);
+        let (got, checked) = check_and_read(to_check, &exit);
         // The write end is closed unwritten: end of file, nothing read.
         assert_eq!(got, "");
         assert!(matches!(checked, Err(SnapshotError::Corrupt(_))));
@@ -288,10 +285,10 @@ mod tests {
             return;
         }
         let filters = crate::seccomp::Filters::enable().unwrap();
-        let (mem, file, crc) = saved(4 << 20);
+        let to_check = saved(4 << 20);
         let exit = Arc::new(VmExit::new().unwrap());
         exit.set_thread_start(filters.thread_start());
-        let (got, checked) = check_and_read(ToCheck { mem, file, crc }, &exit);
+        let (got, checked) = check_and_read(to_check, &exit);
         assert_eq!(got, "cmd=true\n");
         assert!(checked.unwrap().is_some());
         eprintln!("checked and released under the filter");

@@ -266,42 +266,36 @@ fn check_size(regions: &[Region], input: &File) -> Result<(), SnapshotError> {
     }
 }
 
-/// Reads every data range of a memory file written by [`save`] through its mapping `source`,
-/// a chunk at a time, and returns the checksum of its non-zero pages, handing each run of them
-/// to `each` on the way. Returns `None`, having stopped early, once `go_on` says no (asked
-/// before each chunk).
+/// Reads the page-aligned memory file ranges `ranges` through the file's mapping `source`, a
+/// chunk at a time, adding their non-zero pages to `crc` and handing each run of them to
+/// `each` on the way. Returns the bytes read, or `None`, having stopped early, once `go_on`
+/// says no (asked before each chunk).
 fn scan(
-    regions: &[Region],
-    input: &File,
+    crc: &mut crc32fast::Hasher,
+    ranges: &[(u64, u64)],
     source: &MappedFile,
     go_on: &dyn Fn() -> bool,
-    mut each: impl FnMut(&Region, u64, &[u8]) -> Result<(), SnapshotError>,
-) -> Result<Option<Checked>, SnapshotError> {
-    let mut crc = crc32fast::Hasher::new();
+    mut each: impl FnMut(u64, &[u8]) -> Result<(), SnapshotError>,
+) -> Result<Option<u64>, SnapshotError> {
     let mut read = 0;
-    for region in regions {
-        for (start, stop) in page_ranges(input, region)? {
-            for at in (start..stop).step_by(RESTORE_CHUNK) {
-                if !go_on() {
-                    return Ok(None);
-                }
-                let end = stop.min(at + RESTORE_CHUNK as u64);
-                let bytes = source
-                    .bytes(at, end)
-                    .ok_or(SnapshotError::Corrupt("the memory file's size"))?;
-                let runs = nonzero_runs(at, bytes);
-                checksum(&mut crc, &runs);
-                for (page_at, run) in runs {
-                    each(region, page_at, run)?;
-                }
-                read += end - at;
+    for &(start, stop) in ranges {
+        for at in (start..stop).step_by(RESTORE_CHUNK) {
+            if !go_on() {
+                return Ok(None);
             }
+            let end = stop.min(at + RESTORE_CHUNK as u64);
+            let bytes = source
+                .bytes(at, end)
+                .ok_or(SnapshotError::Corrupt("the memory file's size"))?;
+            let runs = nonzero_runs(at, bytes);
+            checksum(crc, &runs);
+            for (page_at, run) in runs {
+                each(page_at, run)?;
+            }
+            read += end - at;
         }
     }
-    Ok(Some(Checked {
-        crc: crc.finalize(),
-        bytes: read,
-    }))
+    Ok(Some(read))
 }
 
 /// The data ranges of `region`'s part of `input`, widened to whole pages, as they were
@@ -323,14 +317,23 @@ fn page_ranges(input: &File, region: &Region) -> Result<Vec<(u64, u64)>, Snapsho
 pub fn restore(mem: &GuestMemoryMmap, input: &File) -> Result<Checked, SnapshotError> {
     let regions = regions(mem)?;
     check_size(&regions, input)?;
-    let fill = |region: &Region, at: u64, run: &[u8]| {
-        region
-            .file
-            .write_all_at(run, at)
-            .map_err(|e| SnapshotError::Io("fill guest memory", e))
-    };
     let source = MappedFile::map(input).map_err(|e| SnapshotError::Io("map the memory file", e))?;
-    Ok(scan(&regions, input, &source, &|| true, fill)?.unwrap_or_default())
+    let mut crc = crc32fast::Hasher::new();
+    let mut bytes = 0;
+    for region in &regions {
+        let fill = |at, run: &[u8]| {
+            region
+                .file
+                .write_all_at(run, at)
+                .map_err(|e| SnapshotError::Io("fill guest memory", e))
+        };
+        let ranges = page_ranges(input, region)?;
+        bytes += scan(&mut crc, &ranges, &source, &|| true, fill)?.unwrap_or(0);
+    }
+    Ok(Checked {
+        crc: crc.finalize(),
+        bytes,
+    })
 }
 
 /// Where a memory file written by [`save`] for `mem` has content: its data, as sorted,
@@ -350,16 +353,20 @@ pub fn content(mem: &GuestMemoryMmap, input: &File) -> Result<Vec<(u64, u64)>, S
     Ok(content)
 }
 
-/// Reads a memory file written by [`save`] for `mem`'s layout (its size already checked by
-/// [`content`]) through its mapping `source`, and returns what it read, or `None` when
-/// `go_on` stopped it early. Writes nothing: it may run beside the guest.
+/// Reads a memory file written by [`save`] through its mapping `source`, where [`content`]
+/// found its data (`content`), and returns what it read, or `None` when `go_on` stopped it
+/// early. Writes nothing and makes no system call: it may run beside the guest.
 pub fn check(
-    mem: &GuestMemoryMmap,
-    input: &File,
+    content: &[(u64, u64)],
     source: &MappedFile,
     go_on: &dyn Fn() -> bool,
 ) -> Result<Option<Checked>, SnapshotError> {
-    scan(&regions(mem)?, input, source, go_on, |_, _, _| Ok(()))
+    let mut crc = crc32fast::Hasher::new();
+    let read = scan(&mut crc, content, source, go_on, |_, _| Ok(()))?;
+    Ok(read.map(|bytes| Checked {
+        crc: crc.finalize(),
+        bytes,
+    }))
 }
 
 /// Appends `start..end` to sorted, disjoint `ranges`, merging it with the last one when they
@@ -429,12 +436,12 @@ mod tests {
         file.write_all_at(b"X", 0x10_0001).unwrap();
         let other = crate::memory::create(8 << 20).unwrap();
         assert_ne!(restore(&other, &file).unwrap().crc, saved);
-        let source = MappedFile::map(&file).unwrap();
-        let checked = check(&other, &file, &source, &|| true).unwrap().unwrap();
-        assert_ne!(checked.crc, saved);
-        assert!(check(&other, &file, &source, &|| false).unwrap().is_none());
         // The content is where the file has data, merged across read chunks.
         let listed = content(&other, &file).unwrap();
+        let source = MappedFile::map(&file).unwrap();
+        let checked = check(&listed, &source, &|| true).unwrap().unwrap();
+        assert_ne!(checked.crc, saved);
+        assert!(check(&listed, &source, &|| false).unwrap().is_none());
         assert_eq!(
             listed,
             vec![

@@ -106,25 +106,25 @@ pub fn restore_memory(
     if !beside {
         let source = memory::MappedFile::map(&snapshot.memory)
             .map_err(|e| SnapshotError::Io("map the memory file", e))?;
-        let checked = memory::check(mem, &snapshot.memory, &source, &|| true)?.unwrap_or_default();
+        let checked = memory::check(&content, &source, &|| true)?.unwrap_or_default();
         matches_saved(checked.crc, snapshot)?;
     }
     let bytes = content.iter().map(|(start, end)| end - start).sum();
-    let on_demand = registered.serve(&snapshot.memory, content, snapshot.hot.clone(), exit)?;
     let check = match held {
         Some(held) => {
             let to_check = ToCheck {
-                mem: mem.clone(),
                 file: snapshot
                     .memory
                     .try_clone()
                     .map_err(|e| SnapshotError::Io("open the memory file", e))?,
+                content: content.clone(),
                 crc: snapshot.state.memory_crc,
             };
             Some(MemoryCheck::start(Some(to_check), held, exit)?)
         }
         None => None,
     };
+    let on_demand = registered.serve(&snapshot.memory, content, snapshot.hot.clone(), exit)?;
     let restored = Restored {
         bytes,
         took: started.elapsed(),
