@@ -3,7 +3,8 @@
 //! tiny guest `vhostfs` (which drives the share to DRIVER_OK, where the queues are handed over)
 //! and asserts the status, the message and how long kvmbuild took.
 //!
-//! Also the disk's host file system filling up under the guest's writes (a small tmpfs).
+//! Also the disk's host file system filling up under the guest's writes (a small tmpfs), and
+//! a reader of the console's output that stops reading.
 //!
 //! The back end is the `vhost-user-backend` crate's daemon (what virtiofsd is built on) serving
 //! a do-nothing file system; faults come from a relay between kvmbuild and it, which stops,
@@ -24,7 +25,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use support::{exit, guest, run_command_signalled, scratch_path, Run, KVMBUILD};
+use support::{
+    exit, guest, run_command_signalled, run_command_with_unread_stdout, scratch_path, Run, KVMBUILD,
+};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock};
@@ -639,4 +642,42 @@ fn a_full_disk_fails_the_guest_s_writes_and_kvmbuild_goes_on() {
     run.assert_code(exit::OK);
     run.assert_stdout_has("failed with status 01");
     run.assert_stdout_has("rewrite status 00");
+}
+
+// ---- a console reader that stops reading ----
+
+/// `kvmbuild run` of the `hvcflood` guest, which writes 16 MiB to hvc0.
+fn hvcflood(timeout_s: u32) -> Command {
+    let mut cmd = Command::new(KVMBUILD);
+    cmd.args([
+        "run",
+        "--mem",
+        "64",
+        "--console-device",
+        "hvc0",
+        "--timeout",
+    ])
+    .arg(timeout_s.to_string())
+    .arg("--kernel")
+    .arg(guest("hvcflood").bzimage);
+    cmd
+}
+
+#[test]
+fn hvc0_output_that_is_read_arrives_whole() {
+    require_kvm!();
+    let run = run_command_signalled(hvcflood(30), None);
+    run.assert_code(exit::OK);
+    run.assert_stdout_has("hvcflood: done");
+    let flooded = run.stdout.bytes().filter(|&b| b == b'x').count();
+    assert_eq!(flooded, 16 << 20, "hvc0 output lost or duplicated");
+}
+
+#[test]
+fn hvc0_output_nobody_reads_ends_at_the_timeout() {
+    require_kvm!();
+    // The pipe fills; the guest waits for its buffers; the timeout must still end the run,
+    // and the flush of the unread output must give up in time.
+    let run = run_command_with_unread_stdout(hvcflood(2));
+    assert_ended(&run, exit::TIMEOUT, &["timeout"], secs(2), secs(2));
 }

@@ -25,16 +25,13 @@ _start:
         mov REG_MAGIC(%rbx), %eax
         cmp $0x74726976, %eax           # "virt"
         jne no_device
-        movl $0, REG_STATUS(%rbx)
-        movl $3, REG_STATUS(%rbx)       # ACKNOWLEDGE | DRIVER
-        movl $1, REG_DRIVER_FEATURES_SEL(%rbx)
-        movl $1, REG_DRIVER_FEATURES(%rbx)      # VERSION_1
-        movl $11, REG_STATUS(%rbx)      # | FEATURES_OK
-        xor %r13d, %r13d
-        mov $RINGS, %r14d
-        call set_up_queue
-        movl $15, REG_STATUS(%rbx)      # | DRIVER_OK
-        call fill_data
+        mov $1, %ecx
+        mov $RINGS, %edi
+        call start_device
+        mov $DATA, %edi                 # a non-zero pattern, so every block is really written
+        mov $(CHUNK / 8), %ecx
+        movabs $0x6b6c69666b736964, %rax
+        call fill_qwords
         call write_descriptors
         xor %r12d, %r12d                # writes done (and the next chunk's index)
         xor %r15d, %r15d                # requests posted
@@ -68,17 +65,6 @@ _start:
 no_device:
         PRINT "diskfull: no virtio device\n"
         EXIT 2
-
-# fill_data: a non-zero pattern, so every block is really written.
-fill_data:
-        mov $DATA, %edi
-        mov $(CHUNK / 8), %ecx
-        movabs $0x6b6c69666b736964, %rax        # any non-zero bytes
-1:      mov %rax, (%rdi)
-        add $8, %rdi
-        dec %ecx
-        jnz 1b
-        ret
 
 # write_descriptors: header (read), data (read), status (written by the device), chained.
 write_descriptors:

@@ -18,20 +18,9 @@ _start:
         mov REG_MAGIC(%rbx), %eax
         cmp $0x74726976, %eax           # "virt"
         jne no_device
-        movl $0, REG_STATUS(%rbx)
-        movl $1, REG_STATUS(%rbx)       # ACKNOWLEDGE
-        movl $3, REG_STATUS(%rbx)       # | DRIVER
-        movl $1, REG_DRIVER_FEATURES_SEL(%rbx)
-        movl $1, REG_DRIVER_FEATURES(%rbx)      # VERSION_1 (feature bit 32)
-        movl $11, REG_STATUS(%rbx)      # | FEATURES_OK
-        xor %r13d, %r13d                # queue index
-        mov $RINGS, %r14d               # its rings
-1:      call set_up_queue
-        add $0x3000, %r14d
-        inc %r13d
-        cmp $2, %r13d
-        jb 1b
-        movl $15, REG_STATUS(%rbx)      # | DRIVER_OK: the back end is set up now
+        mov $2, %ecx
+        mov $RINGS, %edi
+        call start_device               # the back end is set up at DRIVER_OK
         mov REG_STATUS(%rbx), %eax
         test $STATUS_NEEDS_RESET, %eax
         jnz failed

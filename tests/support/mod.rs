@@ -9,6 +9,7 @@ pub mod bzimage;
 use std::collections::HashMap;
 use std::fs;
 use std::io::Read;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
@@ -280,15 +281,37 @@ pub fn run_command(cmd: Command) -> Run {
 }
 
 /// [`run_command`], sending the command SIGTERM `sigterm_after` its start, if given.
-pub fn run_command_signalled(mut cmd: Command, sigterm_after: Option<Duration>) -> Run {
+pub fn run_command_signalled(cmd: Command, sigterm_after: Option<Duration>) -> Run {
+    run_child(cmd, sigterm_after, Stdio::piped())
+}
+
+/// [`run_command`] with stdout a pipe that nobody reads (kept open until the command ends);
+/// the run's `stdout` is empty.
+pub fn run_command_with_unread_stdout(cmd: Command) -> Run {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array it is given.
+    let made = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(made, 0, "pipe2: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors were just created and are owned by nothing else.
+    let (unread, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let run = run_child(cmd, None, Stdio::from(write_end));
+    drop(unread);
+    run
+}
+
+fn run_child(mut cmd: Command, sigterm_after: Option<Duration>, stdout: Stdio) -> Run {
     let command = format!("{cmd:?}");
     let start = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
+        .stdout(stdout)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {command}: {e}"));
+    // The Command holds the parent's copy of a given stdout: close it, or a reader of the
+    // pipe would wait for it.
+    drop(cmd);
     let read_all = |mut pipe: Box<dyn Read + Send>| {
         thread::spawn(move || {
             let mut buf = Vec::new();
@@ -296,7 +319,10 @@ pub fn run_command_signalled(mut cmd: Command, sigterm_after: Option<Duration>) 
             String::from_utf8_lossy(&buf).into_owned()
         })
     };
-    let stdout = read_all(Box::new(child.stdout.take().unwrap()));
+    let stdout = child.stdout.take().map_or_else(
+        || thread::spawn(String::new),
+        |pipe| read_all(Box::new(pipe)),
+    );
     let stderr = read_all(Box::new(child.stderr.take().unwrap()));
     let mut sigterm_due = sigterm_after;
     let status = loop {

@@ -86,7 +86,8 @@ pub struct ShareConfig {
 pub enum ConsoleConfig {
     /// One port, the guest's hvc0.
     Hvc0 {
-        /// Where the guest's output goes.
+        /// Where the guest's output goes. A broken pipe ends the VM with
+        /// `ExitReason::OutputClosed`, as for a port.
         output: Box<dyn std::io::Write + Send>,
         /// What the guest reads, if anything: an unbuffered descriptor such as a dup of stdin.
         input: Option<Box<dyn ConsoleInput>>,
@@ -101,7 +102,7 @@ pub enum ConsoleConfig {
 pub struct DeviceList {
     /// The devices.
     pub devices: Vec<Box<dyn VirtioDevice>>,
-    /// Flushes the multiport console's output when the VM ends, if there is one.
+    /// Flushes the virtio-console's output when the VM ends, if there is one.
     pub console_flush: Option<ConsoleFlush>,
 }
 
@@ -116,7 +117,7 @@ pub struct VirtioDevices {
     /// The thread that runs the devices; None when there are none (the VM starts it for
     /// serial input then).
     pub thread: Option<DeviceThread>,
-    /// Flushes the multiport console's output when the VM ends, if there is one.
+    /// Flushes the virtio-console's output when the VM ends, if there is one.
     pub console_flush: Option<ConsoleFlush>,
 }
 
@@ -176,21 +177,22 @@ pub fn build_devices(
         list.push(Box::new(fs));
     }
     let mut console_flush = None;
-    match console {
+    let console = match console {
         Some(ConsoleConfig::Hvc0 { output, input }) => {
-            let console = Console::new(output);
-            list.push(Box::new(match input {
+            let console = Console::new(output, Some(exit.clone())).map_err(VirtioError::Console)?;
+            Some(match input {
                 Some(input) => console.with_input(input),
                 None => console,
-            }));
+            })
         }
         Some(ConsoleConfig::Ports(ports)) => {
-            let console =
-                Console::with_ports(ports, Some(exit.clone())).map_err(VirtioError::Console)?;
-            console_flush = console.flush_handle();
-            list.push(Box::new(console));
+            Some(Console::with_ports(ports, Some(exit.clone())).map_err(VirtioError::Console)?)
         }
-        None => {}
+        None => None,
+    };
+    if let Some(console) = console {
+        console_flush = Some(console.flush_handle());
+        list.push(Box::new(console));
     }
     if rng {
         list.push(Box::new(Rng::new()));

@@ -1,4 +1,4 @@
-//! Flushing a multiport console's output when the VM ends (see [`ConsoleFlush`]).
+//! Flushing a console's output when the VM ends (see [`ConsoleFlush`]).
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -41,7 +41,7 @@ impl FlushState {
     }
 }
 
-/// Flushes a multiport console's output when the VM ends, in two steps:
+/// Flushes a console's output (hvc0's, or every port's) when the VM ends, in two steps:
 ///
 /// 1. [`ConsoleFlush::vm_stopped`], once the vCPUs have stopped for good (so no driver can
 ///    reset the device any more) and before the device thread stops. From then on, the

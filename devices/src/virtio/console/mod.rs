@@ -1,12 +1,16 @@
 //! virtio-console (device id 3), in one of two modes.
 //!
 //! - **Single port** ([`Console::new`]): no `VIRTIO_CONSOLE_F_MULTIPORT`, two queues, and the
-//!   guest sees the port as `/dev/hvc0` (see `single.rs`).
+//!   guest sees the port as `/dev/hvc0` (see `single.rs`). Its output goes through a writer
+//!   thread like a port's.
 //! - **Multiport** ([`Console::with_ports`]): `VIRTIO_CONSOLE_F_MULTIPORT` with named *generic*
 //!   ports, which the guest sees as `/dev/vportNpM` (no tty line discipline: byte-exact) and
 //!   finds by name in `/sys/class/virtio-ports/vport*/name`. Each port carries one stream:
 //!   host input with end of file, or guest output to a host writer through a writer thread
-//!   (see `multiport/`, `control.rs`, `input.rs`, `output.rs`).
+//!   (see `multiport/`, `control.rs`, `input.rs`).
+//!
+//! Both move transmit buffers into a bounded buffer (`tx.rs`) that a writer thread per output
+//! empties (`output.rs`), and both flush it, for a bounded time, when the VM ends (`flush.rs`).
 
 use std::io::{Read, Write};
 use std::os::unix::io::AsRawFd;
@@ -24,6 +28,7 @@ mod output;
 mod single;
 #[cfg(test)]
 mod tests;
+mod tx;
 
 pub use flush::ConsoleFlush;
 pub use output::OutputError;
@@ -33,6 +38,8 @@ use single::SinglePort;
 
 /// `VIRTIO_CONSOLE_F_MULTIPORT`: several ports and a control queue pair.
 pub const F_MULTIPORT: u64 = 1 << 1;
+/// Entries in each queue of either console.
+const QUEUE_SIZE: u16 = 128;
 /// The most ports a multiport console has here.
 pub const MAX_PORTS: usize = 16;
 /// The longest port name, in bytes.
@@ -91,10 +98,15 @@ pub struct Console {
 
 impl Console {
     /// A single-port console (hvc0) whose guest output goes to `output`, with no input.
-    pub fn new(output: Box<dyn Write + Send>) -> Self {
-        Self {
-            mode: Mode::Single(SinglePort::new(output)),
-        }
+    /// Starts the output's writer thread; a broken pipe ends the VM through `exit`, if given,
+    /// with [`ExitReason::OutputClosed`](crate::exit::ExitReason::OutputClosed).
+    pub fn new(
+        output: Box<dyn Write + Send>,
+        exit: Option<Arc<VmExit>>,
+    ) -> Result<Self, ConsoleError> {
+        Ok(Self {
+            mode: Mode::Single(SinglePort::new(output, exit)?),
+        })
     }
 
     /// Feeds the single-port console's guest from `input` (see [`ConsoleInput`]). A
@@ -119,12 +131,11 @@ impl Console {
         })
     }
 
-    /// The handle that flushes a multiport console's output when the VM ends (see
-    /// [`ConsoleFlush`]); `None` for the single-port console, which writes synchronously.
-    pub fn flush_handle(&self) -> Option<ConsoleFlush> {
+    /// The handle that flushes the console's output when the VM ends (see [`ConsoleFlush`]).
+    pub fn flush_handle(&self) -> ConsoleFlush {
         match &self.mode {
-            Mode::Single(_) => None,
-            Mode::Ports(ports) => Some(ports.flush_handle()),
+            Mode::Single(port) => port.flush_handle(),
+            Mode::Ports(ports) => ports.flush_handle(),
         }
     }
 }

@@ -1,9 +1,11 @@
 //! The single-port console (no `VIRTIO_CONSOLE_F_MULTIPORT`): the guest's `/dev/hvc0`.
 //!
 //! Queue 0 (receiveq) carries host input to the guest, queue 1 (transmitq) the guest's output
-//! to a host writer (stdout or a file). Output is written and flushed once per batch of
-//! transmit buffers, so it reaches the host as soon as the guest sends it, at one host write
-//! per batch rather than per byte.
+//! to a host writer (stdout or a file). Output goes through the same writer thread and bounded
+//! buffer as a multiport console's port ([`Output`]): the device thread never blocks on the
+//! host writer, so a reader that stops reading holds back the guest's writes (back-pressure)
+//! but neither the other devices nor the VM's end, whose flush waits until a deadline
+//! ([`ConsoleFlush`]). A broken pipe ends the VM as it does for a port.
 //!
 //! Input comes from an optional file descriptor (e.g. a dup of stdin when it is a terminal),
 //! watched on the device thread while the device runs. Bytes read wait in a bounded buffer
@@ -17,47 +19,63 @@ use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::super::chain::{
-    drain_queue, next_chain_or_rearm, notify_used, used_len, writable_chain, Chain, ChainError,
-};
+use super::super::chain::{next_chain_or_rearm, notify_used, used_len, writable_chain, ChainError};
 use super::super::{
     features, register_queue_events, ActivateError, Activation, DeviceWorker, Interrupt,
 };
+use super::flush::{ConsoleFlush, FlushState};
+use super::output::{Output, OutputError};
+use super::tx::Transmit;
 #[cfg(test)]
 use super::Console;
-use super::{lock, ConsoleInput};
+use super::{lock, ConsoleInput, QUEUE_SIZE};
+use crate::exit::VmExit;
 
-/// Entries in each queue.
-const QUEUE_SIZE: u16 = 128;
 const RX: usize = 0;
 const TX: usize = 1;
 /// Event data tag of the input descriptor (queue events use their index).
 const INPUT_TOKEN: u32 = 2;
+/// Event data tag of the output's room event.
+const ROOM_TOKEN: u32 = 3;
+/// The port's name in messages about its output.
+const NAME: &str = "hvc0";
 /// Host input buffered for the guest at most.
 const PENDING_MAX: usize = 64 << 10;
-/// Bytes read from the input per wake-up, and copied out of the guest per step.
+/// Bytes read from the input per wake-up.
 const CHUNK: usize = 4096;
 /// Size of the configuration space (cols, rows, max_nr_ports, emerg_wr).
 pub(super) const CONFIG_LEN: usize = 12;
 
-type SharedOutput = Arc<Mutex<Box<dyn Write + Send>>>;
 type SharedInput = Arc<Mutex<Box<dyn ConsoleInput>>>;
 
-/// The host side of the single-port console.
+/// The host side of the single-port console, kept across device resets.
 pub(super) struct SinglePort {
-    output: SharedOutput,
+    output: Output,
     input: Option<SharedInput>,
+    flush: Arc<FlushState>,
 }
 
 impl SinglePort {
-    pub(super) fn new(output: Box<dyn Write + Send>) -> Self {
-        Self {
-            output: Arc::new(Mutex::new(output)),
+    /// Starts the writer thread for `output`; a broken pipe requests
+    /// [`ExitReason::OutputClosed`](crate::exit::ExitReason::OutputClosed) through `exit`, if
+    /// given.
+    pub(super) fn new(
+        output: Box<dyn Write + Send>,
+        exit: Option<Arc<VmExit>>,
+    ) -> Result<Self, OutputError> {
+        let output = Output::start(NAME, output, exit)?;
+        Ok(Self {
+            flush: Arc::new(FlushState::new(vec![output.clone()])),
+            output,
             input: None,
-        }
+        })
+    }
+
+    pub(super) fn flush_handle(&self) -> ConsoleFlush {
+        ConsoleFlush::new(self.flush.clone())
     }
 
     pub(super) fn set_input(&mut self, input: Box<dyn ConsoleInput>) {
@@ -93,13 +111,21 @@ impl SinglePort {
             events,
             interrupt: a.interrupt,
             output: self.output.clone(),
+            transmit: Transmit::new(),
+            flush: self.flush.clone(),
             input: self.input.clone(),
             input_fd,
             input_watched: false,
             pending: VecDeque::new(),
-            chunk: Vec::new(),
             broken: false,
         }))
+    }
+}
+
+impl Drop for SinglePort {
+    fn drop(&mut self) {
+        // Lets the writer thread end once it has written what it holds.
+        self.flush.close_outputs();
     }
 }
 
@@ -110,14 +136,16 @@ struct ConsoleWorker {
     tx: Queue,
     events: Vec<EventFd>,
     interrupt: Interrupt,
-    output: SharedOutput,
+    output: Output,
+    /// The transmit queue's chain waiting for room in the output, if any.
+    transmit: Transmit,
+    flush: Arc<FlushState>,
     input: Option<SharedInput>,
     /// The input descriptor while it is worth watching; `None` after end of file.
     input_fd: Option<RawFd>,
     input_watched: bool,
     /// Host input the guest has not taken yet.
     pending: VecDeque<u8>,
-    chunk: Vec<u8>,
     /// Set once the guest broke a queue; nothing more is done until reset.
     broken: bool,
 }
@@ -128,18 +156,37 @@ impl ConsoleWorker {
         self.interrupt.set_needs_reset();
     }
 
-    /// Writes every transmit buffer to the output, then flushes it.
+    /// Copies the transmit buffers to the output while it has room; a buffer left waiting is
+    /// resumed by the output's room event.
     fn run_tx(&mut self) {
-        let (mem, chunk) = (&self.mem, &mut self.chunk);
-        let mut out = lock(&self.output);
-        let result = drain_queue(&mut self.tx, mem, &self.interrupt, |chain| {
-            transmit(mem, chain, chunk, &mut **out)
-        });
-        // Output errors are the host's problem; the guest must keep running.
-        let _ = out.flush();
-        drop(out);
+        if self.broken {
+            return;
+        }
+        let mut used_any = false;
+        let result = self
+            .transmit
+            .run(&mut self.tx, &self.mem, Some(&self.output), &mut used_any);
+        if used_any {
+            notify_used(&mut self.tx, &self.mem, &self.interrupt);
+        }
         if result.is_err() {
             self.fail();
+        }
+    }
+
+    /// At the VM's end: writes out the transmit buffers, waiting for room until `deadline`.
+    fn drain_at_end(&mut self, deadline: std::time::Instant) {
+        loop {
+            self.run_tx();
+            if self.broken || !self.transmit.is_waiting() {
+                return;
+            }
+            if !self.output.wait_for_room(deadline) {
+                self.flush.lost(format!(
+                    "console port {NAME}: the guest's last output was not taken in time"
+                ));
+                return;
+            }
         }
     }
 
@@ -216,36 +263,6 @@ impl ConsoleWorker {
     }
 }
 
-/// Copies one transmit chain's bytes to `out`; a transmit buffer carries no answer.
-fn transmit(
-    mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
-    chunk: &mut Vec<u8>,
-    out: &mut dyn Write,
-) -> Result<u32, ChainError> {
-    let chain = Chain::walk(chain, usize::from(QUEUE_SIZE))?;
-    chain.check_memory(mem)?;
-    if !chain.writable.is_empty() {
-        // The driver must only offer buffers for the device to read.
-        return Err(ChainError::Order);
-    }
-    chunk.resize(CHUNK, 0);
-    for s in &chain.readable {
-        let mut done = 0u64;
-        while done < u64::from(s.len) {
-            let n = usize::try_from(u64::from(s.len) - done)
-                .unwrap_or(usize::MAX)
-                .min(CHUNK);
-            let addr = s.addr.unchecked_add(done);
-            mem.read_slice(&mut chunk[..n], addr)
-                .map_err(|_| ChainError::Memory)?;
-            let _ = out.write_all(&chunk[..n]);
-            done += n as u64;
-        }
-    }
-    Ok(0)
-}
-
 /// Fills one receive chain from `pending`; returns the bytes written.
 fn receive(
     mem: &GuestMemoryMmap,
@@ -261,7 +278,11 @@ fn receive(
 
 impl MutEventSubscriber for ConsoleWorker {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if !self.broken {
+        if events.data() == ROOM_TOKEN {
+            // Clear the event (level-triggered) even when broken.
+            let _ = self.output.room_event().read();
+            self.run_tx();
+        } else if !self.broken {
             match events.data() {
                 INPUT_TOKEN => {
                     self.read_input(events.event_set());
@@ -285,7 +306,8 @@ impl MutEventSubscriber for ConsoleWorker {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if !register_queue_events(ops, &self.events) {
+        let room = Events::with_data(self.output.room_event(), ROOM_TOKEN, EventSet::IN);
+        if !register_queue_events(ops, &self.events) || ops.add(room).is_err() {
             self.fail();
             return;
         }
@@ -295,17 +317,29 @@ impl MutEventSubscriber for ConsoleWorker {
     }
 }
 
+impl Drop for ConsoleWorker {
+    fn drop(&mut self) {
+        // Only once the VM has stopped for good: a worker dropped by a driver reset must not
+        // touch rings that are no longer the device's.
+        if let Some(deadline) = self.flush.deadline() {
+            self.drain_at_end(deadline);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exit::ExitReason;
     use crate::virtio::testing::{Driver, Sink, DATA, MEM_SIZE, R, W};
     use std::os::unix::net::UnixStream;
+    use std::time::{Duration, Instant};
 
     const FEATURES: u64 = features::VERSION_1 | features::RING_EVENT_IDX;
 
     fn console(input: Option<UnixStream>) -> (Driver, Sink) {
         let sink = Sink::default();
-        let mut dev = Console::new(Box::new(sink.clone()));
+        let mut dev = Console::new(Box::new(sink.clone()), None).unwrap();
         if let Some(input) = input {
             dev = dev.with_input(Box::new(input));
         }
@@ -322,7 +356,7 @@ mod tests {
         d.push(1, &[(DATA, 6, R), (DATA + 0x100, 6, R)]);
         d.kick(1);
         assert_eq!(d.wait_used(1, 1), (0, 0));
-        assert_eq!(sink.bytes(), b"hello world\n");
+        assert_eq!(sink.wait_len(12), b"hello world\n");
     }
 
     #[test]
@@ -333,7 +367,82 @@ mod tests {
         d.push(1, &[(DATA, big.len() as u32, R)]);
         d.kick(1);
         d.wait_used(1, 1);
-        assert_eq!(sink.bytes(), big);
+        assert_eq!(sink.wait_len(big.len()), big);
+    }
+
+    /// A console writing to `out`, with the handle that flushes it at the VM's end.
+    fn console_to(
+        out: impl Write + Send + 'static,
+        exit: Option<Arc<VmExit>>,
+    ) -> (Driver, ConsoleFlush) {
+        let dev = Console::new(Box::new(out), exit).unwrap();
+        let flush = dev.flush_handle();
+        let d = Driver::new(Box::new(dev));
+        d.init(FEATURES, &[16, 16]);
+        (d, flush)
+    }
+
+    /// Publishes `data` on the transmit queue in `piece`-sized buffers, without a kick.
+    fn publish(d: &Driver, data: &[u8], piece: usize) -> u16 {
+        let mut addr = DATA;
+        let mut count = 0;
+        for part in data.chunks(piece) {
+            d.put(addr, part);
+            d.push(1, &[(addr, part.len() as u32, R)]);
+            addr += part.len() as u64;
+            count += 1;
+        }
+        count
+    }
+
+    #[test]
+    fn a_reader_that_never_reads_holds_the_guest_back_and_the_flush_gives_up_in_time() {
+        // Its socket buffer fills, then the writer thread blocks; the device thread must not.
+        let (stuck, _never_read) = UnixStream::pair().unwrap();
+        let (d, flush) = console_to(stuck, None);
+        let data: Vec<u8> = (0..4u32 << 20).map(|i| (i * 7) as u8).collect();
+        let pushed = publish(&d, &data[..1 << 20], 64 << 10);
+        d.kick(1);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(
+            d.used_idx(1) < pushed,
+            "a full output must hold back transmit buffers"
+        );
+        let started = Instant::now();
+        flush.vm_stopped(started + Duration::from_millis(300));
+        drop(d);
+        let result = flush.finish();
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(2), "{took:?}");
+        let err = result.unwrap_err();
+        assert!(err.contains("console port hvc0"), "{err}");
+    }
+
+    #[test]
+    fn the_flush_writes_out_what_is_left_in_the_ring() {
+        let sink = Sink::default();
+        let (d, flush) = console_to(sink.clone(), None);
+        let data: Vec<u8> = (0..600_000u32).map(|i| (i * 13) as u8).collect();
+        // Published but never kicked: the device has not seen it when the VM ends, and it is
+        // more than the output buffers at once.
+        publish(&d, &data, 60_000);
+        assert_eq!(d.used_idx(1), 0);
+        flush.vm_stopped(Instant::now() + Duration::from_secs(5));
+        drop(d);
+        assert_eq!(flush.finish(), Ok(()));
+        assert!(sink.bytes() == data, "flushed output differs");
+    }
+
+    #[test]
+    fn a_broken_pipe_ends_the_vm() {
+        let (closed, reader) = UnixStream::pair().unwrap();
+        drop(reader);
+        let exit = Arc::new(VmExit::new().unwrap());
+        let (d, _flush) = console_to(closed, Some(exit.clone()));
+        publish(&d, b"y\n", 2);
+        d.kick(1);
+        assert!(d.wait_for(|| exit.reason().is_some()));
+        assert_eq!(exit.reason(), Some(ExitReason::OutputClosed));
     }
 
     #[test]
@@ -368,7 +477,7 @@ mod tests {
         d.push(1, &[(DATA, 10, R)]);
         d.kick(1);
         d.wait_used(1, 1);
-        assert_eq!(sink.bytes(), b"still here");
+        assert_eq!(sink.wait_len(10), b"still here");
     }
 
     #[test]

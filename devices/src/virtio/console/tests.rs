@@ -75,7 +75,7 @@ impl Guest {
     fn new(ports: Vec<PortConfig>, exit: Option<Arc<VmExit>>) -> Self {
         let count = ports.len() as u16;
         let console = Console::with_ports(ports, exit).unwrap();
-        let flush = console.flush_handle().unwrap();
+        let flush = console.flush_handle();
         let d = Driver::new(Box::new(console));
         d.init(FEATURES, &vec![64; usize::from(2 * count + 2)]);
         Self {
@@ -229,7 +229,10 @@ impl Guest {
 #[test]
 fn only_the_multiport_console_offers_multiport() {
     assert_eq!(
-        Console::new(Box::new(Sink::default())).features() & F_MULTIPORT,
+        Console::new(Box::new(Sink::default()), None)
+            .unwrap()
+            .features()
+            & F_MULTIPORT,
         0
     );
     let console = Console::with_ports(vec![port("a"), port("b")], None).unwrap();

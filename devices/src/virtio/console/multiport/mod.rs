@@ -29,7 +29,7 @@ use super::flush::{ConsoleFlush, FlushState};
 use super::input::PortInput;
 use super::output::Output;
 use super::single::CONFIG_LEN;
-use super::{ConsoleError, PortConfig, F_MULTIPORT};
+use super::{ConsoleError, PortConfig, F_MULTIPORT, QUEUE_SIZE};
 use crate::exit::VmExit;
 use crate::virtio::{ActivateError, Activation, DeviceWorker};
 
@@ -38,16 +38,12 @@ mod worker;
 
 use worker::MultiportWorker;
 
-/// Entries in each queue.
-pub(super) const QUEUE_SIZE: u16 = 128;
 pub(super) const CONTROL_RX: usize = 2;
 pub(super) const CONTROL_TX: usize = 3;
 /// Event data tag of port N's input descriptor: `INPUT_TAG + N` (queue events use their index).
 pub(super) const INPUT_TAG: u32 = 1 << 16;
 /// Event data tag of port N's output room event: `ROOM_TAG + N`.
 pub(super) const ROOM_TAG: u32 = 2 << 16;
-/// Bytes copied out of the guest per step.
-pub(super) const CHUNK: usize = 16 << 10;
 
 /// What a queue index is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

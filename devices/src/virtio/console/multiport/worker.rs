@@ -13,9 +13,10 @@ use super::super::flush::FlushState;
 use super::super::input::PortInput;
 use super::super::lock;
 use super::super::output::Output;
-use super::rings::{fill_rx, read_control, write_chain, TxChain};
+use super::super::tx::Transmit;
+use super::rings::{fill_rx, read_control, write_chain};
 use super::{
-    role, rx_queue, tx_queue, PortShared, Role, CHUNK, CONTROL_RX, CONTROL_TX, INPUT_TAG, ROOM_TAG,
+    role, rx_queue, tx_queue, PortShared, Role, CONTROL_RX, CONTROL_TX, INPUT_TAG, ROOM_TAG,
 };
 use crate::virtio::chain::{drain_queue, next_chain_or_rearm, notify_used, ChainError};
 use crate::virtio::{register_queue_events, Activation, Interrupt};
@@ -33,8 +34,8 @@ struct PortState {
     guest_open: bool,
     /// The device told the driver the host side is connected (and has not closed it since).
     host_open: bool,
-    /// The transmit chain waiting for room in the output.
-    tx: Option<TxChain>,
+    /// The transmit queue's chain waiting for room in the output, if any.
+    tx: Transmit,
 }
 
 impl PortState {
@@ -48,7 +49,7 @@ impl PortState {
             ready: false,
             guest_open: false,
             host_open: false,
-            tx: None,
+            tx: Transmit::new(),
         }
     }
 }
@@ -67,7 +68,6 @@ pub(super) struct MultiportWorker {
     /// Set once the guest broke a queue; nothing more is done until reset.
     broken: bool,
     flush: Arc<FlushState>,
-    scratch: Vec<u8>,
 }
 
 impl MultiportWorker {
@@ -84,7 +84,6 @@ impl MultiportWorker {
             announced: false,
             broken: false,
             flush,
-            scratch: vec![0; CHUNK],
         }
     }
 
@@ -314,27 +313,8 @@ impl MultiportWorker {
     fn transmit(&mut self, p: usize, used_any: &mut bool) -> Result<(), ChainError> {
         let (mem, queue) = (&self.mem, &mut self.queues[tx_queue(p)]);
         let PortState { tx, output, .. } = &mut self.ports[p];
-        queue
-            .disable_notification(mem)
-            .map_err(|_| ChainError::Ring)?;
-        loop {
-            let current = match tx {
-                Some(current) => current,
-                None => match next_chain_or_rearm(queue, mem)? {
-                    Some(chain) => tx.insert(TxChain::new(mem, chain)?),
-                    None => return Ok(()),
-                },
-            };
-            if !current.copy_out(mem, output.as_ref(), &mut self.scratch)? {
-                // Resumed by the output's room event.
-                return Ok(());
-            }
-            queue
-                .add_used(mem, current.head, 0)
-                .map_err(|_| ChainError::Ring)?;
-            *tx = None;
-            *used_any = true;
-        }
+        // A chain left waiting is resumed by the output's room event.
+        tx.run(queue, mem, output.as_ref(), used_any)
     }
 
     /// At the VM's end: writes out port `p`'s transmit buffers, waiting for room until
@@ -343,7 +323,7 @@ impl MultiportWorker {
         loop {
             self.run_port_tx(p);
             let port = &self.ports[p];
-            let (Some(_), Some(output)) = (&port.tx, &port.output) else {
+            let (true, Some(output)) = (port.tx.is_waiting(), &port.output) else {
                 return;
             };
             if self.broken {
