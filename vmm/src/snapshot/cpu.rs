@@ -207,8 +207,9 @@ impl VmState {
         })
     }
 
-    /// Writes the state into a VM created with the same irqchip and PIT, before its vCPUs.
-    pub fn restore(&self, vm: &VmFd) -> Result<(), SnapshotError> {
+    /// Writes the interrupt controllers and the PIT into a VM created with the same irqchip
+    /// and PIT, before its vCPUs.
+    pub fn restore_chips(&self, vm: &VmFd) -> Result<(), SnapshotError> {
         for chip in &self.irqchips {
             vm.set_irqchip(chip)
                 .map_err(kvm_err("set the interrupt controllers"))?;
@@ -216,8 +217,18 @@ impl VmState {
         if let Some(pit) = &self.pit {
             vm.set_pit2(pit).map_err(kvm_err("set the PIT"))?;
         }
-        // The guest's clock continues from where it was saved: it sees no time pass while it
-        // was stored. Its wall clock is set by kvmbuild's init from the run's settings.
+        Ok(())
+    }
+
+    /// Sets the guest's clock (kvmclock) to where it was saved: it sees no time pass while it
+    /// was stored. Its wall clock is set by kvmbuild's init from the run's settings.
+    ///
+    /// Call it right after the vCPUs' state (their TSC) is written. The TSC and kvmclock each
+    /// resume from their saved values when they are written; the time between the two writes
+    /// becomes a skew between them, and Linux's clocksource watchdog, which compares them
+    /// across the restore, marks the TSC unstable once that skew passes its margin (about
+    /// 100 us). Creating the vCPUs between the two writes made it tens of milliseconds.
+    pub fn restore_clock(&self, vm: &VmFd) -> Result<(), SnapshotError> {
         let clock = kvm_clock_data {
             clock: self.clock.clock,
             ..Default::default()

@@ -174,15 +174,19 @@ fn matches_saved(crc: u32, snapshot: &Snapshot) -> Result<(), SnapshotError> {
     }
 }
 
-/// Restores the VM's own state, then creates each vCPU and restores its state.
+/// Restores the VM's interrupt controllers, creates each vCPU and restores its state, then
+/// restores the clock: created first, the vCPUs leave only their own state's writes between
+/// each TSC and the clock (see [`crate::snapshot::VmState::restore_clock`]).
 pub fn restore_vcpus(vm: &VmFd, state: &SavedState) -> Result<Vec<VcpuFd>, VmError> {
-    state.vm.restore(vm)?;
-    let mut fds = Vec::with_capacity(state.vcpus.len());
-    for (index, saved) in (0u64..).zip(&state.vcpus) {
-        let fd = vm.create_vcpu(index).map_err(kvm_err("create a vCPU"))?;
-        saved.restore(&fd)?;
-        fds.push(fd);
+    state.vm.restore_chips(vm)?;
+    let fds = (0u64..)
+        .take(state.vcpus.len())
+        .map(|index| vm.create_vcpu(index).map_err(kvm_err("create a vCPU")))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (fd, saved) in fds.iter().zip(&state.vcpus) {
+        saved.restore(fd)?;
     }
+    state.vm.restore_clock(vm)?;
     Ok(fds)
 }
 
