@@ -118,7 +118,16 @@ fn utf8_args(args: impl Iterator<Item = std::ffi::OsString>) -> Result<Vec<Strin
         .collect()
 }
 
+/// When this process's `main` began: what `exec -v` measures its phases from.
+static PROCESS_STARTED: OnceLock<std::time::Instant> = OnceLock::new();
+
+/// When this process's `main` began (the first call, if `main` did not make it).
+pub(crate) fn process_started() -> std::time::Instant {
+    *PROCESS_STARTED.get_or_init(std::time::Instant::now)
+}
+
 fn main() -> ExitCode {
+    process_started();
     // Under a QEMU binary's name (a symlink), the whole command line is QEMU's. Arguments
     // are taken as the OS gives them: any bytes, not necessarily UTF-8.
     let mut argv = std::env::args_os();

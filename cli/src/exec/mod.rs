@@ -481,19 +481,19 @@ impl ConsoleTail {
     }
 }
 
+/// Milliseconds from when kvmbuild's process started to `at`.
+fn ms_after_start(at: std::time::Instant) -> u128 {
+    at.saturating_duration_since(crate::process_started())
+        .as_millis()
+}
+
 /// The phases the guest marked, in the order it reached them, each in milliseconds after
 /// kvmbuild started: where a run's time went.
 fn guest_phases_line(report: &RunReport) -> String {
     let phases: Vec<String> = report
         .markers
         .iter()
-        .map(|(phase, at)| {
-            format!(
-                "{} {}",
-                phase.name(),
-                at.saturating_duration_since(report.started).as_millis()
-            )
-        })
+        .map(|(phase, at)| format!("{} {}", phase.name(), ms_after_start(*at)))
         .collect();
     format!(
         "guest phases (ms after kvmbuild started): {}",
@@ -517,11 +517,12 @@ fn outcome(report: &RunReport, plan: &Plan, console: &ConsoleTail, log: &Log) ->
         ));
     }
     log.say(format_args!(
-        "VM set up in {} ms",
+        "VM set up in {} ms, from {} ms after kvmbuild started",
         report
             .guest_started
             .duration_since(report.started)
-            .as_millis()
+            .as_millis(),
+        ms_after_start(report.started)
     ));
     if !report.markers.is_empty() {
         log.say(format_args!("{}", guest_phases_line(report)));
@@ -530,7 +531,7 @@ fn outcome(report: &RunReport, plan: &Plan, console: &ConsoleTail, log: &Log) ->
     if let Some(at) = command_started {
         log.say(format_args!(
             "command started {} ms after kvmbuild did, ended {} ms later",
-            at.duration_since(report.started).as_millis(),
+            ms_after_start(at),
             report.ended.duration_since(at).as_millis()
         ));
     }
