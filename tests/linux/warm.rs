@@ -215,6 +215,71 @@ pub fn exec_warm_replaces_a_damaged_snapshot() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// Reserves hugetlb pages in the test host while it lives, then gives them back.
+struct HugePages {
+    before: String,
+}
+
+impl HugePages {
+    const KNOB: &'static str = "/proc/sys/vm/nr_hugepages";
+
+    fn reserve(pages: usize) -> Self {
+        let before = std::fs::read_to_string(Self::KNOB).unwrap();
+        std::fs::write(Self::KNOB, pages.to_string()).unwrap();
+        Self { before }
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::KNOB, self.before.trim());
+    }
+}
+
+/// On a host with free hugetlb pages, guest memory is on them; a snapshot is restored into it
+/// by copying through its mapping (hugetlb files refuse `write(2)`). Before that was so, every
+/// warm run there found its snapshot unusable, booted cold and saved it again.
+pub fn exec_warm_restores_into_huge_pages() {
+    let dir = scratch("exec-warm-huge");
+    let cache = dir.join("cache");
+    // 512 MiB of guest memory is 256 huge pages.
+    let _pages = HugePages::reserve(256);
+    for index in 0..3 {
+        let share = dir.join(format!("share{index}"));
+        std::fs::create_dir_all(&share).unwrap();
+        std::fs::write(share.join("n"), format!("{}\n", index + 3)).unwrap();
+        let console = dir.join(format!("console{index}"));
+        let run = warm_run(&cache, &share, index, &console);
+        run.check(
+            run.status == Some(index as i32 + 3),
+            &format!("run {index} status"),
+        );
+        run.check(
+            run.stderr.contains("guest memory on hugetlb"),
+            "guest memory is on hugetlb pages",
+        );
+        run.check(!run.stderr.contains("not usable"), "the snapshot is usable");
+        let booted = std::fs::read_to_string(&console)
+            .unwrap_or_default()
+            .contains("Linux version");
+        run.check(
+            booted == (index == 0),
+            &format!("run {index} booted: {booted}"),
+        );
+        if index > 0 {
+            run.check(
+                run.stderr
+                    .contains("(copied: guest memory is on hugetlb pages)"),
+                "the restore copied the snapshot into the huge pages",
+            );
+        }
+        if let Some(line) = run.stderr.lines().find(|l| l.contains("guest phases")) {
+            println!("warm on huge pages: run {index}: {line}");
+        }
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// Two runs restored from one snapshot at the same time each get their own share, status,
 /// environment and randomness: the snapshot is only read, and each run has its own memory.
 pub fn exec_warm_runs_concurrently_from_one_snapshot() {

@@ -99,7 +99,13 @@ pub fn restore_memory(
     };
     let registered = match registered {
         Ok(registered) => registered,
-        Err(why) => return copy_memory(mem, snapshot, why, held, exit, started),
+        Err(why) => {
+            let via = match backing {
+                Backing::Hugetlb => memory::WriteVia::Mapping,
+                Backing::ShmemThp | Backing::SmallPages => memory::WriteVia::File,
+            };
+            return copy_memory(mem, snapshot, why, via, held, exit, started);
+        }
     };
     let content = memory::content(mem, &snapshot.memory)?;
     let beside = held.is_some();
@@ -141,16 +147,18 @@ pub fn restore_memory(
 }
 
 /// Copies a snapshot's memory into guest memory now (where it cannot be served on demand,
-/// for the reason `why`), checking it on the way; held input is then released at once.
+/// for the reason `why`) as `via` says, checking it on the way; held input is then released
+/// at once.
 fn copy_memory(
     mem: &GuestMemoryMmap,
     snapshot: &Snapshot,
     why: String,
+    via: memory::WriteVia,
     held: Option<HeldInput>,
     exit: &Arc<VmExit>,
     started: Instant,
 ) -> Result<RestoredMemory, VmError> {
-    let checked = memory::restore(mem, &snapshot.memory)?;
+    let checked = memory::restore(mem, &snapshot.memory, via)?;
     matches_saved(checked.crc, snapshot)?;
     let check = held
         .map(|held| MemoryCheck::start(None, held, exit))
