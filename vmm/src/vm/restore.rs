@@ -37,8 +37,10 @@ pub enum Fill {
     /// while the guest runs, and the run's input is held until it passed
     /// ([`crate::snapshot::check`]); else it was checked before the guest resumed.
     OnDemand { ahead: usize, beside: bool },
-    /// All at once before the guest resumed, for the reason given.
-    Copied(String),
+    /// All at once before the guest resumed, for the reason `why`. With `beside`, the memory
+    /// file is checked while the guest runs, as for [`Fill::OnDemand`]; else it was checked
+    /// before the guest resumed.
+    Copied { why: String, beside: bool },
 }
 
 impl std::fmt::Display for Restored {
@@ -62,7 +64,13 @@ impl std::fmt::Display for Restored {
                     n => write!(f, ", {n} hot pages ahead of it)"),
                 }
             }
-            Fill::Copied(why) => write!(f, " (copied: {why})"),
+            Fill::Copied { why, beside } => {
+                write!(f, " (copied: {why}")?;
+                match beside {
+                    true => write!(f, "; checked beside the guest)"),
+                    false => write!(f, ")"),
+                }
+            }
         }
     }
 }
@@ -79,9 +87,10 @@ pub struct RestoredMemory {
 }
 
 /// Arranges for fresh guest memory to hold a snapshot's: served as the guest touches it where
-/// userfaultfd allows, else copied now. The memory file is checked before the guest resumes,
-/// or, when the owner holds back the run's input (`held`) and the pages are served on demand,
-/// beside the guest, with the input released only once it passed.
+/// userfaultfd allows, read in now for hugetlb memory, else copied now. The memory file is
+/// checked before the guest resumes, or, when the owner holds back the run's input (`held`)
+/// and the pages are served or read in, beside the guest, with the input released only once
+/// it passed.
 pub fn restore_memory(
     mem: &GuestMemoryMmap,
     snapshot: &Snapshot,
@@ -91,52 +100,25 @@ pub fn restore_memory(
 ) -> Result<RestoredMemory, VmError> {
     let started = Instant::now();
     let registered = match backing {
-        // UFFDIO_COPY into hugetlb memory goes by whole 2 MiB pages: copying is as good.
-        Backing::Hugetlb => Err("guest memory is on hugetlb pages".to_owned()),
-        Backing::ShmemThp | Backing::SmallPages => {
-            on_demand::Registered::new(mem).map_err(|e| e.to_string())
-        }
+        // UFFDIO_COPY into hugetlb memory goes by whole 2 MiB pages: reading it all in now
+        // is as good.
+        Backing::Hugetlb => return read_into_huge_pages(mem, snapshot, held, exit, started),
+        Backing::ShmemThp | Backing::SmallPages => on_demand::Registered::new(mem),
     };
     let registered = match registered {
         Ok(registered) => registered,
-        Err(why) => {
-            let via = match backing {
-                Backing::Hugetlb => memory::WriteVia::Mapping,
-                Backing::ShmemThp | Backing::SmallPages => memory::WriteVia::File,
-            };
-            return copy_memory(mem, snapshot, why, via, held, exit, started);
-        }
+        Err(e) => return copy_memory(mem, snapshot, e.to_string(), held, exit, started),
     };
     let content = memory::content(mem, &snapshot.memory)?;
-    let beside = held.is_some();
-    if !beside {
-        let source = memory::MappedFile::map(&snapshot.memory)
-            .map_err(|e| SnapshotError::Io("map the memory file", e))?;
-        let checked = memory::check(&content, &source, &|| true)?.unwrap_or_default();
-        matches_saved(checked.crc, snapshot)?;
-    }
     let bytes = content.iter().map(|(start, end)| end - start).sum();
-    let check = match held {
-        Some(held) => {
-            let to_check = ToCheck {
-                file: snapshot
-                    .memory
-                    .try_clone()
-                    .map_err(|e| SnapshotError::Io("open the memory file", e))?,
-                content: content.clone(),
-                crc: snapshot.state.memory_crc,
-            };
-            Some(MemoryCheck::start(Some(to_check), held, exit)?)
-        }
-        None => None,
-    };
+    let check = check_memory(snapshot, &content, held, exit)?;
     let on_demand = registered.serve(&snapshot.memory, content, snapshot.hot.clone(), exit)?;
     let restored = Restored {
         bytes,
         took: started.elapsed(),
         fill: Fill::OnDemand {
             ahead: snapshot.hot.len(),
-            beside,
+            beside: check.is_some(),
         },
     };
     Ok(RestoredMemory {
@@ -146,19 +128,72 @@ pub fn restore_memory(
     })
 }
 
-/// Copies a snapshot's memory into guest memory now (where it cannot be served on demand,
-/// for the reason `why`) as `via` says, checking it on the way; held input is then released
-/// at once.
-fn copy_memory(
+/// Checks the snapshot's memory file, whose data is `content`: beside the guest when the
+/// owner holds back the run's input (the returned check releases it once the file passed),
+/// else now, before the guest resumes.
+fn check_memory(
+    snapshot: &Snapshot,
+    content: &[(u64, u64)],
+    held: Option<HeldInput>,
+    exit: &Arc<VmExit>,
+) -> Result<Option<MemoryCheck>, VmError> {
+    let Some(held) = held else {
+        let source = memory::MappedFile::map(&snapshot.memory)
+            .map_err(|e| SnapshotError::Io("map the memory file", e))?;
+        let checked = memory::check(content, &source, &|| true)?.unwrap_or_default();
+        matches_saved(checked.crc, snapshot)?;
+        return Ok(None);
+    };
+    let to_check = ToCheck {
+        file: snapshot
+            .memory
+            .try_clone()
+            .map_err(|e| SnapshotError::Io("open the memory file", e))?,
+        content: content.to_vec(),
+        crc: snapshot.state.memory_crc,
+    };
+    Ok(Some(MemoryCheck::start(Some(to_check), held, exit)?))
+}
+
+/// Reads a snapshot's memory into hugetlb guest memory now, straight from the file into the
+/// mapping ([`memory::read_in`]: hugetlb files refuse `write(2)`), and checks it as a served
+/// restore's memory is checked.
+fn read_into_huge_pages(
     mem: &GuestMemoryMmap,
     snapshot: &Snapshot,
-    why: String,
-    via: memory::WriteVia,
     held: Option<HeldInput>,
     exit: &Arc<VmExit>,
     started: Instant,
 ) -> Result<RestoredMemory, VmError> {
-    let checked = memory::restore(mem, &snapshot.memory, via)?;
+    let content = memory::content(mem, &snapshot.memory)?;
+    let bytes = memory::read_in(mem, &snapshot.memory, &content)?;
+    let check = check_memory(snapshot, &content, held, exit)?;
+    let restored = Restored {
+        bytes,
+        took: started.elapsed(),
+        fill: Fill::Copied {
+            why: "guest memory is on hugetlb pages".to_owned(),
+            beside: check.is_some(),
+        },
+    };
+    Ok(RestoredMemory {
+        restored,
+        on_demand: None,
+        check,
+    })
+}
+
+/// Copies a snapshot's memory into guest memory now (where it cannot be served on demand,
+/// for the reason `why`), checking it on the way; held input is then released at once.
+fn copy_memory(
+    mem: &GuestMemoryMmap,
+    snapshot: &Snapshot,
+    why: String,
+    held: Option<HeldInput>,
+    exit: &Arc<VmExit>,
+    started: Instant,
+) -> Result<RestoredMemory, VmError> {
+    let checked = memory::restore(mem, &snapshot.memory)?;
     matches_saved(checked.crc, snapshot)?;
     let check = held
         .map(|held| MemoryCheck::start(None, held, exit))
@@ -166,7 +201,7 @@ fn copy_memory(
     let restored = Restored {
         bytes: checked.bytes,
         took: started.elapsed(),
-        fill: Fill::Copied(why),
+        fill: Fill::Copied { why, beside: false },
     };
     Ok(RestoredMemory {
         restored,
