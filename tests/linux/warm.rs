@@ -28,15 +28,25 @@ const SCRIPT: &str = "cat /tmp/data/n; cat /proc/sys/kernel/random/boot_id; \
     exit $(cat /tmp/data/n)";
 
 fn warm_run(cache: &Path, share: &Path, index: usize, console: &Path) -> Run {
+    warm_run_with(cache, share, index, console, &[])
+}
+
+/// [`warm_run`] with more `exec` options.
+fn warm_run_with(
+    cache: &Path,
+    share: &Path,
+    index: usize,
+    console: &Path,
+    options: &[&str],
+) -> Run {
     let share = format!("--share={}:/tmp/data:ro", share.display());
     let env = format!("--env=RUN={index}");
     let log = format!("--console-log={}", console.display());
     // -v with a console log keeps the kernel's messages (no `quiet`), which tell a cold boot.
-    let mut run = exec(
-        cache,
-        &["--warm", "-v", &share, &env, &log, "--", "sh", "-c", SCRIPT],
-        b"",
-    );
+    let mut args = vec!["--warm", "-v", &share, &env, &log];
+    args.extend(options);
+    args.extend(["--", "sh", "-c", SCRIPT]);
+    let mut run = exec(cache, &args, b"");
     // The log lives in the test host's scratch space: keep it with the run for a failure.
     let log = std::fs::read_to_string(console).unwrap_or_default();
     let tail = log
@@ -223,10 +233,29 @@ struct HugePages {
 impl HugePages {
     const KNOB: &'static str = "/proc/sys/vm/nr_hugepages";
 
+    /// Reserves `pages` huge pages, first freeing the page cache and compacting memory so
+    /// that earlier tests' files do not leave too few free 2 MiB runs.
     fn reserve(pages: usize) -> Self {
         let before = std::fs::read_to_string(Self::KNOB).unwrap();
+        let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+        let _ = std::fs::write("/proc/sys/vm/compact_memory", "1");
         std::fs::write(Self::KNOB, pages.to_string()).unwrap();
-        Self { before }
+        let reserved = Self { before };
+        let free = Self::free();
+        assert!(
+            free >= pages,
+            "the test host could reserve only {free} of {pages} huge pages"
+        );
+        reserved
+    }
+
+    fn free() -> usize {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+        meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("HugePages_Free:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
     }
 }
 
@@ -243,14 +272,14 @@ impl Drop for HugePages {
 pub fn exec_warm_restores_into_huge_pages() {
     let dir = scratch("exec-warm-huge");
     let cache = dir.join("cache");
-    // 512 MiB of guest memory is 256 huge pages.
-    let _pages = HugePages::reserve(256);
+    // 256 MiB of guest memory is 128 huge pages.
+    let _pages = HugePages::reserve(128);
     for index in 0..3 {
         let share = dir.join(format!("share{index}"));
         std::fs::create_dir_all(&share).unwrap();
         std::fs::write(share.join("n"), format!("{}\n", index + 3)).unwrap();
         let console = dir.join(format!("console{index}"));
-        let run = warm_run(&cache, &share, index, &console);
+        let run = warm_run_with(&cache, &share, index, &console, &["--mem=256"]);
         run.check(
             run.status == Some(index as i32 + 3),
             &format!("run {index} status"),
