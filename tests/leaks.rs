@@ -57,6 +57,7 @@ fn config(kernel: &Path, disk: &Path) -> VmConfig {
         seccomp: None,
         confine_runner: false,
         snapshot_to: None,
+        defer_per_run: false,
         restore: None,
         held_input: None,
     }

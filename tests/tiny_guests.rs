@@ -732,6 +732,47 @@ fn a_snapshot_restores_registers_and_memory_and_goes_on_from_its_point() {
     let _ = fs::remove_dir_all(&dir);
 }
 
+/// A guest whose virtio-rng is running at its snapshot point finds it running after each
+/// restore: the transport's registers, the queue's position and the device's work come back, so
+/// its next request is served as the ring's next entry. A VM without the device is refused.
+#[test]
+fn a_snapshot_keeps_a_running_virtio_device_where_it_stood() {
+    if !support::kvm_usable() {
+        return;
+    }
+    let g = guest("rngsnap");
+    let dir = support::scratch_path("snapshot-rng");
+    let _ = fs::remove_dir_all(&dir);
+    let snapshot = dir.to_str().unwrap();
+
+    let cold = run_guest(
+        &g.bzimage,
+        MEM_MIB,
+        TIMEOUT_S,
+        &["--rng", "--snapshot", snapshot],
+    );
+    cold.assert_code(0);
+    cold.assert_stdout_has("rngsnap: done");
+    assert!(dir.join("state").is_file(), "{cold}");
+
+    for _ in 0..2 {
+        let warm = run_guest(
+            &g.bzimage,
+            MEM_MIB,
+            TIMEOUT_S,
+            &["--rng", "--restore", snapshot],
+        );
+        warm.assert_code(0);
+        warm.assert_stdout_has("rngsnap: after the snapshot point");
+        warm.assert_stdout_has("rngsnap: done");
+        assert!(!warm.stdout.contains("rngsnap: start"), "{warm}");
+    }
+
+    let without = run_guest(&g.bzimage, MEM_MIB, TIMEOUT_S, &["--restore", snapshot]);
+    without.assert_error(64, &["--restore", "virtio devices"]);
+    let _ = fs::remove_dir_all(&dir);
+}
+
 /// The threads of a running VM are confined: its vCPU and device threads show seccomp mode 2
 /// (a filter) in /proc, and mode 0 with `--seccomp off`. A thread installs its filter as the
 /// first thing it does, so the check waits (up to 10 s) for each thread to show the mode.

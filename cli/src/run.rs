@@ -195,6 +195,7 @@ fn vm_config(
     };
     Ok(VmConfig {
         snapshot_to: args.snapshot.map(|dir| (dir, key)),
+        defer_per_run: false,
         restore,
         held_input: None,
         kernel: args.kernel,

@@ -175,6 +175,7 @@ fn boot_once(args: &BenchArgs) -> anyhow::Result<Sample> {
         rng: false,
         pit: false,
         snapshot_to: None,
+        defer_per_run: false,
         restore: None,
         held_input: None,
         // Bench bounds a boot with its own limit below.

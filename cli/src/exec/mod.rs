@@ -396,6 +396,8 @@ fn vm_config(
         seccomp: crate::seccomp_filters(),
         confine_runner: true,
         snapshot_to,
+        // The run's disks and shares come after the snapshot point (see initrd's guest::warm).
+        defer_per_run: true,
         restore,
         held_input,
     })

@@ -132,6 +132,10 @@ fn lock(serial: &Mutex<Serial>) -> std::sync::MutexGuard<'_, Serial> {
     serial.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// On the device thread beside the virtio workers; never part of a snapshot (COM1's registers
+/// are saved on their own).
+impl crate::virtio::Worker for SerialInput {}
+
 impl MutEventSubscriber for SerialInput {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {

@@ -30,6 +30,7 @@ pub mod console;
 pub mod fuzzing;
 pub mod mmio;
 pub mod rng;
+pub mod state;
 pub mod thread;
 pub mod vhost_user_fs;
 mod worker;
@@ -41,7 +42,8 @@ pub use block::{Block, BlockError};
 pub use console::{Console, ConsoleError, ConsoleFlush, ConsoleInput, PortConfig};
 pub use mmio::{MmioError, MmioTransport, MMIO_WINDOW_LEN, QUEUE_NOTIFY_OFFSET};
 pub use rng::Rng;
-pub use thread::{DeviceThread, DeviceThreadHandle, ThreadError, WorkerId};
+pub use state::{DeviceState, QueueProgress, SaveError, TransportState, WorkerState};
+pub use thread::{DeviceThread, DeviceThreadHandle, Frozen, ThreadError, WorkerId};
 
 /// Virtio device ids (virtio 1.2, section 5).
 pub mod device_type {
@@ -87,7 +89,16 @@ pub const INT_USED_BUFFER: u32 = 1;
 pub const INT_CONFIG_CHANGE: u32 = 2;
 
 /// A running device: the event-manager subscriber that activation returns.
-pub type DeviceWorker = Box<dyn MutEventSubscriber + Send>;
+pub type DeviceWorker = Box<dyn Worker>;
+
+/// A device's running half, on the device thread.
+pub trait Worker: MutEventSubscriber + Send {
+    /// Where the device stands, for a snapshot (see [`state`]): called on the device thread,
+    /// with the guest stopped. By default the device cannot be saved.
+    fn save(&self) -> Result<WorkerState, SaveError> {
+        Err(SaveError::Unsupported)
+    }
+}
 
 /// Errors from activating a device.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +115,9 @@ pub enum ActivateError {
     /// An external back end (vhost-user) refused the set-up.
     #[error("the back end refused the set-up: {0}")]
     Backend(String),
+    /// A snapshot's state for the device is not one it can go on from.
+    #[error("the saved device state does not fit the device")]
+    ResumeState,
 }
 
 /// Everything a device needs to run, handed over at activation.
@@ -117,6 +131,9 @@ pub struct Activation {
     pub interrupt: Interrupt,
     /// The features the driver accepted.
     pub features: u64,
+    /// For a device restored from a snapshot: its own state then (the queues already stand
+    /// where they stood). `None` for a driver's fresh start.
+    pub resume: Option<DeviceState>,
 }
 
 impl Activation {
@@ -128,6 +145,35 @@ impl Activation {
         }
         Ok(())
     }
+
+    /// Checks that a restored device has no state of its own to go on from (the rings hold
+    /// all of it).
+    pub fn expect_stateless(&self) -> Result<(), ActivateError> {
+        match self.resume {
+            None | Some(DeviceState::Stateless) => Ok(()),
+            Some(_) => Err(ActivateError::ResumeState),
+        }
+    }
+
+    /// Checks that the device is started fresh, for devices a snapshot never holds running.
+    pub fn expect_fresh(&self) -> Result<(), ActivateError> {
+        match self.resume {
+            None => Ok(()),
+            Some(_) => Err(ActivateError::ResumeState),
+        }
+    }
+}
+
+/// Where each queue stands, for [`Worker::save`].
+pub fn queue_progress<'a>(queues: impl IntoIterator<Item = &'a Queue>) -> Vec<QueueProgress> {
+    use virtio_queue::QueueT;
+    queues
+        .into_iter()
+        .map(|q| QueueProgress {
+            next_avail: q.next_avail(),
+            next_used: q.next_used(),
+        })
+        .collect()
 }
 
 /// A virtio device model, as the MMIO transport sees it.
@@ -243,6 +289,12 @@ impl Interrupt {
     /// Whether the device asked for a reset.
     pub fn needs_reset(&self) -> bool {
         self.0.needs_reset.load(Ordering::Acquire)
+    }
+
+    /// Sets the InterruptStatus bits a snapshot saved, without raising the line: the
+    /// interrupt controllers' saved state already holds what the guest was told.
+    pub(crate) fn restore_status(&self, bits: u32) {
+        self.0.status.store(bits, Ordering::Release);
     }
 
     /// Forgets pending bits and the reset request (device reset).

@@ -119,6 +119,7 @@ pub fn getrandom(buf: &mut [u8]) -> Result<(), RngError> {
 mod tests {
     use super::*;
     use crate::virtio::testing::{Driver, DATA, R, W};
+    use crate::virtio::MmioError;
 
     const FEATURES: u64 = features::VERSION_1 | features::RING_EVENT_IDX;
 
@@ -142,6 +143,41 @@ mod tests {
         d.kick(0);
         assert_eq!(d.wait_used(0, 2), (2, 16));
         assert_ne!(d.get(DATA + 0x2000, 16), a);
+    }
+
+    #[test]
+    fn a_restored_device_goes_on_where_it_stood() {
+        let d = rng();
+        d.push(0, &[(DATA, 16, W)]);
+        d.kick(0);
+        assert_eq!(d.wait_used(0, 1), (0, 16));
+        // Published but not yet kicked when the snapshot is taken.
+        d.push(0, &[(DATA + 0x1000, 8, W)]);
+        let state = d.save();
+        let running = state.running.as_ref().unwrap();
+        assert_eq!(
+            (running.queues[0].next_avail, running.queues[0].next_used),
+            (1, 1)
+        );
+        let d = d.restore(Box::new(Rng::new()), &state).unwrap();
+        assert!(d.is_active());
+        // The restored device serves what was waiting, then goes on: nothing is served twice.
+        assert_eq!(d.wait_used(0, 2), (1, 8));
+        d.push(0, &[(DATA + 0x2000, 4, W)]);
+        d.kick(0);
+        assert_eq!(d.wait_used(0, 3), (2, 4));
+    }
+
+    #[test]
+    fn a_saved_state_fits_only_its_own_device() {
+        let d = rng();
+        let mut state = d.save();
+        state.device_type = 3;
+        let refused = d.restore(Box::new(Rng::new()), &state).err().unwrap();
+        assert!(
+            matches!(refused, MmioError::Mismatch("device type")),
+            "{refused}"
+        );
     }
 
     #[test]

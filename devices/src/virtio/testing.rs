@@ -15,8 +15,9 @@ use super::mmio::{
     MmioTransport, DRIVER_FEATURES, DRIVER_FEATURES_SEL, QUEUE_AVAIL_LOW, QUEUE_DESC_LOW,
     QUEUE_NOTIFY_OFFSET, QUEUE_NUM, QUEUE_READY, QUEUE_SEL, QUEUE_USED_LOW, STATUS,
 };
+use super::state::TransportState;
 use super::thread::DeviceThread;
-use super::{status, VirtioDevice};
+use super::{status, MmioError, MmioTransport as Transport, VirtioDevice};
 use crate::bus::BusDevice;
 
 /// Guest memory size in tests.
@@ -100,6 +101,49 @@ impl Driver {
             queues: Mutex::new(Vec::new()),
             _thread: None,
         }
+    }
+
+    /// The transport's state, saved as the VMM saves it for a snapshot: the running worker's
+    /// on its frozen device thread.
+    pub fn save(&self) -> TransportState {
+        let thread = self
+            ._thread
+            .as_ref()
+            .expect("a driver with a thread of its own");
+        self.with(|t| {
+            let running = t.worker().map(|id| {
+                let (mut saved, _frozen) = thread.handle().freeze(vec![id]).unwrap();
+                saved.remove(0).unwrap()
+            });
+            t.save_registers(running)
+        })
+    }
+
+    /// The same guest restored from `state` onto `device`: this transport and its device
+    /// thread end, and a new pair takes over the same memory, which holds what it held at
+    /// the save, as a restored snapshot's does.
+    pub fn restore(
+        self,
+        device: Box<dyn VirtioDevice>,
+        state: &TransportState,
+    ) -> Result<Self, MmioError> {
+        let Driver {
+            mem,
+            transport,
+            queues,
+            _thread,
+        } = self;
+        drop(transport);
+        drop(_thread);
+        let thread = DeviceThread::start().unwrap();
+        let mut transport = Transport::new(device, mem.clone(), thread.handle()).unwrap();
+        transport.restore(state)?;
+        Ok(Self {
+            mem,
+            transport: Mutex::new(transport),
+            queues,
+            _thread: Some(thread),
+        })
     }
 
     /// Runs `f` on the transport.

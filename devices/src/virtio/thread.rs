@@ -9,12 +9,13 @@
 //! worker still on it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use event_manager::{EventManager, RemoteEndpoint, SubscriberId};
 
-use super::DeviceWorker;
+use super::{DeviceWorker, SaveError, WorkerState};
 use crate::thread_kind::{ThreadKind, ThreadStart};
 
 /// Errors from the device thread.
@@ -35,6 +36,21 @@ pub enum ThreadError {
     /// The thread panicked.
     #[error("device thread panicked")]
     Panicked,
+    /// The loop did not answer in time.
+    #[error("the device thread did not answer")]
+    NoAnswer,
+}
+
+/// How long [`DeviceThreadHandle::freeze`] waits for the loop to take its request: workers
+/// never block, so the loop answers within one event's work.
+const FREEZE_ANSWER: Duration = Duration::from_secs(10);
+/// The longest a frozen loop waits to be let go; past it, it runs on by itself.
+const FREEZE_LIMIT: Duration = Duration::from_secs(300);
+
+/// Holds the device loop still until dropped (see [`DeviceThreadHandle::freeze`]).
+pub struct Frozen {
+    /// Dropping it lets the loop go.
+    _release: mpsc::Sender<()>,
 }
 
 impl From<event_manager::Error> for ThreadError {
@@ -71,6 +87,35 @@ impl DeviceThreadHandle {
                     .map(drop)
                     .map_err(ThreadError::from)
             })
+    }
+
+    /// Saves the workers `ids`, in that order, and holds the loop still until the returned
+    /// guard is dropped (at most [`FREEZE_LIMIT`]): with the vCPUs stopped too, nothing
+    /// touches guest memory or the saved workers until the caller has saved the memory.
+    #[allow(clippy::type_complexity)] // one result per worker, and the guard
+    pub fn freeze(
+        &self,
+        ids: Vec<WorkerId>,
+    ) -> Result<(Vec<Result<WorkerState, SaveError>>, Frozen), ThreadError> {
+        let (saved, states) = mpsc::channel();
+        let (release, held) = mpsc::channel::<()>();
+        self.endpoint.fire(move |ops| {
+            let each = ids
+                .iter()
+                .map(|id| match ops.subscriber_mut(id.0) {
+                    Ok(worker) => worker.save(),
+                    Err(_) => Err(SaveError::Thread),
+                })
+                .collect::<Vec<_>>();
+            if saved.send(each).is_ok() {
+                // Returns at once when the guard is dropped (the channel disconnects).
+                let _ = held.recv_timeout(FREEZE_LIMIT);
+            }
+        })?;
+        let states = states
+            .recv_timeout(FREEZE_ANSWER)
+            .map_err(|_| ThreadError::NoAnswer)?;
+        Ok((states, Frozen { _release: release }))
     }
 }
 
@@ -160,6 +205,8 @@ mod tests {
         event: EventFd,
         seen: Sender<&'static str>,
     }
+
+    impl crate::virtio::Worker for Probe {}
 
     impl MutEventSubscriber for Probe {
         fn process(&mut self, _: Events, _: &mut EventOps) {

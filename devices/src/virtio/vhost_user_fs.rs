@@ -326,6 +326,7 @@ impl VirtioDevice for VhostUserFs {
 
     fn activate(&mut self, a: Activation) -> Result<DeviceWorker, ActivateError> {
         a.expect_queues(NUM_QUEUES)?;
+        a.expect_fresh()?;
         self.started = true;
         if let Err(e) = self.start(&a) {
             // A timeout or signal that cut the set-up short ends the run as itself.
@@ -374,6 +375,10 @@ struct DisconnectWatch {
     path: PathBuf,
     exit: Arc<VmExit>,
 }
+
+/// Not saved: virtiofsd holds the rings' positions, and a snapshot is taken before a driver
+/// starts a share (see `super::mmio`).
+impl super::Worker for DisconnectWatch {}
 
 impl MutEventSubscriber for DisconnectWatch {
     fn process(&mut self, _: Events, ops: &mut EventOps) {

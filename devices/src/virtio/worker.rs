@@ -8,7 +8,10 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::{drain_queue, ChainError};
-use super::{register_queue_events, ActivateError, Activation, Interrupt};
+use super::{
+    queue_progress, register_queue_events, ActivateError, Activation, DeviceState, Interrupt,
+    SaveError, Worker, WorkerState,
+};
 
 /// What a one-queue device does with each request.
 pub trait RequestHandler: Send {
@@ -36,6 +39,7 @@ impl<H: RequestHandler> SingleQueueWorker<H> {
     /// Takes the one queue of `activation` for `handler`.
     pub fn new(handler: H, mut activation: Activation) -> Result<Self, ActivateError> {
         activation.expect_queues(1)?;
+        activation.expect_stateless()?;
         let (queue, event) = activation.queues.remove(0);
         Ok(Self {
             handler,
@@ -80,5 +84,18 @@ impl<H: RequestHandler> MutEventSubscriber for SingleQueueWorker<H> {
         }
         // Requests published before activation would otherwise wait for the next kick.
         self.run_queue();
+    }
+}
+
+impl<H: RequestHandler> Worker for SingleQueueWorker<H> {
+    /// Requests are served whole on each kick, so the queue's position is all there is.
+    fn save(&self) -> Result<WorkerState, SaveError> {
+        if self.broken {
+            return Err(SaveError::NeedsReset);
+        }
+        Ok(WorkerState {
+            queues: queue_progress([&self.queue]),
+            device: DeviceState::Stateless,
+        })
     }
 }

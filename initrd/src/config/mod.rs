@@ -118,8 +118,9 @@ pub struct Config {
     pub root: Option<OsString>,
     /// Connect the command to the `kvmbuild.std*` virtio-console ports.
     pub stdio_ports: bool,
-    /// Warm start: stop at the snapshot point before `virtio_mmio` is loaded, then read this
-    /// run's settings from the [`SETTINGS_PORT_NAME`] port (see `guest::warm`).
+    /// Warm start: stop at the snapshot point once the console is set up and before this
+    /// run's disks and shares are probed, then read this run's settings from the
+    /// [`SETTINGS_PORT_NAME`] port (see `guest::warm`).
     pub warm: bool,
     /// The host's wall clock when the run started, in nanoseconds since the Unix epoch; the
     /// init sets the guest's clock to it (a restored guest's clock is the snapshot's).

@@ -237,16 +237,16 @@ fn run(ports: sys::Ports) -> Result<u8, Error> {
         verbose: config.verbose,
     };
     log.step(format_args!("settings read"));
+    load_modules(&log)?;
     if config.warm {
-        load_modules(&log, |entry| !warm::is_transport(entry))?;
+        warm::wait_for_console(&log)?;
         ports.snapshot_point();
         ports.mark(BootPhase::Resumed);
-        load_modules(&log, warm::is_transport)?;
+        warm::probe_run_devices(&log)?;
         ports.mark(BootPhase::DevicesReady);
         warm::read_run_settings(&mut config, &log)?;
         log.verbose = config.verbose;
     } else {
-        load_modules(&log, |_| true)?;
         ports.mark(BootPhase::DevicesReady);
     }
     let streams = match config.stdio_ports {
@@ -324,12 +324,12 @@ pub fn check_mount_points(config: &Config) -> Result<(), Error> {
     Ok(())
 }
 
-/// Loads the modules of the load list that `wanted` selects, in order.
-fn load_modules(log: &Log, wanted: impl Fn(&LoadEntry) -> bool) -> Result<(), Error> {
+/// Loads the modules of the load list, in order.
+fn load_modules(log: &Log) -> Result<(), Error> {
     let Some(list) = read_optional(Path::new(MODULES_FILE))? else {
         return Ok(());
     };
-    for entry in parse_load_list(&list).into_iter().filter(|e| wanted(e)) {
+    for entry in parse_load_list(&list) {
         log.step(format_args!("loading {}", entry.path));
         load_module(&entry)?;
     }

@@ -16,6 +16,9 @@ use devices::virtio::{
     Block, Console, ConsoleError, ConsoleFlush, ConsoleInput, DeviceThread, MmioTransport, Rng,
     VirtioDevice, MMIO_WINDOW_LEN, QUEUE_NOTIFY_OFFSET,
 };
+
+/// A transport, shared between the MMIO bus and the snapshot code.
+pub type SharedTransport = Arc<Mutex<MmioTransport>>;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vm_memory::GuestMemoryMmap;
 
@@ -102,6 +105,9 @@ pub enum ConsoleConfig {
 pub struct DeviceList {
     /// The devices.
     pub devices: Vec<Box<dyn VirtioDevice>>,
+    /// How many of the first devices belong to one run (the disks and the shares): those a
+    /// VM saved before its run is known defers (see [`MmioTransport::defer`]).
+    pub per_run: usize,
     /// Flushes the virtio-console's output when the VM ends, if there is one.
     pub console_flush: Option<ConsoleFlush>,
 }
@@ -119,6 +125,8 @@ pub struct VirtioDevices {
     pub thread: Option<DeviceThread>,
     /// Flushes the virtio-console's output when the VM ends, if there is one.
     pub console_flush: Option<ConsoleFlush>,
+    /// Every transport, in guest-visible order.
+    pub transports: Vec<SharedTransport>,
 }
 
 /// Base of the MMIO space handed to virtio-mmio devices, in the 32-bit hole below the IOAPIC.
@@ -199,17 +207,20 @@ pub fn build_devices(
     }
     Ok(DeviceList {
         devices: list,
+        per_run: disks.len() + shares.len(),
         console_flush,
     })
 }
 
 /// Attaches `list` to the VM: transports on the MMIO bus, notifications and interrupts wired
-/// through KVM.
+/// through KVM. With `defer_per_run`, the run's own devices read as empty slots until
+/// revealed.
 /// The device thread starts as `exit`'s VM says its threads start.
 pub fn attach(
     vm: &VmFd,
     mem: &GuestMemoryMmap,
     list: DeviceList,
+    defer_per_run: bool,
     exit: &VmExit,
 ) -> Result<VirtioDevices, VirtioError> {
     let mut devices = VirtioDevices {
@@ -218,7 +229,9 @@ pub fn attach(
         cmdline: String::new(),
         thread: None,
         console_flush: list.console_flush,
+        transports: Vec::new(),
     };
+    let deferred = if defer_per_run { list.per_run } else { 0 };
     let list = list.devices;
     if list.is_empty() {
         return Ok(devices);
@@ -226,8 +239,11 @@ pub fn attach(
     let thread = DeviceThread::start_with(exit.thread_start()).map_err(VirtioError::Thread)?;
     for (index, device) in (0u32..).zip(list) {
         let (addr, gsi) = placement(index)?;
-        let transport = MmioTransport::new(device, mem.clone(), thread.handle())
+        let mut transport = MmioTransport::new(device, mem.clone(), thread.handle())
             .map_err(VirtioError::Transport)?;
+        if index < u32::try_from(deferred).unwrap_or(u32::MAX) {
+            transport.defer();
+        }
         let kvm_err = |what| move |source| VirtioError::Kvm { what, addr, source };
         vm.register_irqfd(transport.interrupt_event(), gsi)
             .map_err(kvm_err("route the interrupt"))?;
@@ -236,10 +252,12 @@ pub fn attach(
             vm.register_ioevent(event, &notify, queue)
                 .map_err(kvm_err("register a queue notification"))?;
         }
+        let transport = Arc::new(Mutex::new(transport));
         devices
             .bus
-            .insert(Arc::new(Mutex::new(transport)), addr, MMIO_WINDOW_LEN)
+            .insert(transport.clone(), addr, MMIO_WINDOW_LEN)
             .map_err(|source| VirtioError::Bus { addr, source })?;
+        devices.transports.push(transport);
         devices.acpi.push(MmioDeviceAcpi {
             addr,
             len: MMIO_WINDOW_LEN,

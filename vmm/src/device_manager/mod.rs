@@ -15,7 +15,9 @@ use std::time::Instant;
 use devices::bus::Bus;
 use devices::exit::VmExit;
 use devices::serial::{Serial, SerialInput};
-use devices::virtio::{ConsoleFlush, DeviceThread};
+use devices::virtio::{
+    ConsoleFlush, DeviceThread, Frozen, MmioError, SaveError, TransportState, WorkerId,
+};
 use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
 
@@ -53,6 +55,9 @@ pub struct DeviceConfig {
     pub rng: bool,
     /// COM1's registers as a snapshot saved them, for a restored VM.
     pub serial_state: Option<devices::serial::SerialState>,
+    /// Show the disks and shares to the guest only from [`DeviceManager::reveal_per_run`]
+    /// on: the VM is saved before its run is known.
+    pub defer_per_run: bool,
 }
 
 /// Every device of one VM, where it sits, and the thread that runs the virtio ones.
@@ -88,7 +93,7 @@ impl DeviceManager {
             config.rng,
             exit,
         )?;
-        let virtio = mmio::attach(vm, mem, list, exit)?;
+        let virtio = mmio::attach(vm, mem, list, config.defer_per_run, exit)?;
         Ok(Self {
             pio,
             mmio: virtio.bus.clone(),
@@ -97,15 +102,50 @@ impl DeviceManager {
         })
     }
 
-    /// The first virtio device a driver has started (its status register is not 0), by its
-    /// position; `None` while every device is as reset, which is all a snapshot may hold.
-    pub fn virtio_device_in_use(&self) -> Option<usize> {
-        self.virtio.acpi.iter().position(|device| {
-            let mut status = [0u8; 4];
-            let register = u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_STATUS);
-            self.mmio.read(device.addr + register, &mut status);
-            u32::from_le_bytes(status) != 0
-        })
+    /// Every virtio device's state, for a snapshot, with the device thread held still until
+    /// the returned guard is dropped: save guest memory before dropping it. Call it with the
+    /// vCPUs stopped.
+    pub fn save_virtio(&self) -> Result<(Vec<TransportState>, Option<Frozen>), SaveError> {
+        let transports: Vec<_> = self.virtio.transports.iter().map(|t| lock(t)).collect();
+        let running: Vec<WorkerId> = transports.iter().filter_map(|t| t.worker()).collect();
+        let (mut workers, frozen) = match &self.virtio.thread {
+            Some(thread) if !running.is_empty() => {
+                let (workers, frozen) = thread
+                    .handle()
+                    .freeze(running)
+                    .map_err(|_| SaveError::Thread)?;
+                (workers.into_iter(), Some(frozen))
+            }
+            _ => (Vec::new().into_iter(), None),
+        };
+        let mut states = Vec::with_capacity(transports.len());
+        for transport in &transports {
+            let worker = match transport.worker() {
+                Some(_) => Some(workers.next().ok_or(SaveError::Thread)??),
+                None => None,
+            };
+            states.push(transport.save_registers(worker));
+        }
+        Ok((states, frozen))
+    }
+
+    /// Puts the virtio devices in a snapshot's `states` (in guest-visible order), restarting
+    /// those a driver had started where they stood. Guest memory must hold the snapshot's.
+    pub fn restore_virtio(&self, states: &[TransportState]) -> Result<(), MmioError> {
+        if states.len() != self.virtio.transports.len() {
+            return Err(MmioError::Mismatch("number of virtio devices"));
+        }
+        for (transport, state) in self.virtio.transports.iter().zip(states) {
+            lock(transport).restore(state)?;
+        }
+        Ok(())
+    }
+
+    /// Shows the run's own devices (the disks and shares) to the guest's next probe.
+    pub fn reveal_per_run(&self) {
+        for transport in &self.virtio.transports {
+            lock(transport).reveal();
+        }
     }
 
     /// COM1's registers, for a snapshot.
@@ -183,4 +223,12 @@ impl DeviceManager {
             .collect();
         (!problems.is_empty()).then(|| problems.join("; "))
     }
+}
+
+/// Locks a transport, recovering from poisoning: its registers stay consistent, since every
+/// change to them is a plain store.
+fn lock(
+    transport: &mmio::SharedTransport,
+) -> std::sync::MutexGuard<'_, devices::virtio::MmioTransport> {
+    transport.lock().unwrap_or_else(|p| p.into_inner())
 }

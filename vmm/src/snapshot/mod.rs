@@ -1,17 +1,22 @@
 //! Snapshots of a booted VM, saved once and restored for every later run.
 //!
 //! A snapshot is taken at a point the guest chooses, by writing to kvmbuild's snapshot port
-//! ([`abi::ports::SNAPSHOT`]) before any driver has touched a virtio device (kvmbuild's init
-//! does it before it loads `virtio_mmio`). At that point a virtio device's whole state is
-//! "reset", so a restored VM gets fresh devices, connected to this run's files, disks and
-//! back ends, and the guest's drivers find them as on a cold boot. [`Vm::save_snapshot`]
-//! checks this through each transport's status register and refuses otherwise.
+//! ([`abi::ports::SNAPSHOT`]). kvmbuild's init does it once its virtio-console and virtio-rng
+//! are bound and the console's ports set up, and before it probes the run's own disks and
+//! shares, which the VM shows as empty slots until then
+//! ([`VmConfig::defer_per_run`](crate::vm::VmConfig::defer_per_run)). The snapshot keeps each
+//! transport's registers and each running device's queue positions and own state
+//! ([`devices::virtio::state`]), saved with the device thread held still until the memory is
+//! saved too; a restored VM's console and RNG go on where they stood, behind this run's
+//! streams, and its disks and shares are fresh devices on this run's files and back ends.
+//! [`Vm::save_snapshot`] refuses a device it cannot save (a running vhost-user-fs, a port's
+//! output still waiting for its reader).
 //!
 //! On disk a snapshot is a directory:
 //!
 //! | file     | content |
 //! |----------|---------|
-//! | `state`  | `KVMBSNAP`, the format version (u32 LE), the SHA-256 of the payload, then the payload: [`SavedState`] encoded with postcard |
+//! | `state`  | `KVMBSNAP`, the format version (u32 LE), the SHA-256 of the payload, then the payload: [`SavedState`] (vCPUs, VM, COM1, virtio devices) encoded with postcard |
 //! | `memory` | guest RAM as a sparse file: the non-zero pages at their offsets in the guest memory file |
 //! | `hot`    | optional, added later: `KVMBHOT1`, then the memory file offsets (u64 LE) of the blocks the first restored run touched, in the order it touched them ([`on_demand`]) |
 //!
@@ -44,7 +49,7 @@ pub use cpu::{VcpuState, VmState};
 /// The first bytes of a state file.
 const MAGIC: &[u8; 8] = b"KVMBSNAP";
 /// The layout of [`SavedState`]; a snapshot of another version is never restored.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// The state file's name in a snapshot directory.
 const STATE_FILE: &str = "state";
 /// The memory file's name in a snapshot directory.
@@ -84,9 +89,12 @@ pub enum SnapshotError {
     /// The snapshot was made for another kernel, initrd or device set.
     #[error("the snapshot was made for other settings")]
     KeyMismatch,
-    /// A driver has already used a virtio device, whose state a snapshot does not keep.
-    #[error("the guest asked for a snapshot after a driver started virtio device {0}; snapshots are taken before virtio_mmio is loaded")]
-    DeviceInUse(usize),
+    /// A virtio device cannot be saved as it stands.
+    #[error("cannot save the virtio devices")]
+    Device(#[source] devices::virtio::SaveError),
+    /// The saved virtio devices do not fit this VM's.
+    #[error("cannot restore the virtio devices")]
+    Devices(#[source] devices::virtio::MmioError),
     /// No vCPU state to save: a vCPU is running or did not come back.
     #[error("the vCPUs are not stopped")]
     VcpusRunning,
@@ -146,6 +154,9 @@ pub struct SavedState {
     /// COM1's registers.
     #[serde(with = "SerialStateDef")]
     pub serial: devices::serial::SerialState,
+    /// Each virtio-mmio transport, in guest-visible order, with its device's state when a
+    /// driver had started it.
+    pub virtio: Vec<devices::virtio::TransportState>,
     /// The checksum of the memory file's pages (see [`memory`]).
     pub memory_crc: u32,
     /// What the saving host's KVM offered (`KVM_GET_SUPPORTED_CPUID`). The vCPUs' CPUID is
@@ -346,8 +357,38 @@ mod tests {
                 pit: None,
             },
             serial: devices::serial::SerialState::default(),
+            virtio: vec![transport()],
             memory_crc: 7,
             host_cpuid: Vec::new(),
+        }
+    }
+
+    /// A running virtio-rng's transport.
+    fn transport() -> devices::virtio::TransportState {
+        use devices::virtio::state::QueueRegisters;
+        use devices::virtio::{DeviceState, QueueProgress, WorkerState};
+        devices::virtio::TransportState {
+            device_type: 4,
+            status: 0xf,
+            queue_sel: 0,
+            device_features_sel: 1,
+            driver_features_sel: 1,
+            driver_features: 1 << 32,
+            queues: vec![QueueRegisters {
+                size: 128,
+                ready: true,
+                desc: 0x1000,
+                avail: 0x2000,
+                used: 0x3000,
+            }],
+            interrupt_status: 1,
+            running: Some(WorkerState {
+                queues: vec![QueueProgress {
+                    next_avail: 65535,
+                    next_used: 3,
+                }],
+                device: DeviceState::Stateless,
+            }),
         }
     }
 
@@ -355,6 +396,7 @@ mod tests {
     fn state_round_trips_and_damage_is_caught() {
         let bytes = encode_state(&state()).unwrap();
         let back = decode_state(&bytes).unwrap();
+        assert_eq!(back.virtio, vec![transport()]);
         assert_eq!(
             (back.key.as_str(), back.mem_size, back.memory_crc),
             ("k", 64 << 20, 7)

@@ -78,6 +78,10 @@ pub struct VmConfig {
     /// Save the VM into this snapshot directory, for this key (see [`Snapshot::open`]), when
     /// the guest writes the snapshot port (else the port is ignored); then run on.
     pub snapshot_to: Option<(PathBuf, String)>,
+    /// With `snapshot_to`: show the disks and shares to the guest only after its snapshot
+    /// point, so that the snapshot holds none of this run's own devices and later runs attach
+    /// theirs (see [`devices::virtio::MmioTransport::defer`]).
+    pub defer_per_run: bool,
     /// Start from this snapshot instead of booting `kernel` and `initrd` (which are then not
     /// read): its memory, vCPUs, interrupt controllers, clock and COM1, with fresh virtio
     /// devices made from this configuration.
@@ -263,9 +267,15 @@ impl Vm {
                 virtio_console: config.virtio_console.take(),
                 rng: config.rng,
                 serial_state: restore.as_ref().map(|s| s.state.serial.clone()),
+                defer_per_run: config.defer_per_run && config.snapshot_to.is_some(),
             },
             &exit,
         )?;
+        if let Some(snapshot) = &restore {
+            devices
+                .restore_virtio(&snapshot.state.virtio)
+                .map_err(SnapshotError::Devices)?;
+        }
         let vcpus = match &restore {
             Some(snapshot) => restore::restore_vcpus(&fd, &snapshot.state)?,
             None => {
@@ -305,9 +315,11 @@ impl Vm {
         if self.on_demand.is_some() {
             return Err(SnapshotError::ServedOnDemand);
         }
-        if let Some(index) = self.devices().virtio_device_in_use() {
-            return Err(SnapshotError::DeviceInUse(index));
-        }
+        // Held still (frozen) until the memory is saved, so both describe one instant.
+        let (virtio, _frozen) = self
+            .devices()
+            .save_virtio()
+            .map_err(SnapshotError::Device)?;
         let mut vcpus = Vec::with_capacity(self.vcpus.len());
         for vcpu in &self.vcpus {
             let cpuid =
@@ -324,6 +336,7 @@ impl Vm {
             vcpus,
             vm: snapshot::VmState::save(&self.fd, self.pit)?,
             serial: self.devices().serial_state(),
+            virtio,
             memory_crc: 0,
             host_cpuid: restore::supported_cpuid(&self.kvm)?.as_slice().to_vec(),
         };
@@ -360,6 +373,8 @@ impl Vm {
                 if let Some((dir, key)) = &self.snapshot_to {
                     snapshot = Some(self.save_snapshot(dir, key));
                 }
+                // Saved or not, the guest now probes this run's disks and shares.
+                self.devices().reveal_per_run();
                 if self.resume() {
                     continue;
                 }

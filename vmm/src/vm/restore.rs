@@ -268,6 +268,7 @@ mod tests {
                 pit: None,
             },
             serial: devices::serial::SerialState::default(),
+            virtio: Vec::new(),
             memory_crc: 0,
             host_cpuid,
         }

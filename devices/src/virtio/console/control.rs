@@ -6,6 +6,8 @@
 
 use std::collections::VecDeque;
 
+use serde::{Deserialize, Serialize};
+
 /// The header's size.
 pub const HEADER_LEN: usize = 8;
 
@@ -27,7 +29,7 @@ pub const PORT_OPEN: u16 = 6;
 pub const PORT_NAME: u16 = 7;
 
 /// One control message.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     pub id: u32,
     pub event: u16,
@@ -114,6 +116,21 @@ impl Outbox {
     /// Drops the message just sent.
     pub fn pop(&mut self) {
         self.queue.pop_front();
+    }
+
+    /// The messages waiting, first first, for a snapshot.
+    pub fn saved(&self) -> Vec<Message> {
+        self.queue.iter().cloned().collect()
+    }
+
+    /// An outbox for `ports` ports holding a snapshot's `messages`; `None` when they are
+    /// more than it holds.
+    pub fn restored(ports: usize, messages: Vec<Message>) -> Option<Self> {
+        let mut outbox = Self::new(ports);
+        messages
+            .into_iter()
+            .all(|m| outbox.push(m))
+            .then_some(outbox)
     }
 }
 

@@ -31,6 +31,7 @@ mod tests;
 mod tx;
 
 pub use flush::ConsoleFlush;
+pub use multiport::MultiportState;
 pub use output::OutputError;
 
 use multiport::Ports;

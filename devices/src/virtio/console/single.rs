@@ -95,6 +95,7 @@ impl SinglePort {
 
     pub(super) fn activate(&self, a: Activation) -> Result<DeviceWorker, ActivateError> {
         a.expect_queues(2)?;
+        a.expect_fresh()?;
         let input_fd = self.input.as_ref().map(|i| lock(i).as_raw_fd());
         let (queues, events): (Vec<_>, Vec<_>) = a.queues.into_iter().unzip();
         let mut queues = queues.into_iter();
@@ -275,6 +276,9 @@ fn receive(
     pending.drain(..n);
     used_len(n)
 }
+
+/// Not saved: hvc0 is `kvmbuild run`'s console, which no snapshot holds running.
+impl crate::virtio::Worker for ConsoleWorker {}
 
 impl MutEventSubscriber for ConsoleWorker {
     fn process(&mut self, events: Events, ops: &mut EventOps) {

@@ -89,6 +89,16 @@ impl Guest {
         }
     }
 
+    /// The same guest restored from a snapshot taken now, with `ports` (this run's streams)
+    /// behind the console.
+    fn save_and_restore(self, ports: Vec<PortConfig>) -> Self {
+        let state = self.d.save();
+        let console = Console::with_ports(ports, None).unwrap();
+        let flush = console.flush_handle();
+        let d = self.d.restore(Box::new(console), &state).unwrap();
+        Self { d, flush, ..self }
+    }
+
     fn alloc(&mut self, len: u32) -> u64 {
         let addr = self.next_addr;
         self.next_addr += u64::from(len).next_multiple_of(16);
@@ -504,4 +514,56 @@ fn buffers_in_the_wrong_direction_or_outside_memory_need_a_reset() {
         g.d.wait_needs_reset(),
         "control receive buffer the device reads"
     );
+}
+
+#[test]
+fn a_restored_console_keeps_its_handshake_and_serves_the_next_runs_streams() {
+    let mut g = Guest::new(vec![port("stdin"), port("stdout")], None);
+    g.handshake();
+    // Linux keeps receive buffers posted on an open port.
+    g.post(rx(0), 2, RX_BUF);
+    let (mut host, guest_side) = UnixStream::pair().unwrap();
+    let out = Sink::default();
+    let mut g = g.save_and_restore(vec![
+        input_port("stdin", guest_side),
+        output_port("stdout", out.clone()),
+    ]);
+    // No second DEVICE_ADD, PORT_NAME or PORT_OPEN: the guest's driver already has them.
+    g.post(CTRL_RX, 4, 256);
+    g.no_message();
+    let data = binary(3000, 5);
+    host.write_all(&data).unwrap();
+    drop(host);
+    g.send(0, control::PORT_OPEN, 1);
+    assert_eq!(g.read_to_eof(0), data);
+    g.write(1, b"after the restore", 5);
+    assert_eq!(out.wait_len(17), b"after the restore");
+}
+
+#[test]
+fn control_messages_unsent_at_the_save_are_sent_after_the_restore() {
+    let mut g = Guest::new(vec![port("a"), port("b")], None);
+    // DEVICE_READY without control receive buffers: both DEVICE_ADDs wait in the device.
+    g.send(u32::MAX, control::DEVICE_READY, 1);
+    let mut g = g.save_and_restore(vec![port("a"), port("b")]);
+    g.post(CTRL_RX, 8, 256);
+    for id in 0..2 {
+        let (add, _) = g.recv();
+        assert_eq!((add.id, add.event), (id, control::DEVICE_ADD));
+    }
+    g.send(1, control::PORT_READY, 1);
+    let (name, payload) = g.recv();
+    assert_eq!(
+        (name.id, name.event, payload),
+        (1, control::PORT_NAME, b"b".to_vec())
+    );
+}
+
+#[test]
+fn a_restore_onto_other_ports_is_refused() {
+    let mut g = Guest::new(vec![port("a"), port("b")], None);
+    g.handshake();
+    let state = g.d.save();
+    let console = Console::with_ports(vec![port("a")], None).unwrap();
+    assert!(g.d.restore(Box::new(console), &state).is_err());
 }

@@ -14,10 +14,19 @@
 //! refused for features the device does not offer or without VERSION_1, and writing 0 resets
 //! the device. At DRIVER_OK the queues are validated and the device activated on the device
 //! thread; if that fails the device is marked as needing reset.
+//!
+//! Snapshots: [`MmioTransport::save_registers`] and [`MmioTransport::restore`] carry the
+//! registers and the running device's state ([`super::state`]). A *deferred* transport
+//! ([`MmioTransport::defer`]) reads as device ID 0, which Linux's virtio-mmio driver takes for
+//! an empty slot, until [`MmioTransport::reveal`]: a device that belongs to one run (a disk,
+//! a share) stays out of a snapshot taken before the run is known, and the guest probes it
+//! afterwards.
 
+use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::state::{TransportState, WorkerState};
 use super::thread::{DeviceThreadHandle, ThreadError, WorkerId};
 use super::{features, status, ActivateError, Activation, Interrupt, VirtioDevice};
 use crate::bus::BusDevice;
@@ -96,6 +105,9 @@ pub enum MmioError {
     /// The device thread refused the device's worker.
     #[error("cannot run the device")]
     Thread(#[source] ThreadError),
+    /// A snapshot's transport state is not for this device.
+    #[error("the saved state does not fit: its {0} differs")]
+    Mismatch(&'static str),
 }
 
 /// A virtio device behind its virtio-mmio register window.
@@ -113,6 +125,8 @@ pub struct MmioTransport {
     status: u32,
     worker: Option<WorkerId>,
     last_error: Option<MmioError>,
+    /// Reads as an empty slot until revealed (see the module's documentation).
+    deferred: bool,
 }
 
 impl MmioTransport {
@@ -147,7 +161,72 @@ impl MmioTransport {
             status: 0,
             worker: None,
             last_error: None,
+            deferred: false,
         })
+    }
+
+    /// Shows the slot as empty (device ID 0) and ignores the driver until [`Self::reveal`].
+    pub fn defer(&mut self) {
+        self.deferred = true;
+    }
+
+    /// Shows the device to the guest's next probe of the slot.
+    pub fn reveal(&mut self) {
+        self.deferred = false;
+    }
+
+    /// Whether the driver has left the device as reset (status 0).
+    pub fn is_reset(&self) -> bool {
+        self.status == 0
+    }
+
+    /// The running device's worker, whose state [`Self::save_registers`] needs beside it.
+    pub fn worker(&self) -> Option<WorkerId> {
+        self.worker
+    }
+
+    /// The registers, for a snapshot, with the state of the running device's worker (saved
+    /// on the device thread, see [`DeviceThreadHandle::freeze`]).
+    pub fn save_registers(&self, running: Option<WorkerState>) -> TransportState {
+        TransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            queue_sel: self.queue_sel,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            queues: self.queues.iter().map(QueueConfig::registers).collect(),
+            interrupt_status: self.interrupt.status(),
+            running,
+        }
+    }
+
+    /// Puts a fresh transport in the state a snapshot saved, restarting its device where it
+    /// stood when a driver had started it. The guest's memory must hold the snapshot's.
+    pub fn restore(&mut self, state: &TransportState) -> Result<(), MmioError> {
+        if state.device_type != self.device.device_type() {
+            return Err(MmioError::Mismatch("device type"));
+        }
+        if state.queues.len() != self.queues.len() {
+            return Err(MmioError::Mismatch("queue count"));
+        }
+        let running = state.status & status::DRIVER_OK != 0;
+        if running != state.running.is_some() {
+            return Err(MmioError::Mismatch("device status"));
+        }
+        for (q, saved) in self.queues.iter_mut().zip(&state.queues) {
+            q.set_registers(saved);
+        }
+        self.queue_sel = state.queue_sel;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.status = state.status;
+        self.interrupt.restore_status(state.interrupt_status);
+        match &state.running {
+            Some(worker) => self.activate(Some(worker.clone())),
+            None => Ok(()),
+        }
     }
 
     /// The virtio device id of the device behind this window.
@@ -177,6 +256,10 @@ impl MmioTransport {
     }
 
     fn read_register(&self, offset: u64) -> u32 {
+        // An empty slot: its magic and version, and device ID 0.
+        if self.deferred && !matches!(offset, MAGIC_VALUE | VERSION_REG) {
+            return 0;
+        }
         match offset {
             MAGIC_VALUE => MAGIC,
             VERSION_REG => VERSION,
@@ -196,6 +279,9 @@ impl MmioTransport {
     }
 
     fn write_register(&mut self, offset: u64, value: u32) {
+        if self.deferred {
+            return;
+        }
         match offset {
             DEVICE_FEATURES_SEL => self.device_features_sel = value,
             DRIVER_FEATURES => self.write_driver_features(value),
@@ -324,7 +410,7 @@ impl MmioTransport {
                 if current & status::FEATURES_OK == 0 {
                     return false;
                 }
-                if let Err(e) = self.activate() {
+                if let Err(e) = self.activate(None) {
                     self.last_error = Some(e);
                     self.interrupt.set_needs_reset();
                 }
@@ -340,12 +426,25 @@ impl MmioTransport {
         self.driver_features & !offered == 0 && self.driver_features & features::VERSION_1 != 0
     }
 
-    fn activate(&mut self) -> Result<(), MmioError> {
+    /// Starts the device on the driver's queues: fresh, or where a snapshot's `resume` left
+    /// it.
+    fn activate(&mut self, resume: Option<WorkerState>) -> Result<(), MmioError> {
         let event_idx = self.driver_features & features::RING_EVENT_IDX != 0;
+        if resume
+            .as_ref()
+            .is_some_and(|r| r.queues.len() != self.queues.len())
+        {
+            return Err(MmioError::Mismatch("queue count"));
+        }
+        let progress = resume.as_ref().map(|r| r.queues.as_slice());
         let queues = (0..)
             .zip(self.queues.iter().zip(&self.notify))
             .map(|(i, (q, notify))| {
-                let queue = q.build(i, &self.mem, event_idx)?;
+                let mut queue = q.build(i, &self.mem, event_idx)?;
+                if let Some(at) = progress.and_then(|p| p.get(i)) {
+                    queue.set_next_avail(at.next_avail);
+                    queue.set_next_used(at.next_used);
+                }
                 Ok((queue, notify.try_clone().map_err(MmioError::EventFd)?))
             })
             .collect::<Result<Vec<_>, MmioError>>()?;
@@ -356,6 +455,7 @@ impl MmioTransport {
                 queues,
                 interrupt: self.interrupt.clone(),
                 features: self.driver_features,
+                resume: resume.map(|r| r.device),
             })
             .map_err(MmioError::Activate)?;
         self.worker = Some(self.thread.add(worker).map_err(MmioError::Thread)?);
@@ -399,7 +499,10 @@ impl Drop for MmioTransport {
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG {
-            self.device.read_config(offset - CONFIG, data);
+            match self.deferred {
+                true => data.fill(0),
+                false => self.device.read_config(offset - CONFIG, data),
+            }
             return;
         }
         // Registers are 32 bits wide and aligned; anything else reads as zero.
@@ -412,7 +515,9 @@ impl BusDevice for MmioTransport {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset >= CONFIG {
-            self.device.write_config(offset - CONFIG, data);
+            if !self.deferred {
+                self.device.write_config(offset - CONFIG, data);
+            }
             return;
         }
         if let (Ok(word), 0) = (<[u8; 4]>::try_from(data), offset % 4) {

@@ -4,6 +4,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::MmioError;
+use crate::virtio::state::QueueRegisters;
 
 /// The driver's settings for one queue, as written to the registers.
 #[derive(Clone, Debug)]
@@ -26,6 +27,26 @@ impl QueueConfig {
             avail: 0,
             used: 0,
         }
+    }
+
+    /// The registers, for a snapshot.
+    pub(super) fn registers(&self) -> QueueRegisters {
+        QueueRegisters {
+            size: self.size,
+            ready: self.ready,
+            desc: self.desc,
+            avail: self.avail,
+            used: self.used,
+        }
+    }
+
+    /// The registers as a snapshot saved them.
+    pub(super) fn set_registers(&mut self, saved: &QueueRegisters) {
+        self.size = saved.size;
+        self.ready = saved.ready;
+        self.desc = saved.desc;
+        self.avail = saved.avail;
+        self.used = saved.used;
     }
 
     /// A live queue from these settings, if the driver's values are valid for `mem`.

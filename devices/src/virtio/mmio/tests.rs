@@ -21,6 +21,8 @@ struct DummyWorker {
     log: Sender<String>,
 }
 
+impl crate::virtio::Worker for DummyWorker {}
+
 impl MutEventSubscriber for DummyWorker {
     fn process(&mut self, events: Events, _: &mut EventOps) {
         let i = events.data() as usize;
@@ -305,4 +307,47 @@ fn backends_that_signal_the_irqfd_report_used_buffers() {
     assert_eq!(d.read32(INTERRUPT_STATUS), 1);
     d.reset();
     assert_eq!(d.read32(INTERRUPT_STATUS), 0);
+}
+
+#[test]
+fn a_deferred_slot_reads_empty_until_revealed() {
+    let (d, log) = dummy(false);
+    d.with(|t| t.defer());
+    assert_eq!(d.read32(MAGIC_VALUE), 0x7472_6976);
+    assert_eq!(d.read32(VERSION_REG), 2);
+    // Device ID 0: Linux's virtio-mmio driver passes over the slot.
+    assert_eq!(d.read32(DEVICE_ID), 0);
+    assert_eq!(d.read32(DEVICE_FEATURES), 0);
+    let mut config = [0xffu8; 4];
+    d.read(CONFIG, &mut config);
+    assert_eq!(config, [0; 4]);
+    d.write32(STATUS, status::ACKNOWLEDGE);
+    assert_eq!(d.read32(STATUS), 0);
+    assert!(d.with(|t| t.is_reset()));
+    d.with(|t| t.reveal());
+    assert_eq!(d.read32(DEVICE_ID), 42);
+    d.init(features::VERSION_1, &[16, 8]);
+    assert!(next(&log).starts_with("activate"));
+}
+
+#[test]
+fn a_transport_mid_negotiation_is_restored_as_it_stood() {
+    let (d, _) = dummy(false);
+    assert!(d.negotiate(features::VERSION_1 | 1 << 3));
+    d.write32(QUEUE_SEL, 1);
+    let state = d.save();
+    assert!(state.running.is_none());
+    let (log, _rx) = channel();
+    let fresh = Box::new(Dummy {
+        log,
+        fail: false,
+        direct_irq: false,
+    });
+    let d = d.restore(fresh, &state).unwrap();
+    assert_eq!(d.save(), state);
+    assert_eq!(d.read32(QUEUE_NUM_MAX), 8, "the selected queue is kept");
+    // The driver goes on from FEATURES_OK, with its features kept.
+    d.setup_queues(&[16, 8]);
+    d.driver_ok();
+    assert!(d.is_active());
 }

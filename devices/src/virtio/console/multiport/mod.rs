@@ -36,6 +36,7 @@ use crate::virtio::{ActivateError, Activation, DeviceWorker};
 mod rings;
 mod worker;
 
+pub use worker::MultiportState;
 use worker::MultiportWorker;
 
 pub(super) const CONTROL_RX: usize = 2;
@@ -148,7 +149,7 @@ impl Ports {
             a,
             &self.ports,
             self.flush.clone(),
-        )))
+        )?))
     }
 }
 

@@ -4,6 +4,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use serde::{Deserialize, Serialize};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -19,7 +20,29 @@ use super::{
     role, rx_queue, tx_queue, PortShared, Role, CONTROL_RX, CONTROL_TX, INPUT_TAG, ROOM_TAG,
 };
 use crate::virtio::chain::{drain_queue, next_chain_or_rearm, notify_used, ChainError};
-use crate::virtio::{register_queue_events, Activation, Interrupt};
+use crate::virtio::{
+    queue_progress, register_queue_events, ActivateError, Activation, DeviceState, Interrupt,
+    SaveError, Worker, WorkerState,
+};
+
+/// What a snapshot keeps of a running multiport console besides its queues' positions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MultiportState {
+    /// DEVICE_ADD was queued for every port.
+    announced: bool,
+    /// Each port's handshake and open state, by port id.
+    ports: Vec<PortFlags>,
+    /// Control messages not yet in the driver's buffers.
+    outbox: Vec<Message>,
+}
+
+/// What the driver and the device have told each other about one port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct PortFlags {
+    ready: bool,
+    guest_open: bool,
+    host_open: bool,
+}
 
 /// One port's state in the running device.
 struct PortState {
@@ -71,10 +94,14 @@ pub(super) struct MultiportWorker {
 }
 
 impl MultiportWorker {
-    /// The device running on `a`'s queues for `ports`.
-    pub(super) fn new(a: Activation, ports: &[PortShared], flush: Arc<FlushState>) -> Self {
+    /// The device running on `a`'s queues for `ports`: fresh, or as a snapshot left it.
+    pub(super) fn new(
+        a: Activation,
+        ports: &[PortShared],
+        flush: Arc<FlushState>,
+    ) -> Result<Self, ActivateError> {
         let (queues, events) = a.queues.into_iter().unzip();
-        Self {
+        let mut worker = Self {
             mem: a.mem,
             queues,
             events,
@@ -84,7 +111,30 @@ impl MultiportWorker {
             announced: false,
             broken: false,
             flush,
+        };
+        match a.resume {
+            None => {}
+            Some(DeviceState::Multiport(saved)) => worker.resume(saved)?,
+            Some(_) => return Err(ActivateError::ResumeState),
         }
+        Ok(worker)
+    }
+
+    /// Takes up the handshake and the ports where a snapshot left them. This run's inputs
+    /// and outputs stand behind the ports; the guest sees no change.
+    fn resume(&mut self, saved: MultiportState) -> Result<(), ActivateError> {
+        if saved.ports.len() != self.ports.len() {
+            return Err(ActivateError::ResumeState);
+        }
+        self.outbox =
+            Outbox::restored(self.ports.len(), saved.outbox).ok_or(ActivateError::ResumeState)?;
+        self.announced = saved.announced;
+        for (port, flags) in self.ports.iter_mut().zip(saved.ports) {
+            port.ready = flags.ready;
+            port.guest_open = flags.guest_open;
+            port.host_open = flags.host_open;
+        }
+        Ok(())
     }
 
     fn fail(&mut self) {
@@ -352,6 +402,37 @@ impl MultiportWorker {
             // Control receive buffers are used by send_control after every event.
             _ => {}
         }
+    }
+}
+
+impl Worker for MultiportWorker {
+    fn save(&self) -> Result<WorkerState, SaveError> {
+        if self.broken {
+            return Err(SaveError::NeedsReset);
+        }
+        // A chain taken from a transmit queue lives only here: wait for a quiet console.
+        if self.ports.iter().any(|p| p.tx.is_waiting()) {
+            return Err(SaveError::Busy(
+                "a console port's output waits for its reader",
+            ));
+        }
+        let ports = self
+            .ports
+            .iter()
+            .map(|p| PortFlags {
+                ready: p.ready,
+                guest_open: p.guest_open,
+                host_open: p.host_open,
+            })
+            .collect();
+        Ok(WorkerState {
+            queues: queue_progress(&self.queues),
+            device: DeviceState::Multiport(MultiportState {
+                announced: self.announced,
+                ports,
+                outbox: self.outbox.saved(),
+            }),
+        })
     }
 }
 
