@@ -291,10 +291,16 @@ impl Interrupt {
         self.0.needs_reset.load(Ordering::Acquire)
     }
 
-    /// Sets the InterruptStatus bits a snapshot saved, without raising the line: the
-    /// interrupt controllers' saved state already holds what the guest was told.
+    /// Sets the InterruptStatus bits a snapshot saved and, if any is set, raises the line
+    /// again: an interrupt signalled just before the save may not have reached the interrupt
+    /// controllers whose state was saved, and one that did costs the driver only a look at
+    /// its rings.
     pub(crate) fn restore_status(&self, bits: u32) {
-        self.0.status.store(bits, Ordering::Release);
+        self.0.status.fetch_or(bits, Ordering::AcqRel);
+        if bits != 0 {
+            // A saturated counter already means "raised".
+            let _ = self.0.event.write(1);
+        }
     }
 
     /// Forgets pending bits and the reset request (device reset).

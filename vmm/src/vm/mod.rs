@@ -271,13 +271,16 @@ impl Vm {
             },
             &exit,
         )?;
-        if let Some(snapshot) = &restore {
-            devices
-                .restore_virtio(&snapshot.state.virtio)
-                .map_err(SnapshotError::Devices)?;
-        }
         let vcpus = match &restore {
-            Some(snapshot) => restore::restore_vcpus(&fd, &snapshot.state)?,
+            Some(snapshot) => {
+                let vcpus = restore::restore_vcpus(&fd, &snapshot.state)?;
+                // After the interrupt controllers: what the restarted devices raise must
+                // land in the restored ones, not be overwritten by them.
+                devices
+                    .restore_virtio(&snapshot.state.virtio)
+                    .map_err(SnapshotError::Devices)?;
+                vcpus
+            }
             None => {
                 let entry = load_guest(&mem, &devices, &config, mem_size)?;
                 create_vcpus(&kvm, &fd, config.vcpus, entry)?

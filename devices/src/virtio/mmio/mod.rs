@@ -202,7 +202,9 @@ impl MmioTransport {
     }
 
     /// Puts a fresh transport in the state a snapshot saved, restarting its device where it
-    /// stood when a driver had started it. The guest's memory must hold the snapshot's.
+    /// stood when a driver had started it, and raising its interrupt again if the driver had
+    /// not yet acknowledged it. The guest's memory and interrupt controllers must hold the
+    /// snapshot's, and its irqfd must be registered.
     pub fn restore(&mut self, state: &TransportState) -> Result<(), MmioError> {
         if state.device_type != self.device.device_type() {
             return Err(MmioError::Mismatch("device type"));
@@ -222,11 +224,11 @@ impl MmioTransport {
         self.driver_features_sel = state.driver_features_sel;
         self.driver_features = state.driver_features;
         self.status = state.status;
-        self.interrupt.restore_status(state.interrupt_status);
-        match &state.running {
-            Some(worker) => self.activate(Some(worker.clone())),
-            None => Ok(()),
+        if let Some(worker) = &state.running {
+            self.activate(Some(worker.clone()))?;
         }
+        self.interrupt.restore_status(state.interrupt_status);
+        Ok(())
     }
 
     /// The virtio device id of the device behind this window.
