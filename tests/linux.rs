@@ -55,6 +55,7 @@ const TESTS: &[Test] = tests![
     exec::exec_caches_the_initrd,
     warm::exec_warm_restores_one_snapshot_for_many_runs,
     warm::exec_warm_replaces_a_damaged_snapshot,
+    warm::exec_warm_attaches_each_runs_own_disk,
     warm::exec_warm_restores_into_huge_pages,
     warm::exec_warm_runs_concurrently_from_one_snapshot,
     warm::bench_exec_warm_reports_cold_and_restored_runs,

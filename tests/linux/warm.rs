@@ -59,6 +59,18 @@ fn warm_run_with(
     run
 }
 
+/// Checks that run `index` booted the kernel only if it is the first, the one that saves the
+/// snapshot: its console log tells.
+fn check_only_the_first_boots(run: &Run, console: &Path, index: usize) {
+    let booted = std::fs::read_to_string(console)
+        .unwrap_or_default()
+        .contains("Linux version");
+    run.check(
+        booted == (index == 0),
+        &format!("run {index} booted: {booted}"),
+    );
+}
+
 fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -182,6 +194,43 @@ pub fn exec_warm_restores_one_snapshot_for_many_runs() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// A warm run's disk is its own: the snapshot holds an empty slot where the disk goes, and
+/// each restored run's guest probes its disk there, whatever its content and size.
+pub fn exec_warm_attaches_each_runs_own_disk() {
+    let dir = scratch("exec-warm-disk");
+    let cache = dir.join("cache");
+    for index in 0..3usize {
+        let disk = dir.join(format!("disk{index}.img"));
+        let mut bytes = format!("disk-{index}\n").into_bytes();
+        bytes.resize((index + 1) << 20, 0);
+        std::fs::write(&disk, &bytes).unwrap();
+        let console = dir.join(format!("console{index}"));
+        let run = exec(
+            &cache,
+            &[
+                "--warm",
+                "-v",
+                &format!("--disk={}", disk.display()),
+                &format!("--console-log={}", console.display()),
+                "--",
+                "sh",
+                "-c",
+                "head -n 1 /dev/vda && cat /sys/block/vda/size",
+            ],
+            b"",
+        );
+        run.check(run.status == Some(0), &format!("run {index} status"));
+        let lines: Vec<&str> = run.console.lines().collect();
+        let sectors = ((index + 1) << 11).to_string();
+        run.check(
+            lines == [format!("disk-{index}").as_str(), sectors.as_str()],
+            &format!("run {index} reads its own disk of {} MiB", index + 1),
+        );
+        check_only_the_first_boots(&run, &console, index);
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// A snapshot whose memory file was damaged is found out before the command runs: the run boots
 /// cold with a warning, succeeds, and saves a good snapshot that the next run restores.
 pub fn exec_warm_replaces_a_damaged_snapshot() {
@@ -289,13 +338,7 @@ pub fn exec_warm_restores_into_huge_pages() {
             "guest memory is on hugetlb pages",
         );
         run.check(!run.stderr.contains("not usable"), "the snapshot is usable");
-        let booted = std::fs::read_to_string(&console)
-            .unwrap_or_default()
-            .contains("Linux version");
-        run.check(
-            booted == (index == 0),
-            &format!("run {index} booted: {booted}"),
-        );
+        check_only_the_first_boots(&run, &console, index);
         if index > 0 {
             run.check(
                 run.stderr.contains(

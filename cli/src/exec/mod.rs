@@ -396,7 +396,7 @@ fn vm_config(
         seccomp: crate::seccomp_filters(),
         confine_runner: true,
         snapshot_to,
-        // The run's disks and shares come after the snapshot point (see initrd's guest::warm).
+        // The run's disks come after the snapshot point (see initrd's guest::warm).
         defer_per_run: true,
         restore,
         held_input,

@@ -14,8 +14,8 @@ use super::console::MultiportState;
 /// Errors from saving a device.
 #[derive(Debug, thiserror::Error)]
 pub enum SaveError {
-    /// The device keeps state outside guest memory that kvmbuild does not save (vhost-user,
-    /// whose rings a separate process serves; the single-port console).
+    /// The device keeps state outside guest memory that kvmbuild does not save (the
+    /// single-port console, `run`'s hvc0).
     #[error("a driver runs a virtio device whose state a snapshot cannot keep")]
     Unsupported,
     /// The device is in the middle of something a snapshot cannot hold.
@@ -41,7 +41,7 @@ pub struct QueueProgress {
 /// What a running device remembers beyond its queues.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeviceState {
-    /// Nothing: the rings say it all (virtio-rng, virtio-blk).
+    /// Nothing: the rings say it all (virtio-rng, virtio-blk, virtio-fs).
     Stateless,
     /// A multiport console's handshake, its ports and its unsent control messages.
     Multiport(MultiportState),

@@ -8,6 +8,12 @@
 //! call, kick, enable. If the back end goes away while the guest runs, the guest's file-system
 //! requests could never complete, so the VM ends with an error instead of hanging.
 //!
+//! Snapshots: a running device is saved only while every request the driver made has been
+//! answered (each ring's available index equals its used index), which is always so before the
+//! guest mounts the share; the back end then stands at that index. A restored device hands
+//! this run's back end the same rings with that index as their base: for the back end it is
+//! an ordinary set-up, for the guest's driver nothing happened.
+//!
 //! Every request that waits for an answer is bounded (see [`watchdog`]): each phase of the
 //! set-up must be over within [`SETUP_BOUND`] and before the run's deadline, and a stop signal
 //! or the VM's end cuts the wait short. Connecting is part of the first phase and bounded the
@@ -182,7 +188,11 @@ impl VhostUserFs {
             phase.ask("set a vring's addresses", || {
                 frontend.set_vring_addr(index, &config)
             })?;
-            phase.ask("set a vring's base", || frontend.set_vring_base(index, 0))?;
+            // 0 for a driver's fresh start; where a snapshot's back end stood for a restore.
+            let base = queue.next_avail();
+            phase.ask("set a vring's base", || {
+                frontend.set_vring_base(index, base)
+            })?;
             phase.ask("set a vring's call fd", || {
                 frontend.set_vring_call(index, a.interrupt.event())
             })?;
@@ -326,7 +336,10 @@ impl VirtioDevice for VhostUserFs {
 
     fn activate(&mut self, a: Activation) -> Result<DeviceWorker, ActivateError> {
         a.expect_queues(NUM_QUEUES)?;
-        a.expect_fresh()?;
+        a.expect_stateless()?;
+        if a.resume.is_some() {
+            fault_in_rings(&a);
+        }
         self.started = true;
         if let Err(e) = self.start(&a) {
             // A timeout or signal that cut the set-up short ends the run as itself.
@@ -340,6 +353,8 @@ impl VirtioDevice for VhostUserFs {
             socket: self.frontend.as_raw_fd(),
             path: self.socket.clone(),
             exit: self.exit.clone(),
+            queues: a.queues.into_iter().map(|(q, _)| q).collect(),
+            mem: a.mem,
         }))
     }
 
@@ -368,17 +383,62 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// Has a restored guest's rings read through this process's mapping before a back end maps
+/// them: pages a restored VM gets on demand reach guest memory on a fault of this mapping
+/// only, and a back end that touched one first would see (and make) a blank page.
+fn fault_in_rings(a: &Activation) {
+    for (queue, _) in &a.queues {
+        let size = u64::from(queue.size());
+        let rings = [
+            (queue.desc_table(), 16 * size),
+            (queue.avail_ring(), 6 + 2 * size),
+            (queue.used_ring(), 6 + 8 * size),
+        ];
+        for (start, len) in rings {
+            let pages = (start & !0xfff..start + len).step_by(0x1000);
+            for page in pages.map(|p| p.max(start)) {
+                // The transport checked the rings against guest memory; a read that fails
+                // only leaves the page to the guest's first touch.
+                let _ = vm_memory::Bytes::read_obj::<u8>(&a.mem, GuestAddress(page));
+            }
+        }
+    }
+}
+
 /// Watches the back end's socket: it only becomes readable or hangs up when the back end goes
 /// away (replies are read synchronously during set-up, never while the guest runs).
 struct DisconnectWatch {
     socket: std::os::fd::RawFd,
     path: PathBuf,
     exit: Arc<VmExit>,
+    /// The rings the back end serves, to tell where it stands for a snapshot.
+    queues: Vec<Queue>,
+    mem: GuestMemoryMmap,
 }
 
-/// Not saved: virtiofsd holds the rings' positions, and a snapshot is taken before a driver
-/// starts a share (see `super::mmio`).
-impl super::Worker for DisconnectWatch {}
+impl super::Worker for DisconnectWatch {
+    /// The back end holds the rings' positions; they are known only where it has answered
+    /// every request, and then they are the used indices.
+    fn save(&self) -> Result<super::WorkerState, super::SaveError> {
+        let mut queues = Vec::with_capacity(self.queues.len());
+        for queue in &self.queues {
+            let ordering = std::sync::atomic::Ordering::Acquire;
+            let avail = queue.avail_idx(&self.mem, ordering);
+            let used = queue.used_idx(&self.mem, ordering);
+            match (avail, used) {
+                (Ok(avail), Ok(used)) if avail == used => queues.push(super::QueueProgress {
+                    next_avail: avail.0,
+                    next_used: used.0,
+                }),
+                _ => return Err(super::SaveError::Busy("a virtio-fs request is unanswered")),
+            }
+        }
+        Ok(super::WorkerState {
+            queues,
+            device: super::DeviceState::Stateless,
+        })
+    }
+}
 
 impl MutEventSubscriber for DisconnectWatch {
     fn process(&mut self, _: Events, ops: &mut EventOps) {

@@ -119,7 +119,7 @@ pub struct Config {
     /// Connect the command to the `kvmbuild.std*` virtio-console ports.
     pub stdio_ports: bool,
     /// Warm start: stop at the snapshot point once the console is set up and before this
-    /// run's disks and shares are probed, then read this run's settings from the
+    /// run's disks are probed and its shares mounted, then read this run's settings from the
     /// [`SETTINGS_PORT_NAME`] port (see `guest::warm`).
     pub warm: bool,
     /// The host's wall clock when the run started, in nanoseconds since the Unix epoch; the

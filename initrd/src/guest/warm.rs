@@ -3,12 +3,12 @@
 //!
 //! With `kvmbuild.warm` on the command line the init loads every module, `virtio_mmio`
 //! included, and waits until the virtio-console has handed over all of its ports
-//! ([`wait_for_console`]); the console and the RNG are then bound and running. The run's own
-//! devices, its disks and shares, read as empty slots (device ID 0) at this point, which the
-//! virtio-mmio driver passes over. The init writes the snapshot port; from there on (in the
-//! run that saved the snapshot, or in any run restored from it) the host shows this run's
-//! disks and shares in those slots, and the init has the driver probe them again
-//! ([`probe_run_devices`]). The run's settings (command, environment, shares, clock, seed)
+//! ([`wait_for_console`]); the console, the RNG and the shares (virtio-fs, not yet mounted)
+//! are then bound and running. The run's disks read as empty slots (device ID 0) at this
+//! point, which the virtio-mmio driver passes over. The init writes the snapshot port; from
+//! there on (in the run that saved the snapshot, or in any run restored from it) the host
+//! shows this run's disks in those slots and serves the shares from this run's virtiofsd,
+//! and the init has the driver probe the empty slots again ([`probe_run_devices`]). The run's settings (command, environment, shares, clock, seed)
 //! arrive as the contents of the [`SETTINGS_PORT_NAME`] console port, read to its end. The
 //! same init, kernel and memory size thus serve any number of runs from one snapshot, and a
 //! restored guest starts with its console's handshake already done.
@@ -58,23 +58,31 @@ pub fn wait_for_console(log: &Log) -> Result<(), Error> {
 }
 
 /// Has the virtio-mmio driver probe the slots it found empty before the snapshot point, where
-/// this run's disks and shares now are. Each probe runs within the write, so the devices
-/// exist when this returns (their block devices and tags may still take a moment, which the
-/// mounts wait for).
+/// this run's disks now are. Each probe runs within the write, so the devices exist when this
+/// returns (their block devices may still take a moment, which the mounts wait for).
 pub fn probe_run_devices(log: &Log) -> Result<(), Error> {
     let entries = std::fs::read_dir(PLATFORM_DEVICES).map_err(|source| Error::ReadConfig {
         path: PLATFORM_DEVICES.into(),
         source,
     })?;
+    let slots: Vec<Slot> = entries
+        .flatten()
+        .filter_map(|entry| Slot::read(&entry.path()))
+        .collect();
     let mut probed = 0;
-    for entry in entries.flatten() {
-        let dir = entry.path();
-        if dir.join("driver").exists() || !is_virtio_mmio_slot(&dir) {
-            continue;
-        }
+    for slot in empty_slots(&slots) {
         // A slot that stays empty (a driver that refuses it) is not this step's failure: what
         // needs the device waits for it, with a deadline, and says which is missing.
-        let _ = std::fs::write(DRIVERS_PROBE, entry.file_name().as_encoded_bytes());
+        let _ = std::fs::write(DRIVERS_PROBE, slot.name.as_bytes());
+        let bound = Path::new(PLATFORM_DEVICES)
+            .join(&slot.name)
+            .join("driver")
+            .exists();
+        log.step(format_args!(
+            "probed {}: {}",
+            slot.name,
+            if bound { "bound" } else { "left unbound" }
+        ));
         probed += 1;
     }
     log.step(format_args!(
@@ -83,15 +91,46 @@ pub fn probe_run_devices(log: &Log) -> Result<(), Error> {
     Ok(())
 }
 
-/// Whether the platform device at `dir` is a virtio-mmio slot: one the kernel command line
-/// declared (`virtio-mmio.N`) or the DSDT did (`LNRO0005`).
-fn is_virtio_mmio_slot(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join("modalias"))
-        .is_ok_and(|m| is_virtio_mmio_modalias(m.trim_end()))
+/// A virtio-mmio slot as the platform bus lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Slot {
+    name: String,
+    /// Declared in the DSDT (`LNRO0005`) rather than on the command line (`virtio-mmio.N`).
+    acpi: bool,
+    bound: bool,
 }
 
-fn is_virtio_mmio_modalias(modalias: &str) -> bool {
-    modalias == "platform:virtio-mmio" || modalias.starts_with("acpi:LNRO0005:")
+impl Slot {
+    /// The virtio-mmio slot at `dir`, if it is one.
+    fn read(dir: &Path) -> Option<Slot> {
+        let modalias = std::fs::read_to_string(dir.join("modalias")).ok()?;
+        let acpi = slot_kind(modalias.trim_end())?;
+        Some(Slot {
+            name: dir.file_name()?.to_str()?.to_owned(),
+            acpi,
+            bound: dir.join("driver").exists(),
+        })
+    }
+}
+
+/// Whether a modalias is a virtio-mmio slot's, and if so whether the DSDT declared it.
+fn slot_kind(modalias: &str) -> Option<bool> {
+    match modalias {
+        "platform:virtio-mmio" => Some(false),
+        m if m.starts_with("acpi:LNRO0005:") => Some(true),
+        _ => None,
+    }
+}
+
+/// The unbound slots to probe. kvmbuild declares every device twice, in the DSDT and on the
+/// command line, and only one of each pair can claim the window; the other stays unbound for
+/// good. So only unbound slots of the kind that holds the bound devices are empty ones.
+fn empty_slots(slots: &[Slot]) -> impl Iterator<Item = &Slot> {
+    let acpi_binds = slots.iter().any(|s| s.bound && s.acpi)
+        || !slots.iter().any(|s| s.bound) && slots.iter().any(|s| s.acpi);
+    slots
+        .iter()
+        .filter(move |s| !s.bound && s.acpi == acpi_binds)
 }
 
 /// Reads this run's settings from the settings port and applies them over `config`, then sets
@@ -138,22 +177,64 @@ fn wait_for_settings_port() -> Result<std::path::PathBuf, Error> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn virtio_mmio_slots_are_told_by_their_modalias() {
-        assert!(is_virtio_mmio_modalias("platform:virtio-mmio"));
-        assert!(is_virtio_mmio_modalias("acpi:LNRO0005:"));
-        assert!(!is_virtio_mmio_modalias("platform:serial8250"));
-        assert!(!is_virtio_mmio_modalias("acpi:PNP0501:"));
-        assert!(!is_virtio_mmio_modalias("platform:virtio-mmio-x"));
+    fn slot(name: &str, acpi: bool, bound: bool) -> Slot {
+        Slot {
+            name: name.into(),
+            acpi,
+            bound,
+        }
+    }
+
+    fn names<'a>(slots: impl Iterator<Item = &'a Slot>) -> Vec<&'a str> {
+        slots.map(|s| s.name.as_str()).collect()
     }
 
     #[test]
-    fn only_unbound_virtio_mmio_slots_are_recognised() {
+    fn virtio_mmio_slots_are_told_by_their_modalias() {
+        assert_eq!(slot_kind("platform:virtio-mmio"), Some(false));
+        assert_eq!(slot_kind("acpi:LNRO0005:"), Some(true));
+        assert_eq!(slot_kind("platform:serial8250"), None);
+        assert_eq!(slot_kind("acpi:PNP0501:"), None);
+        assert_eq!(slot_kind("platform:virtio-mmio-x"), None);
+    }
+
+    #[test]
+    fn a_slot_is_read_from_its_sysfs_directory() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("modalias"), "platform:virtio-mmio\n").unwrap();
-        assert!(is_virtio_mmio_slot(dir.path()));
-        std::fs::write(dir.path().join("modalias"), "platform:i8042\n").unwrap();
-        assert!(!is_virtio_mmio_slot(dir.path()));
-        assert!(!is_virtio_mmio_slot(&dir.path().join("absent")));
+        let path = dir.path().join("virtio-mmio.3");
+        std::fs::create_dir(&path).unwrap();
+        std::fs::write(path.join("modalias"), "platform:virtio-mmio\n").unwrap();
+        assert_eq!(Slot::read(&path), Some(slot("virtio-mmio.3", false, false)));
+        std::fs::create_dir(path.join("driver")).unwrap();
+        assert!(Slot::read(&path).unwrap().bound);
+        std::fs::write(path.join("modalias"), "platform:i8042\n").unwrap();
+        assert_eq!(Slot::read(&path), None);
+        assert_eq!(Slot::read(&dir.path().join("absent")), None);
+    }
+
+    #[test]
+    fn only_the_empty_slots_of_the_binding_kind_are_probed() {
+        // The DSDT's twins hold the console and the RNG; slot 00 is a disk's, still empty.
+        let slots = [
+            slot("LNRO0005:00", true, false),
+            slot("LNRO0005:01", true, true),
+            slot("LNRO0005:02", true, true),
+            slot("virtio-mmio.0", false, false),
+            slot("virtio-mmio.1", false, false),
+            slot("virtio-mmio.2", false, false),
+        ];
+        assert_eq!(names(empty_slots(&slots)), ["LNRO0005:00"]);
+        // Without ACPI the command line's slots bind.
+        let slots = [
+            slot("virtio-mmio.0", false, false),
+            slot("virtio-mmio.1", false, true),
+        ];
+        assert_eq!(names(empty_slots(&slots)), ["virtio-mmio.0"]);
+        // Nothing bound yet (every device is the run's): the DSDT's slots come first at boot.
+        let slots = [
+            slot("LNRO0005:00", true, false),
+            slot("virtio-mmio.0", false, false),
+        ];
+        assert_eq!(names(empty_slots(&slots)), ["LNRO0005:00"]);
     }
 }

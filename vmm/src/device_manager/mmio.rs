@@ -105,7 +105,8 @@ pub enum ConsoleConfig {
 pub struct DeviceList {
     /// The devices.
     pub devices: Vec<Box<dyn VirtioDevice>>,
-    /// How many of the first devices belong to one run (the disks and the shares): those a
+    /// How many of the first devices belong to one run (the disks, whose size and content
+    /// are the run's; a share's tag is fixed by its place, its files are behind virtiofsd): those a
     /// VM saved before its run is known defers (see [`MmioTransport::defer`]).
     pub per_run: usize,
     /// Flushes the virtio-console's output when the VM ends, if there is one.
@@ -207,7 +208,7 @@ pub fn build_devices(
     }
     Ok(DeviceList {
         devices: list,
-        per_run: disks.len() + shares.len(),
+        per_run: disks.len(),
         console_flush,
     })
 }

@@ -55,8 +55,8 @@ pub struct DeviceConfig {
     pub rng: bool,
     /// COM1's registers as a snapshot saved them, for a restored VM.
     pub serial_state: Option<devices::serial::SerialState>,
-    /// Show the disks and shares to the guest only from [`DeviceManager::reveal_per_run`]
-    /// on: the VM is saved before its run is known.
+    /// Show the disks to the guest only from [`DeviceManager::reveal_per_run`] on: the VM is
+    /// saved before its run is known.
     pub defer_per_run: bool,
 }
 
@@ -141,7 +141,7 @@ impl DeviceManager {
         Ok(())
     }
 
-    /// Shows the run's own devices (the disks and shares) to the guest's next probe.
+    /// Shows the run's own devices (the disks) to the guest's next probe.
     pub fn reveal_per_run(&self) {
         for transport in &self.virtio.transports {
             lock(transport).reveal();

@@ -1,16 +1,16 @@
 //! Snapshots of a booted VM, saved once and restored for every later run.
 //!
 //! A snapshot is taken at a point the guest chooses, by writing to kvmbuild's snapshot port
-//! ([`abi::ports::SNAPSHOT`]). kvmbuild's init does it once its virtio-console and virtio-rng
-//! are bound and the console's ports set up, and before it probes the run's own disks and
-//! shares, which the VM shows as empty slots until then
+//! ([`abi::ports::SNAPSHOT`]). kvmbuild's init does it once its virtio-console, virtio-rng
+//! and virtio-fs shares are bound and the console's ports set up, before it mounts a share,
+//! and before it probes the run's disks, which the VM shows as empty slots until then
 //! ([`VmConfig::defer_per_run`](crate::vm::VmConfig::defer_per_run)). The snapshot keeps each
 //! transport's registers and each running device's queue positions and own state
 //! ([`devices::virtio::state`]), saved with the device thread held still until the memory is
-//! saved too; a restored VM's console and RNG go on where they stood, behind this run's
-//! streams, and its disks and shares are fresh devices on this run's files and back ends.
-//! [`Vm::save_snapshot`] refuses a device it cannot save (a running vhost-user-fs, a port's
-//! output still waiting for its reader).
+//! saved too. A restored VM's console, RNG and shares go on where they stood, behind this
+//! run's streams and virtiofsd daemons; its disks are fresh devices on this run's files.
+//! [`Vm::save_snapshot`] refuses a device it cannot save (a share with a request in flight,
+//! a port's output still waiting for its reader, hvc0).
 //!
 //! On disk a snapshot is a directory:
 //!

@@ -78,13 +78,14 @@ pub struct VmConfig {
     /// Save the VM into this snapshot directory, for this key (see [`Snapshot::open`]), when
     /// the guest writes the snapshot port (else the port is ignored); then run on.
     pub snapshot_to: Option<(PathBuf, String)>,
-    /// With `snapshot_to`: show the disks and shares to the guest only after its snapshot
-    /// point, so that the snapshot holds none of this run's own devices and later runs attach
-    /// theirs (see [`devices::virtio::MmioTransport::defer`]).
+    /// With `snapshot_to`: show the disks to the guest only after its snapshot point, so that
+    /// the snapshot holds none of this run's disks (whose sizes and contents are the run's)
+    /// and later runs attach theirs (see [`devices::virtio::MmioTransport::defer`]).
     pub defer_per_run: bool,
     /// Start from this snapshot instead of booting `kernel` and `initrd` (which are then not
-    /// read): its memory, vCPUs, interrupt controllers, clock and COM1, with fresh virtio
-    /// devices made from this configuration.
+    /// read): its memory, vCPUs, interrupt controllers, clock and COM1, with the virtio devices
+    /// made from this configuration put in the saved transports' states (a device a driver
+    /// had started goes on from where it stood).
     pub restore: Option<Snapshot>,
     /// Input a restored guest must not get before its memory passed the check: the run's
     /// settings, which `exec` holds back so that the check runs beside the guest
@@ -376,7 +377,7 @@ impl Vm {
                 if let Some((dir, key)) = &self.snapshot_to {
                     snapshot = Some(self.save_snapshot(dir, key));
                 }
-                // Saved or not, the guest now probes this run's disks and shares.
+                // Saved or not, the guest now probes this run's disks.
                 self.devices().reveal_per_run();
                 if self.resume() {
                     continue;

@@ -19,8 +19,8 @@
 //! registers and the running device's state ([`super::state`]). A *deferred* transport
 //! ([`MmioTransport::defer`]) reads as device ID 0, which Linux's virtio-mmio driver takes for
 //! an empty slot, until [`MmioTransport::reveal`]: a device that belongs to one run (a disk,
-//! a share) stays out of a snapshot taken before the run is known, and the guest probes it
-//! afterwards.
+//! whose size and content are the run's) stays out of a snapshot taken before the run is
+//! known, and the guest probes it afterwards.
 
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
