@@ -21,6 +21,10 @@ pub enum SaveError {
     /// The device is in the middle of something a snapshot cannot hold.
     #[error("the virtio device is busy: {0}")]
     Busy(&'static str),
+    /// The guest has used a share: its back end holds the session (FUSE_INIT, the inodes
+    /// the guest looked up), which another run's back end would not have.
+    #[error("a virtio-fs share was used before the snapshot point; its back end's session cannot be carried over")]
+    ShareInUse,
     /// The driver broke the device, which waits for a reset.
     #[error("a virtio device waits for its driver to reset it")]
     NeedsReset,

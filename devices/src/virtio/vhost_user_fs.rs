@@ -8,11 +8,12 @@
 //! call, kick, enable. If the back end goes away while the guest runs, the guest's file-system
 //! requests could never complete, so the VM ends with an error instead of hanging.
 //!
-//! Snapshots: a running device is saved only while every request the driver made has been
-//! answered (each ring's available index equals its used index), which is always so before the
-//! guest mounts the share; the back end then stands at that index. A restored device hands
-//! this run's back end the same rings with that index as their base: for the back end it is
-//! an ordinary set-up, for the guest's driver nothing happened.
+//! Snapshots: a running device is saved only before the guest has made any request (every
+//! ring's available and used indices are still 0), as before it mounts the share: a back end
+//! that has served requests holds a session (FUSE_INIT, the inodes the guest looked up) that
+//! another run's back end would not have. A restored device hands this run's back end the
+//! same rings with their saved index as the base: for the back end it is an ordinary set-up,
+//! for the guest's driver nothing happened.
 //!
 //! Every request that waits for an answer is bounded (see [`watchdog`]): each phase of the
 //! set-up must be over within [`SETUP_BOUND`] and before the run's deadline, and a stop signal
@@ -417,8 +418,8 @@ struct DisconnectWatch {
 }
 
 impl super::Worker for DisconnectWatch {
-    /// The back end holds the rings' positions; they are known only where it has answered
-    /// every request, and then they are the used indices.
+    /// Only a share the guest has not used yet is saved (see the module's documentation): its
+    /// rings are where any back end starts.
     fn save(&self) -> Result<super::WorkerState, super::SaveError> {
         let mut queues = Vec::with_capacity(self.queues.len());
         for queue in &self.queues {
@@ -426,11 +427,13 @@ impl super::Worker for DisconnectWatch {
             let avail = queue.avail_idx(&self.mem, ordering);
             let used = queue.used_idx(&self.mem, ordering);
             match (avail, used) {
-                (Ok(avail), Ok(used)) if avail == used => queues.push(super::QueueProgress {
-                    next_avail: avail.0,
-                    next_used: used.0,
-                }),
-                _ => return Err(super::SaveError::Busy("a virtio-fs request is unanswered")),
+                (Ok(avail), Ok(used)) if avail.0 == 0 && used.0 == 0 => {
+                    queues.push(super::QueueProgress {
+                        next_avail: 0,
+                        next_used: 0,
+                    })
+                }
+                _ => return Err(super::SaveError::ShareInUse),
             }
         }
         Ok(super::WorkerState {
@@ -466,6 +469,43 @@ mod tests {
         assert_eq!(&config[..5], b"store");
         assert!(config[5..MAX_TAG_LEN].iter().all(|&b| b == 0));
         assert_eq!(&config[MAX_TAG_LEN..], &1u32.to_le_bytes());
+    }
+
+    #[test]
+    fn a_share_is_saved_only_before_its_first_request() {
+        use vm_memory::Bytes;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        // Every queue on the same rings: what one shows, all show.
+        let queue = || {
+            let mut queue = Queue::new(QUEUE_SIZE).unwrap();
+            queue.set_size(16);
+            queue.set_desc_table_address(Some(0x1000), None);
+            queue.set_avail_ring_address(Some(0x2000), None);
+            queue.set_used_ring_address(Some(0x3000), None);
+            queue.set_ready(true);
+            queue
+        };
+        let watch = DisconnectWatch {
+            socket: -1,
+            path: "/run/share.sock".into(),
+            exit: Arc::new(VmExit::new().unwrap()),
+            queues: (0..NUM_QUEUES).map(|_| queue()).collect(),
+            mem: mem.clone(),
+        };
+        let saved = super::super::Worker::save(&watch).unwrap();
+        let start = super::super::QueueProgress {
+            next_avail: 0,
+            next_used: 0,
+        };
+        assert_eq!(saved.queues, vec![start; NUM_QUEUES]);
+        // One request, answered: the back end now has a session.
+        mem.write_obj(1u16, GuestAddress(0x2002)).unwrap();
+        mem.write_obj(1u16, GuestAddress(0x3002)).unwrap();
+        let refused = super::super::Worker::save(&watch).err().unwrap();
+        assert!(
+            matches!(refused, super::super::SaveError::ShareInUse),
+            "{refused}"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! ([`devices::virtio::state`]), saved with the device thread held still until the memory is
 //! saved too. A restored VM's console, RNG and shares go on where they stood, behind this
 //! run's streams and virtiofsd daemons; its disks are fresh devices on this run's files.
-//! [`Vm::save_snapshot`] refuses a device it cannot save (a share with a request in flight,
+//! [`Vm::save_snapshot`] refuses a device it cannot save (a share the guest has used,
 //! a port's output still waiting for its reader, hvc0).
 //!
 //! On disk a snapshot is a directory:
