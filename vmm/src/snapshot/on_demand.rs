@@ -27,11 +27,12 @@
 //!
 //! What this cannot see: a vhost-user back end (virtiofsd) maps the memory file itself, not
 //! this process's registered mapping, so its first access to a page fills that page with
-//! zeros instead of the snapshot's content. The guest binds virtio-fs only after the restore
-//! (the snapshot point is before any virtio driver), and the buffers it hands the back end are
-//! ones it has just allocated and written (requests) or that the back end fills (replies, into
-//! freshly allocated pages): both kinds are either already in the file through the guest's
-//! own access or have no content worth keeping. A buffer whose old content matters and that
+//! zeros instead of the snapshot's content. A restored share's rings are therefore read
+//! through kvmbuild's mapping before a back end is handed them (`fault_in_rings` in
+//! devices' `vhost_user_fs`), and the buffers the guest hands the back end are ones it has
+//! just allocated and written (requests) or that the back end fills (replies, into freshly
+//! allocated pages): both kinds are either already in the file through the guest's own access
+//! or have no content worth keeping. A buffer whose old content matters and that
 //! the guest passes to the back end without touching it first since the restore would read as
 //! zeros; kvmbuild's init does nothing of the kind.
 //!
