@@ -175,11 +175,6 @@ impl MmioTransport {
         self.deferred = false;
     }
 
-    /// Whether the driver has left the device as reset (status 0).
-    pub fn is_reset(&self) -> bool {
-        self.status == 0
-    }
-
     /// The running device's worker, whose state [`Self::save_registers`] needs beside it.
     pub fn worker(&self) -> Option<WorkerId> {
         self.worker
